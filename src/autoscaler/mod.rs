@@ -1,0 +1,192 @@
+//! The built-in autoscaler loop: one task per scalable function.
+//!
+//! Every sample interval (a sixtieth of the window, between 10 ms and 1 s) the loop reads the
+//! function's figures — the very gauges and window `/metrics` exports — records a concurrency
+//! sample, and checks for a burst; every `polling_interval` it asks the [`Policy`] for a decision
+//! and applies it through the provider. Each change is logged with the figures it used.
+//!
+//! Manual scaling (`/system/scale-function`) is applied at once by the admin API and handed to the
+//! policy as a desired count seen now: the loop will not go below it until `cooldown_period` has
+//! passed, but scales above it if load needs more.
+
+pub mod policy;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::config::ScaleMode;
+use crate::function::{Figures, Function};
+use crate::metrics::Direction;
+pub use policy::{Decision, Inputs, Policy};
+
+/// Time between samples for a window of `window`.
+pub fn sample_interval(window: Duration, polling: Duration) -> Duration {
+    (window / 60)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+        .min(polling)
+}
+
+/// Recent ongoing+queued samples, for the `concurrency` mode's averages.
+#[derive(Debug, Default)]
+struct Samples(VecDeque<(Duration, u64)>);
+
+impl Samples {
+    fn push(&mut self, t: Duration, value: u64, keep: Duration) {
+        self.0.push_back((t, value));
+        let from = t.saturating_sub(keep);
+        while self.0.front().is_some_and(|(at, _)| *at < from) {
+            self.0.pop_front();
+        }
+    }
+
+    fn average_since(&self, from: Duration) -> f64 {
+        let (sum, n) = self
+            .0
+            .iter()
+            .rev()
+            .take_while(|(at, _)| *at >= from)
+            .fold((0u64, 0u64), |(s, n), (_, v)| (s + v, n + 1));
+        if n == 0 {
+            0.0
+        } else {
+            sum as f64 / n as f64
+        }
+    }
+}
+
+/// The loop for one function.
+pub struct Autoscaler {
+    function: Arc<Function>,
+    policy: Policy,
+    samples: Samples,
+    origin: Instant,
+}
+
+impl Autoscaler {
+    /// A loop for `function`, or `None` when it is not scaled automatically.
+    pub fn new(function: Arc<Function>) -> Option<Autoscaler> {
+        let config = function.config.autoscaler.clone();
+        if config.mode == ScaleMode::None || !function.backend().scalable() {
+            return None;
+        }
+        function
+            .metrics
+            .desired
+            .set(function.backend().replicas() as i64);
+        Some(Autoscaler {
+            function,
+            policy: Policy::new(config),
+            samples: Samples::default(),
+            origin: Instant::now(),
+        })
+    }
+
+    fn inputs(&self, t: Duration, figures: &Figures) -> Inputs {
+        let config = self.policy.config();
+        let window = config.window;
+        let burst_window = window / 10;
+        let in_flight = figures.ongoing + figures.queued;
+        let (metric, burst_metric) = match config.mode {
+            ScaleMode::Rps { .. } => (
+                figures.window_requests as f64,
+                figures.burst_requests as f64 * 10.0,
+            ),
+            ScaleMode::Concurrency { .. } => (
+                self.samples.average_since(t.saturating_sub(window)),
+                self.samples.average_since(t.saturating_sub(burst_window)),
+            ),
+            ScaleMode::Queue { .. } => (figures.backlog as f64, figures.backlog as f64),
+            ScaleMode::None => (0.0, 0.0),
+        };
+        Inputs {
+            ready: figures.ready,
+            current: figures.replicas,
+            metric,
+            burst_metric,
+            in_flight,
+            idle_for: figures.idle_for,
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let config = self.policy.config().clone();
+        let every = sample_interval(config.window, config.polling_interval);
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_decision = Instant::now() + config.polling_interval;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = Instant::now();
+            self.step(now, now >= next_decision);
+            if now >= next_decision {
+                next_decision = now + config.polling_interval;
+            }
+        }
+    }
+
+    /// One sample; with `decide`, one decision. Public for tests on paused time.
+    pub fn step(&mut self, now: Instant, decide: bool) {
+        let t = now.saturating_duration_since(self.origin);
+        let figures = self.function.figures(now);
+        let window = self.policy.config().window;
+        self.samples
+            .push(t, figures.ongoing + figures.queued, window);
+        if let Some(replicas) = self.function.take_manual() {
+            self.policy.manual(t, replicas);
+        }
+        let inputs = self.inputs(t, &figures);
+        if let Some(up) = self.policy.burst_check(t, &inputs) {
+            self.apply(up, &inputs, &figures, "burst");
+        }
+        if decide {
+            let decision = self.policy.decide(t, &inputs);
+            self.function.metrics.burst_mode.set(decision.burst as i64);
+            self.apply(decision.desired, &inputs, &figures, "tick");
+        }
+    }
+
+    fn apply(&self, desired: u32, inputs: &Inputs, figures: &Figures, why: &'static str) {
+        let current = self.function.backend().replicas();
+        if desired == current {
+            return;
+        }
+        if desired == 0 {
+            // Re-read at the last moment: a request may have arrived since the figures were taken.
+            let now = self.function.figures(Instant::now());
+            if now.ongoing + now.queued > 0 {
+                return;
+            }
+        }
+        let direction = if desired > current {
+            Direction::Up
+        } else {
+            Direction::Down
+        };
+        self.function.metrics.decision(direction);
+        info!(
+            function = %self.function.name,
+            from = current,
+            to = desired,
+            why,
+            mode = self.policy.config().mode.name(),
+            metric = inputs.metric,
+            burst_metric = inputs.burst_metric,
+            ready = figures.ready,
+            ongoing = figures.ongoing,
+            queued = figures.queued,
+            window_requests = figures.window_requests,
+            idle_ms = figures.idle_for.as_millis() as u64,
+            "scaling"
+        );
+        self.function.scale_to(desired);
+    }
+}

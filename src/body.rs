@@ -1,0 +1,188 @@
+//! Body types: what goes to a replica, and what goes back to the client.
+//!
+//! Both stream frame by frame; nothing is buffered whole. The response body carries the request's
+//! [`Permit`] and connection guard, so the replica slot is freed the moment the last frame has been
+//! handed to the client, or the client goes away mid-response.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::function::Permit;
+use crate::server::RequestGuard;
+
+/// A request body exceeded `max_body_bytes` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds max_body_bytes ({0} bytes)")]
+pub struct BodyLimitExceeded(pub u64);
+
+/// The client's request body failed while streaming (the client went away, or sent garbage).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
+/// The body sent to a replica.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// The client's body, streamed, with an optional size limit (`0` is none).
+    Stream {
+        /// The client's body.
+        inner: Incoming,
+        /// Largest number of bytes passed on.
+        limit: u64,
+        /// Bytes passed on so far.
+        seen: u64,
+    },
+    /// A body held in memory (async invocations, probes).
+    Full(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    /// Streams `inner`, failing with [`BodyLimitExceeded`] once more than `limit` bytes passed.
+    pub fn stream(inner: Incoming, limit: u64) -> UpstreamBody {
+        UpstreamBody::Stream {
+            inner,
+            limit,
+            seen: 0,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            UpstreamBody::Stream { inner, limit, seen } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        *seen += data.len() as u64;
+                        if *limit > 0 && *seen > *limit {
+                            return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded(*limit)))));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Full(d) => d.is_none(),
+            UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            UpstreamBody::Full(None) => SizeHint::with_exact(0),
+            UpstreamBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+/// The body sent to the client.
+pub struct ResponseBody {
+    kind: Kind,
+    permit: Option<Permit>,
+    guard: Option<RequestGuard>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}
+
+impl ResponseBody {
+    /// A body held in memory.
+    pub fn full(data: impl Into<Bytes>) -> ResponseBody {
+        let data = data.into();
+        ResponseBody {
+            kind: Kind::Full((!data.is_empty()).then_some(data)),
+            permit: None,
+            guard: None,
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Full(None),
+            permit: None,
+            guard: None,
+        }
+    }
+
+    /// A replica's body, streamed; `permit` is released when it ends or is dropped.
+    pub fn upstream(inner: Incoming, permit: Option<Permit>) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Upstream(inner),
+            permit,
+            guard: None,
+        }
+    }
+
+    /// Attaches the connection guard, released with the body.
+    pub fn set_guard(&mut self, guard: RequestGuard) {
+        self.guard = Some(guard);
+    }
+
+    fn finish(&mut self) {
+        self.permit = None;
+        self.guard = None;
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+        };
+        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = polled {
+            this.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(d) => d.is_none(),
+            Kind::Upstream(inner) => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(inner) => inner.size_hint(),
+        }
+    }
+}

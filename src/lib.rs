@@ -1,0 +1,129 @@
+//! sluicegate: an HTTP gateway for serverless functions.
+//!
+//! The request path, in the order a request meets it: [`server`] (accept, timeouts, drain) →
+//! [`gateway`] (route, find the function) → [`function`] (window, admission, queue, cold start) →
+//! [`proxy`] (forward, stream back) → [`provider`] (the replicas). The control loop:
+//! [`autoscaler`] reads the same figures `/metrics` exports ([`metrics`]) and sets replica counts
+//! through the provider. [`config`] is the only module that reads files or the environment.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod autoscaler;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod function;
+pub mod gateway;
+pub mod metrics;
+pub mod provider;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod system;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::Config;
+use crate::function::Function;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::server::Server;
+
+/// A running gateway: its listener, functions, providers and autoscaler loops.
+pub struct Running {
+    gateway: Arc<Gateway>,
+    server: Server,
+    stop_loops: watch::Sender<bool>,
+    loops: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Binds the listener, starts every function's provider and autoscaler, and starts serving.
+pub async fn start(config: Config) -> io::Result<Running> {
+    let listener = TcpListener::bind(config.gateway.listen).await?;
+    let metrics = Metrics::new();
+    let gateway = Arc::new(Gateway::new(config.gateway.clone(), metrics));
+    for fc in config.functions.values() {
+        let function = Function::new(fc.clone(), &gateway.metrics);
+        let backend = provider::start(fc, function.publisher());
+        function.attach(backend);
+        gateway.functions.insert(fc.name.clone(), function);
+    }
+    let (stop_loops, stop_rx) = watch::channel(false);
+    let mut loops = Vec::new();
+    for f in gateway.functions.iter() {
+        if let Some(scaler) = autoscaler::Autoscaler::new(f.value().clone()) {
+            loops.push(tokio::spawn(scaler.run(stop_rx.clone())));
+        }
+    }
+    let server = Server::start(listener, gateway.clone())?;
+    info!(
+        listen = %server.local_addr(),
+        functions = gateway.functions.len(),
+        "sluicegate listening"
+    );
+    Ok(Running {
+        gateway,
+        server,
+        stop_loops,
+        loops,
+    })
+}
+
+impl Running {
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The gateway's shared state (for tests and embedding).
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Drains and stops: `/readyz` turns 503 and new requests get 503; in-flight requests get
+    /// `drain_timeout` to finish; then the loops stop and every replica is terminated.
+    pub async fn shutdown(self) {
+        info!("draining");
+        self.gateway.start_draining();
+        let clean = self.server.drain(self.gateway.config.drain_timeout).await;
+        self.server.close();
+        let _ = self.stop_loops.send(true);
+        for task in self.loops {
+            let _ = task.await;
+        }
+        // Every function's replicas stop in parallel.
+        let mut stops = tokio::task::JoinSet::new();
+        for f in self.gateway.functions.iter() {
+            let backend = f.value().backend().clone();
+            stops.spawn(async move { backend.shutdown().await });
+        }
+        while stops.join_next().await.is_some() {}
+        info!(clean, "stopped");
+    }
+}
+
+/// Runs the gateway until `signal` completes, then shuts down gracefully.
+pub async fn run(config: Config, signal: impl Future<Output = ()>) -> io::Result<()> {
+    let running = start(config).await?;
+    signal.await;
+    running.shutdown().await;
+    Ok(())
+}

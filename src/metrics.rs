@@ -1,0 +1,406 @@
+//! Prometheus metrics: one struct owning a non-global `Registry`, and per-function handles.
+//!
+//! Names are part of the external contract. The OpenFaaS-compatible series keep their OpenFaaS
+//! names and labels (`function_name`, `code`) so existing dashboards and alert rules work; our own
+//! series are prefixed `sluicegate_`. Series exist only for configured functions: a request for an
+//! unknown name increments one unlabelled counter and creates nothing.
+//!
+//! The gauges here are not copies: admission control increments and decrements `ongoing` and
+//! `queued` directly, and the autoscaler reads them, so `/metrics` and the scaling loop see the
+//! same figures.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets for `gateway_functions_seconds`, in seconds: Prometheus' defaults plus the
+/// long tail that function timeouts allow.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Buckets for `sluicegate_cold_start_seconds`.
+const COLD_START_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Why the gateway answered a request for a known function itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// `max_queued_requests` reached.
+    QueueFull,
+    /// Waited in the queue longer than `queue_timeout`.
+    QueueTimeout,
+    /// No replica became ready within `cold_start_timeout`.
+    ColdStartTimeout,
+    /// The function's replicas fail to start.
+    StartFailed,
+    /// The gateway is shutting down.
+    Draining,
+    /// The request body was larger than `max_body_bytes`.
+    BodyTooLarge,
+}
+
+impl RejectReason {
+    /// Every reason, in label order.
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::QueueFull,
+        RejectReason::QueueTimeout,
+        RejectReason::ColdStartTimeout,
+        RejectReason::StartFailed,
+        RejectReason::Draining,
+        RejectReason::BodyTooLarge,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::QueueTimeout => "queue_timeout",
+            RejectReason::ColdStartTimeout => "cold_start_timeout",
+            RejectReason::StartFailed => "start_failed",
+            RejectReason::Draining => "draining",
+            RejectReason::BodyTooLarge => "body_too_large",
+        }
+    }
+}
+
+/// The direction of a scaling decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// More replicas.
+    Up,
+    /// Fewer replicas.
+    Down,
+}
+
+/// Every metric family the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    invocation_total: IntCounterVec,
+    functions_seconds: HistogramVec,
+    invocation_started: IntCounterVec,
+    service_count: IntGaugeVec,
+    window_requests: IntGaugeVec,
+    ongoing: IntGaugeVec,
+    queued: IntGaugeVec,
+    rejected: IntCounterVec,
+    cold_starts: IntCounterVec,
+    cold_start_seconds: HistogramVec,
+    desired_replicas: IntGaugeVec,
+    scaling_decisions: IntCounterVec,
+    burst_mode: IntGaugeVec,
+    async_backlog: IntGaugeVec,
+    unknown_function: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique and valid");
+    c
+}
+
+impl Metrics {
+    /// Creates every family in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let fname = &["function_name"];
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
+        let gauge_vec = |name: &str, help: &str| {
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), fname).unwrap(),
+            )
+        };
+        Metrics {
+            invocation_total: counter_vec(
+                "gateway_function_invocation_total",
+                "Function invocations, by function and status code (including the gateway's own errors).",
+                &["function_name", "code"],
+            ),
+            functions_seconds: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "gateway_functions_seconds",
+                        "Time from request arrival to response headers, cold-start and queue wait included.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["function_name", "code"],
+                )
+                .unwrap(),
+            ),
+            invocation_started: counter_vec(
+                "gateway_function_invocation_started",
+                "Function invocations that arrived at the gateway.",
+                fname,
+            ),
+            service_count: gauge_vec(
+                "gateway_service_count",
+                "Ready replicas of the function.",
+            ),
+            window_requests: gauge_vec(
+                "sluicegate_function_window_requests",
+                "Requests that arrived within the function's sliding window (rate_seconds).",
+            ),
+            ongoing: gauge_vec(
+                "sluicegate_function_ongoing_requests",
+                "Requests being served by a replica of the function.",
+            ),
+            queued: gauge_vec(
+                "sluicegate_function_queued_requests",
+                "Requests waiting for a replica slot (including those held for a cold start).",
+            ),
+            rejected: counter_vec(
+                "sluicegate_function_rejected_total",
+                "Requests the gateway answered itself instead of forwarding, by reason.",
+                &["function_name", "reason"],
+            ),
+            cold_starts: counter_vec(
+                "sluicegate_function_cold_starts_total",
+                "Scale-ups from zero ready replicas triggered by a request.",
+                fname,
+            ),
+            cold_start_seconds: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "sluicegate_function_cold_start_seconds",
+                        "Time from a scale-up from zero to the first ready replica.",
+                    )
+                    .buckets(COLD_START_BUCKETS.to_vec()),
+                    fname,
+                )
+                .unwrap(),
+            ),
+            desired_replicas: gauge_vec(
+                "sluicegate_function_desired_replicas",
+                "Replicas the gateway currently asks the provider for.",
+            ),
+            scaling_decisions: counter_vec(
+                "sluicegate_autoscaler_decisions_total",
+                "Replica count changes made by the autoscaler, by direction.",
+                &["function_name", "direction"],
+            ),
+            burst_mode: gauge_vec(
+                "sluicegate_autoscaler_burst_mode",
+                "1 while the function is in burst mode (short-window load at least twice its capacity).",
+            ),
+            async_backlog: gauge_vec(
+                "sluicegate_async_backlog",
+                "Async invocations accepted and not yet dispatched to the function.",
+            ),
+            unknown_function: register(
+                &registry,
+                IntCounter::new(
+                    "sluicegate_unknown_function_requests_total",
+                    "Requests for function names that are not configured (no per-name series by design).",
+                )
+                .unwrap(),
+            ),
+            registry,
+        }
+    }
+
+    /// Resolves every per-function handle once; the request path uses only these.
+    pub fn function(&self, name: &str) -> FunctionMetrics {
+        let one = [name];
+        FunctionMetrics {
+            name: name.to_owned(),
+            started: self.invocation_started.with_label_values(&one),
+            ready: self.service_count.with_label_values(&one),
+            window_requests: self.window_requests.with_label_values(&one),
+            ongoing: self.ongoing.with_label_values(&one),
+            queued: self.queued.with_label_values(&one),
+            rejected: RejectReason::ALL
+                .map(|r| self.rejected.with_label_values(&[name, r.label()])),
+            cold_starts: self.cold_starts.with_label_values(&one),
+            cold_start_seconds: self.cold_start_seconds.with_label_values(&one),
+            desired: self.desired_replicas.with_label_values(&one),
+            scaled_up: self.scaling_decisions.with_label_values(&[name, "up"]),
+            scaled_down: self.scaling_decisions.with_label_values(&[name, "down"]),
+            burst_mode: self.burst_mode.with_label_values(&one),
+            async_backlog: self.async_backlog.with_label_values(&one),
+            by_code: (0..CODES).map(|_| OnceLock::new()).collect(),
+            invocation_total: self.invocation_total.clone(),
+            functions_seconds: self.functions_seconds.clone(),
+        }
+    }
+
+    /// Counts a request for a name that is not configured.
+    pub fn unknown_function(&self) {
+        self.unknown_function.inc();
+    }
+
+    /// The registry, for tests and for encoding.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Encodes every family in the Prometheus text format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Status codes 100..=599 get a lazily created pair of series each.
+const CODES: usize = 500;
+
+/// One function's metric handles, resolved once when the function is created.
+pub struct FunctionMetrics {
+    name: String,
+    /// `gateway_function_invocation_started`.
+    pub started: IntCounter,
+    /// `gateway_service_count`: ready replicas.
+    pub ready: IntGauge,
+    /// `sluicegate_function_window_requests`, refreshed from the window at each scrape.
+    pub window_requests: IntGauge,
+    /// `sluicegate_function_ongoing_requests`: the admission counter itself.
+    pub ongoing: IntGauge,
+    /// `sluicegate_function_queued_requests`: the admission queue length itself.
+    pub queued: IntGauge,
+    rejected: [IntCounter; RejectReason::ALL.len()],
+    /// `sluicegate_function_cold_starts_total`.
+    pub cold_starts: IntCounter,
+    /// `sluicegate_function_cold_start_seconds`.
+    pub cold_start_seconds: Histogram,
+    /// `sluicegate_function_desired_replicas`.
+    pub desired: IntGauge,
+    /// `sluicegate_autoscaler_decisions_total{direction="up"}`.
+    pub scaled_up: IntCounter,
+    /// `sluicegate_autoscaler_decisions_total{direction="down"}`.
+    pub scaled_down: IntCounter,
+    /// `sluicegate_autoscaler_burst_mode`.
+    pub burst_mode: IntGauge,
+    /// `sluicegate_async_backlog`.
+    pub async_backlog: IntGauge,
+    by_code: Box<[OnceLock<(IntCounter, Histogram)>]>,
+    invocation_total: IntCounterVec,
+    functions_seconds: HistogramVec,
+}
+
+impl std::fmt::Debug for FunctionMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionMetrics")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FunctionMetrics {
+    /// Records a finished invocation (response headers sent) with its status and latency.
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let (count, latency) = self.code(status);
+        count.inc();
+        latency.observe(seconds);
+    }
+
+    fn code(&self, status: u16) -> &(IntCounter, Histogram) {
+        let index = (status.clamp(100, 599) - 100) as usize;
+        self.by_code[index].get_or_init(|| {
+            let buf = itoa_status(status);
+            let code = std::str::from_utf8(&buf).unwrap_or("0");
+            let labels = [self.name.as_str(), code];
+            (
+                self.invocation_total.with_label_values(&labels),
+                self.functions_seconds.with_label_values(&labels),
+            )
+        })
+    }
+
+    /// Counts a request the gateway answered itself.
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected[reason as usize].inc();
+    }
+
+    /// Rejections so far for one reason.
+    pub fn rejected_count(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason as usize].get()
+    }
+
+    /// Sum of `gateway_function_invocation_total` over every code (OpenFaaS' `invocationCount`).
+    pub fn invocation_count(&self) -> u64 {
+        self.by_code
+            .iter()
+            .filter_map(|c| c.get())
+            .map(|(count, _)| count.get())
+            .sum()
+    }
+
+    /// Records a scaling decision.
+    pub fn decision(&self, direction: Direction) {
+        match direction {
+            Direction::Up => self.scaled_up.inc(),
+            Direction::Down => self.scaled_down.inc(),
+        }
+    }
+}
+
+fn itoa_status(status: u16) -> [u8; 3] {
+    let s = status.clamp(100, 999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_appear_only_for_resolved_functions_and_codes() {
+        let m = Metrics::new();
+        let f = m.function("echo");
+        f.started.inc();
+        f.observe(200, 0.01);
+        f.observe(503, 0.001);
+        f.rejected(RejectReason::QueueFull);
+        m.unknown_function();
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            text.contains(
+                "gateway_function_invocation_total{code=\"200\",function_name=\"echo\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text
+            .contains("gateway_function_invocation_total{code=\"503\",function_name=\"echo\"} 1"));
+        assert!(text.contains(
+            "gateway_functions_seconds_bucket{code=\"200\",function_name=\"echo\",le=\"0.025\"} 1"
+        ));
+        assert!(text.contains("gateway_function_invocation_started{function_name=\"echo\"} 1"));
+        assert!(text.contains(
+            "sluicegate_function_rejected_total{function_name=\"echo\",reason=\"queue_full\"} 1"
+        ));
+        assert!(text.contains("sluicegate_unknown_function_requests_total 1"));
+        assert!(!text.contains("code=\"404\""));
+        assert_eq!(f.invocation_count(), 2);
+    }
+}

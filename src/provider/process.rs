@@ -1,0 +1,597 @@
+//! The `process` provider, the embedded default: each replica is a local child process.
+//!
+//! A supervisor task per function keeps as many children running as it is asked for:
+//!
+//! * a replica is started from `command` with env `PORT=<free port>` (plus the function's `env`),
+//!   in its own process group, with a parent-death signal so it cannot outlive the gateway;
+//! * it is *ready* once `GET readiness_path` answers 2xx, probed every [`PROBE_INTERVAL`];
+//!   readiness is published at once, so held requests reach it within milliseconds;
+//! * scale-down first removes it from the endpoints, waits for its in-flight requests (at most the
+//!   function's `timeout`), then sends SIGTERM to its group and SIGKILL after `termination_grace`;
+//! * a replica that exits leaves the endpoints at once and is replaced with exponential backoff; a
+//!   replica that cannot start publishes the reason so held requests fail fast instead of waiting;
+//! * every line a replica prints is logged with `function` and `replica` fields.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::{ProcessConfig, Upstream};
+use crate::provider::{Backend, BoxFuture, Endpoints, Publisher, Replica, StartFailure};
+
+/// How often a starting replica's readiness path is probed.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+/// How long one readiness probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// First delay before restarting a replica that failed; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Longest delay between restarts.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A replica that stayed up this long resets the failure count when it exits.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Longest line of replica output logged as one event.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// The handle the gateway holds for one function's processes.
+#[derive(Debug)]
+pub struct ProcessBackend {
+    desired: watch::Sender<u32>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ProcessBackend {
+    /// Starts the supervisor with `initial` replicas asked for.
+    pub fn start(
+        function: &str,
+        config: &ProcessConfig,
+        initial: u32,
+        drain_limit: Duration,
+        publisher: Publisher,
+    ) -> ProcessBackend {
+        let (desired, desired_rx) = watch::channel(initial);
+        let (stop, stop_rx) = watch::channel(false);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let supervisor = Supervisor {
+            function: Arc::from(function),
+            config: Arc::new(config.clone()),
+            drain_limit,
+            publisher,
+            desired: desired_rx,
+            stop: stop_rx,
+            events_tx,
+            events,
+            replicas: Vec::new(),
+            stopping: HashMap::new(),
+            failures: 0,
+            retry_at: None,
+            failure: None,
+            probe: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        };
+        ProcessBackend {
+            desired,
+            stop,
+            task: Mutex::new(Some(tokio::spawn(supervisor.run()))),
+        }
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn scalable(&self) -> bool {
+        true
+    }
+
+    fn replicas(&self) -> u32 {
+        *self.desired.borrow()
+    }
+
+    fn set_replicas(&self, n: u32) {
+        self.desired
+            .send_if_modified(|d| std::mem::replace(d, n) != n);
+    }
+
+    fn scale_from_zero(&self, n: u32) -> bool {
+        self.desired.send_if_modified(|d| {
+            if *d == 0 && n > 0 {
+                *d = n;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.stop.send(true);
+            let task = self.task.lock().unwrap().take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+        })
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Ready {
+        id: u64,
+        replica: Arc<Replica>,
+    },
+    /// The replica ended (or never started). `ran` is how long it had been ready, if it was.
+    Exited {
+        id: u64,
+        reason: String,
+        ran: Option<Duration>,
+    },
+}
+
+struct Slot {
+    id: u64,
+    ready: Option<Arc<Replica>>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+struct Supervisor {
+    function: Arc<str>,
+    config: Arc<ProcessConfig>,
+    drain_limit: Duration,
+    publisher: Publisher,
+    desired: watch::Receiver<u32>,
+    stop: watch::Receiver<bool>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    /// Starting and ready replicas, oldest first.
+    replicas: Vec<Slot>,
+    /// Replicas told to stop, still draining or terminating.
+    stopping: HashMap<u64, JoinHandle<()>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    failure: Option<StartFailure>,
+    probe: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        let mut next_id: u64 = 0;
+        loop {
+            self.reconcile(&mut next_id);
+            let backoff = self.retry_at;
+            tokio::select! {
+                changed = self.desired.changed() => if changed.is_err() { break },
+                Some(event) = self.events.recv() => self.on_event(event),
+                _ = tokio::time::sleep_until(backoff.unwrap_or_else(Instant::now)), if backoff.is_some() => {
+                    self.retry_at = None;
+                }
+                _ = self.stop.changed() => break,
+            }
+            self.stopping.retain(|_, task| !task.is_finished());
+        }
+        self.shutdown().await;
+    }
+
+    fn publish(&self) {
+        let replicas = self
+            .replicas
+            .iter()
+            .filter_map(|s| s.ready.clone())
+            .collect();
+        self.publisher.publish(Endpoints {
+            replicas,
+            failure: self.failure.clone(),
+        });
+    }
+
+    fn reconcile(&mut self, next_id: &mut u64) {
+        let want = *self.desired.borrow() as usize;
+        let have = self.replicas.len();
+        if have < want {
+            if self.retry_at.is_some_and(|at| at > Instant::now()) {
+                return;
+            }
+            if self.failure.take().is_some() {
+                // A new attempt: requests arriving now wait for it instead of failing.
+                self.publish();
+            }
+            for _ in have..want {
+                *next_id += 1;
+                self.spawn_replica(*next_id);
+            }
+        } else if have > want {
+            let mut removed = false;
+            for _ in want..have {
+                // Starting replicas go first, then the least-loaded ready one.
+                let index = self
+                    .replicas
+                    .iter()
+                    .rposition(|s| s.ready.is_none())
+                    .or_else(|| {
+                        self.replicas
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, s)| s.ready.as_ref().map_or(0, |r| r.inflight()))
+                            .map(|(i, _)| i)
+                    })
+                    .expect("have > want >= 0");
+                let slot = self.replicas.remove(index);
+                removed |= slot.ready.is_some();
+                info!(function = %self.function, replica = slot.id, "scale-down: draining replica");
+                let _ = slot.stop.send(());
+                self.stopping.insert(slot.id, slot.task);
+            }
+            if removed {
+                self.publish();
+            }
+        }
+    }
+
+    fn spawn_replica(&mut self, id: u64) {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let run = ReplicaRun {
+            function: self.function.clone(),
+            id,
+            config: self.config.clone(),
+            drain_limit: self.drain_limit,
+            events: self.events_tx.clone(),
+            probe: self.probe.clone(),
+        };
+        let task = tokio::spawn(run.run(stop_rx));
+        self.replicas.push(Slot {
+            id,
+            ready: None,
+            stop: stop_tx,
+            task,
+        });
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Ready { id, replica } => {
+                if let Some(slot) = self.replicas.iter_mut().find(|s| s.id == id) {
+                    slot.ready = Some(replica);
+                    self.failure = None;
+                    self.publish();
+                }
+            }
+            Event::Exited { id, reason, ran } => {
+                let Some(index) = self.replicas.iter().position(|s| s.id == id) else {
+                    return; // a replica we stopped on purpose
+                };
+                self.replicas.remove(index);
+                self.failures = match ran {
+                    Some(up) if up >= STABLE_AFTER => 0,
+                    _ => self.failures + 1,
+                };
+                let delay = backoff(self.failures);
+                self.retry_at = Some(Instant::now() + delay);
+                if ran.is_none() {
+                    warn!(function = %self.function, replica = id, %reason, retry_in = ?delay, "replica failed to start");
+                    self.failure = Some(StartFailure {
+                        reason: Arc::from(format!(
+                            "function {} cannot start: {reason}",
+                            self.function
+                        )),
+                        retry_at: self.retry_at,
+                    });
+                } else {
+                    warn!(function = %self.function, replica = id, %reason, retry_in = ?delay, "replica exited; replacing it");
+                }
+                self.publish();
+            }
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let slots: Vec<Slot> = self.replicas.drain(..).collect();
+        self.publish();
+        let mut tasks: Vec<JoinHandle<()>> = self.stopping.drain().map(|(_, t)| t).collect();
+        for slot in slots {
+            let _ = slot.stop.send(());
+            tasks.push(slot.task);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Delay before the next start after `failures` consecutive failures.
+fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    BACKOFF_BASE
+        .saturating_mul(1 << (failures - 1).min(16))
+        .min(BACKOFF_MAX)
+}
+
+/// One child process, from spawn to exit.
+struct ReplicaRun {
+    function: Arc<str>,
+    id: u64,
+    config: Arc<ProcessConfig>,
+    drain_limit: Duration,
+    events: mpsc::UnboundedSender<Event>,
+    probe: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl ReplicaRun {
+    async fn run(self, mut stop: oneshot::Receiver<()>) {
+        let (function, id) = (self.function.clone(), self.id);
+        let exited = |reason: String, ran: Option<Duration>| {
+            let _ = self.events.send(Event::Exited { id, reason, ran });
+        };
+        let port = match free_port() {
+            Ok(p) => p,
+            Err(e) => return exited(format!("no free port: {e}"), None),
+        };
+        let last_line = Arc::new(Mutex::new(None::<String>));
+        let mut child = match self.spawn(port, &last_line) {
+            Ok(c) => c,
+            Err(e) => {
+                return exited(
+                    format!("cannot run `{}`: {e}", self.config.command[0]),
+                    None,
+                )
+            }
+        };
+        let pid = child.id().unwrap_or(0) as i32;
+        let started = Instant::now();
+        info!(%function, replica = id, pid, port, "replica starting");
+
+        // Starting: wait for readiness, an early exit, the startup timeout or a stop.
+        let upstream = Upstream {
+            scheme: http::uri::Scheme::HTTP,
+            authority: format!("127.0.0.1:{port}")
+                .parse()
+                .expect("valid authority"),
+        };
+        let probe = self.wait_ready(port);
+        tokio::select! {
+            status = child.wait() => {
+                kill_group(pid, libc::SIGKILL);
+                let mut reason = format!("replica exited ({}) before becoming ready", describe_exit(status));
+                if let Some(line) = last_line.lock().unwrap().take() {
+                    reason.push_str(": ");
+                    reason.push_str(&line);
+                }
+                return exited(reason, None);
+            }
+            ready = tokio::time::timeout(self.config.startup_timeout, probe) => {
+                if ready.is_err() {
+                    terminate(&mut child, pid, Duration::ZERO).await;
+                    return exited(format!(
+                        "replica did not answer GET {} with 2xx within startup_timeout ({:?})",
+                        self.config.readiness_path, self.config.startup_timeout
+                    ), None);
+                }
+            }
+            _ = &mut stop => {
+                terminate(&mut child, pid, self.config.termination_grace).await;
+                return;
+            }
+        }
+
+        let replica = Replica::new(upstream);
+        let ready_at = Instant::now();
+        info!(%function, replica = id, pid, port, startup_ms = ready_at.duration_since(started).as_millis() as u64, "replica ready");
+        let _ = self.events.send(Event::Ready {
+            id,
+            replica: replica.clone(),
+        });
+
+        // Ready: serve until the child exits or we are told to stop.
+        tokio::select! {
+            status = child.wait() => {
+                kill_group(pid, libc::SIGKILL);
+                exited(format!("replica exited ({})", describe_exit(status)), Some(ready_at.elapsed()));
+            }
+            _ = &mut stop => {
+                if tokio::time::timeout(self.drain_limit, replica.drain()).await.is_err() {
+                    warn!(%function, replica = id, inflight = replica.inflight(), "drain limit reached; terminating with requests in flight");
+                }
+                terminate(&mut child, pid, self.config.termination_grace).await;
+                info!(%function, replica = id, "replica stopped");
+            }
+        }
+    }
+
+    fn spawn(&self, port: u16, last_line: &Arc<Mutex<Option<String>>>) -> io::Result<Child> {
+        let program = resolve_program(&self.config.command[0])?;
+        let mut cmd = Command::new(program);
+        cmd.args(&self.config.command[1..])
+            .envs(&self.config.env)
+            .env("PORT", port.to_string())
+            .current_dir(&self.config.working_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let parent = std::process::id();
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The gateway may have died between fork and prctl.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_lines(
+                out,
+                self.function.clone(),
+                self.id,
+                "stdout",
+                None,
+            ));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_lines(
+                err,
+                self.function.clone(),
+                self.id,
+                "stderr",
+                Some(last_line.clone()),
+            ));
+        }
+        Ok(child)
+    }
+
+    /// Probes `readiness_path` until it answers 2xx.
+    async fn wait_ready(&self, port: u16) {
+        let uri: http::Uri = format!("http://127.0.0.1:{port}{}", self.config.readiness_path)
+            .parse()
+            .expect("readiness_path validated as a path");
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let request = http::Request::get(uri.clone())
+                .header(http::header::USER_AGENT, "sluicegate-probe")
+                .body(Empty::new())
+                .expect("valid request");
+            match tokio::time::timeout(PROBE_TIMEOUT, self.probe.request(request)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => return,
+                Ok(Ok(resp)) => {
+                    debug!(function = %self.function, replica = self.id, status = resp.status().as_u16(), "not ready yet")
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `sluicegate` as the program means the running gateway binary (for the bundled demo function).
+fn resolve_program(program: &str) -> io::Result<PathBuf> {
+    if program == "sluicegate" {
+        std::env::current_exe()
+    } else {
+        Ok(PathBuf::from(program))
+    }
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn describe_exit(status: io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "unknown status".into(),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    }
+}
+
+fn kill_group(pid: i32, signal: i32) {
+    if pid > 0 {
+        // SAFETY: kill has no memory-safety preconditions; a negative pid names the process group.
+        unsafe {
+            libc::kill(-pid, signal);
+        }
+    }
+}
+
+/// SIGTERM to the replica's group, SIGKILL after `grace`, then reap.
+async fn terminate(child: &mut Child, pid: i32, grace: Duration) {
+    if !grace.is_zero() {
+        kill_group(pid, libc::SIGTERM);
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            kill_group(pid, libc::SIGKILL);
+            return;
+        }
+    }
+    kill_group(pid, libc::SIGKILL);
+    let _ = child.wait().await;
+}
+
+/// Logs each line a replica prints, with function and replica fields.
+async fn forward_lines(
+    stream: impl AsyncRead + Unpin,
+    function: Arc<str>,
+    replica: u64,
+    name: &'static str,
+    last: Option<Arc<Mutex<Option<String>>>>,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        let (done, used) = match reader.fill_buf().await {
+            Ok([]) | Err(_) => (true, 0),
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    line.extend_from_slice(&buf[..i]);
+                    (false, i + 1)
+                }
+                None => {
+                    line.extend_from_slice(buf);
+                    let n = buf.len();
+                    reader.consume(n);
+                    if line.len() < MAX_LOG_LINE {
+                        continue;
+                    }
+                    (false, 0)
+                }
+            },
+        };
+        reader.consume(used);
+        if !line.is_empty() {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches('\r');
+            info!(target: "sluicegate::replica", function = %function, replica, stream = name, "{text}");
+            if let Some(last) = &last {
+                *last.lock().unwrap() = Some(text.chars().take(200).collect());
+            }
+            line.clear();
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), Duration::from_millis(250));
+        assert_eq!(backoff(2), Duration::from_millis(500));
+        assert_eq!(backoff(4), Duration::from_secs(2));
+        assert_eq!(backoff(30), BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,315 @@
+//! Forwarding one admitted request to one replica: headers, streaming bodies, upstream errors.
+//!
+//! The chain, in order (see [`forward`]):
+//! 1. refuse a declared body over `max_body_bytes` before taking any capacity;
+//! 2. admission: a slot on the least-loaded ready replica, or wait in the queue, or a `503`;
+//! 3. rewrite the request: path `/{rest}` plus the query, hop-by-hop headers out, `X-Forwarded-*`
+//!    and `X-Call-Id` in;
+//! 4. send it with the function's `timeout` on the response head (`504` past it, `502` when the
+//!    replica refuses or resets);
+//! 5. stream the response back, hop-by-hop headers out, the slot freed when the body ends;
+//!    a `101 Switching Protocols` becomes a bidirectional tunnel that holds the slot.
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+
+use crate::body::{BodyLimitExceeded, ClientBodyError, ResponseBody, UpstreamBody};
+use crate::error::GatewayError;
+use crate::function::{Function, Waited};
+
+/// The request/response header carrying the invocation's id.
+pub static CALL_ID: HeaderName = HeaderName::from_static("x-call-id");
+/// Response header set when the request waited for a cold start; the value is the wait in seconds.
+pub static COLD_START: HeaderName = HeaderName::from_static("x-sluicegate-cold-start");
+/// Response header with the time the gateway received the request (Unix nanoseconds, as OpenFaaS).
+pub static START_TIME: HeaderName = HeaderName::from_static("x-start-time");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The pooled HTTP/1.1 client used for every replica.
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// Builds the upstream client: keep-alive pooling, no connect-level surprises.
+pub fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+/// Forwards `req` to a replica of `function` and returns the replica's response.
+pub async fn forward(
+    client: &UpstreamClient,
+    function: &Arc<Function>,
+    mut req: Request<Incoming>,
+    path: &str,
+    peer: SocketAddr,
+    call_id: &HeaderValue,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let config = &function.config;
+
+    // 1. A declared body over the limit is refused before it takes any capacity.
+    let limit = config.max_body_bytes;
+    if limit > 0 {
+        if let Some(len) = content_length(req.headers()) {
+            if len > limit {
+                return Err(GatewayError::BodyTooLarge(limit));
+            }
+        }
+    }
+
+    // 2. Admission: a slot, a place in the queue, or a 503.
+    let permit = function.admit().await?;
+
+    // 3. The upstream request.
+    let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let forwarded_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let upstream = &permit.replica().upstream;
+    let path_and_query = match parts.uri.query() {
+        Some(q) => {
+            let mut s = String::with_capacity(path.len() + q.len() + 1);
+            s.push_str(path);
+            s.push('?');
+            s.push_str(q);
+            s
+        }
+        None => path.to_owned(),
+    };
+    parts.uri = Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))?;
+    parts.version = http::Version::HTTP_11;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade.is_some());
+    headers.remove(header::HOST);
+    append_forwarded_for(headers, peer);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(host) = forwarded_host {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.insert(CALL_ID.clone(), call_id.clone());
+    let upstream_req = Request::from_parts(parts, UpstreamBody::stream(body, limit));
+
+    // 4. Send, bounded by the function's timeout on the response head.
+    let mut resp = match tokio::time::timeout(config.timeout, client.request(upstream_req)).await {
+        Err(_) => return Err(GatewayError::UpstreamTimeout(config.timeout)),
+        Ok(Err(e)) => return Err(classify(&e, limit)),
+        Ok(Ok(resp)) => resp,
+    };
+
+    // 5. The response, streamed back; the permit rides in the body (or the tunnel).
+    let waited = permit.waited();
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), switching && upgrade.is_some());
+    let headers = resp.headers_mut();
+    headers.insert(CALL_ID.clone(), call_id.clone());
+    if let Waited::ColdStart(held) = waited {
+        if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", held.as_secs_f64())) {
+            headers.insert(COLD_START.clone(), v);
+        }
+    }
+    if switching {
+        let Some(client_side) = upgrade else {
+            return Err(GatewayError::UpstreamInvalid(
+                "101 Switching Protocols to a request that asked for no upgrade".into(),
+            ));
+        };
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let name = function.name.clone();
+        tokio::spawn(async move {
+            let _slot = permit;
+            match tokio::try_join!(client_side, upstream_side) {
+                Ok((client_io, upstream_io)) => {
+                    let mut client_io = TokioIo::new(client_io);
+                    let mut upstream_io = TokioIo::new(upstream_io);
+                    let _ = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await;
+                }
+                Err(e) => debug!(function = %name, error = %e, "upgrade failed"),
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Ok(Response::from_parts(parts, ResponseBody::empty()));
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, Some(permit)),
+    ))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether the request asks to switch protocols (WebSocket and friends).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// With `upgrade`, `Connection: upgrade` and `Upgrade` are kept for the protocol switch.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if let Some(first) = headers.get(header::CONNECTION) {
+        let named_only_common = first
+            .to_str()
+            .map(|v| {
+                v.split(',').all(|t| {
+                    let t = t.trim();
+                    t.eq_ignore_ascii_case("keep-alive")
+                        || t.eq_ignore_ascii_case("close")
+                        || t.eq_ignore_ascii_case("upgrade")
+                })
+            })
+            .unwrap_or(false);
+        if !named_only_common || headers.get_all(header::CONNECTION).iter().count() > 1 {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .collect();
+            for name in named {
+                if !(upgrade && name == header::UPGRADE) {
+                    headers.remove(&name);
+                }
+            }
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::TE);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Appends the client's address to `X-Forwarded-For`.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let mut buf = BytesMut::with_capacity(64);
+    let existing: Vec<&[u8]> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    for part in existing {
+        buf.put_slice(part);
+        buf.put_slice(b", ");
+    }
+    use std::fmt::Write;
+    let _ = write!(buf, "{}", peer.ip());
+    if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// Maps a client error to the gateway's status: body limit → 413, client body → 400,
+/// refused → 502, anything else before a response → 502.
+fn classify(e: &hyper_util::client::legacy::Error, limit: u64) -> GatewayError {
+    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+    let mut deepest = e.to_string();
+    while let Some(s) = source {
+        if s.downcast_ref::<BodyLimitExceeded>().is_some() {
+            return GatewayError::BodyTooLarge(limit);
+        }
+        if let Some(c) = s.downcast_ref::<ClientBodyError>() {
+            return GatewayError::ClientBody(c.to_string());
+        }
+        deepest = s.to_string();
+        source = s.source();
+    }
+    if e.is_connect() {
+        GatewayError::UpstreamConnect(deepest)
+    } else {
+        GatewayError::UpstreamReset(deepest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_named_ones_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end-to-end"]);
+    }
+
+    #[test]
+    fn upgrade_keeps_the_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        append_forwarded_for(&mut h, "127.0.0.9:1234".parse().unwrap());
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.9");
+    }
+}

@@ -1,0 +1,162 @@
+//! Routing: a pure function from method and path to a [`Route`]. No I/O, no state.
+
+use http::Method;
+
+use crate::config::is_valid_function_name;
+
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// `/function/{name}[/{rest}]`: sync invocation. `path` is `/{rest}` (at least `/`).
+    Invoke {
+        /// The function's name (valid syntax, maybe not configured).
+        name: &'a str,
+        /// The path the replica sees.
+        path: &'a str,
+    },
+    /// `POST /async-function/{name}[/{rest}]`.
+    InvokeAsync {
+        /// The function's name.
+        name: &'a str,
+        /// The path the replica sees.
+        path: &'a str,
+    },
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /healthz`.
+    Healthz,
+    /// `GET /readyz`.
+    Readyz,
+    /// `GET /system/functions`.
+    ListFunctions,
+    /// `GET /system/function/{name}`.
+    GetFunction(&'a str),
+    /// `POST /system/scale-function/{name}`.
+    ScaleFunction(&'a str),
+    /// A function route whose name is not a valid function name.
+    MalformedName,
+    /// A known path with the wrong method; the value lists the allowed ones.
+    MethodNotAllowed(&'static str),
+    /// Nothing matches.
+    NotFound,
+}
+
+/// Splits `/{name}[/{rest}]` into the name and `/{rest}` (or `/`).
+fn name_and_rest(tail: &str) -> (&str, &str) {
+    match tail.find('/') {
+        Some(i) => (&tail[..i], &tail[i..]),
+        None => (tail, "/"),
+    }
+}
+
+/// Routes a request by method and path (the path without the query string).
+pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
+    if let Some(tail) = path.strip_prefix("/function/") {
+        let (name, rest) = name_and_rest(tail);
+        if !is_valid_function_name(name) {
+            return Route::MalformedName;
+        }
+        return Route::Invoke { name, path: rest };
+    }
+    if let Some(tail) = path.strip_prefix("/async-function/") {
+        let (name, rest) = name_and_rest(tail);
+        if !is_valid_function_name(name) {
+            return Route::MalformedName;
+        }
+        if method != Method::POST {
+            return Route::MethodNotAllowed("POST");
+        }
+        return Route::InvokeAsync { name, path: rest };
+    }
+    if path == "/function" || path == "/async-function" {
+        return Route::MalformedName;
+    }
+    let get_only = |route: Route<'a>| {
+        if method == Method::GET || method == Method::HEAD {
+            route
+        } else {
+            Route::MethodNotAllowed("GET")
+        }
+    };
+    match path {
+        "/metrics" => return get_only(Route::Metrics),
+        "/healthz" => return get_only(Route::Healthz),
+        "/readyz" => return get_only(Route::Readyz),
+        "/system/functions" => return get_only(Route::ListFunctions),
+        _ => {}
+    }
+    if let Some(name) = path.strip_prefix("/system/function/") {
+        if !is_valid_function_name(name) {
+            return Route::MalformedName;
+        }
+        return get_only(Route::GetFunction(name));
+    }
+    if let Some(name) = path.strip_prefix("/system/scale-function/") {
+        if !is_valid_function_name(name) {
+            return Route::MalformedName;
+        }
+        if method != Method::POST {
+            return Route::MethodNotAllowed("POST");
+        }
+        return Route::ScaleFunction(name);
+    }
+    Route::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_routes_keep_the_rest_of_the_path() {
+        assert_eq!(
+            route(&Method::GET, "/function/echo"),
+            Route::Invoke {
+                name: "echo",
+                path: "/"
+            }
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/function/echo/"),
+            Route::Invoke {
+                name: "echo",
+                path: "/"
+            }
+        );
+        assert_eq!(
+            route(&Method::PUT, "/function/echo/a/b"),
+            Route::Invoke {
+                name: "echo",
+                path: "/a/b"
+            }
+        );
+        assert_eq!(
+            route(&Method::POST, "/async-function/echo/x"),
+            Route::InvokeAsync {
+                name: "echo",
+                path: "/x"
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_names_and_methods() {
+        assert_eq!(route(&Method::GET, "/function/Echo"), Route::MalformedName);
+        assert_eq!(route(&Method::GET, "/function/"), Route::MalformedName);
+        assert_eq!(route(&Method::GET, "/function/a%2Fb"), Route::MalformedName);
+        assert_eq!(route(&Method::GET, "/function"), Route::MalformedName);
+        assert_eq!(
+            route(&Method::GET, "/async-function/echo"),
+            Route::MethodNotAllowed("POST")
+        );
+        assert_eq!(
+            route(&Method::POST, "/metrics"),
+            Route::MethodNotAllowed("GET")
+        );
+        assert_eq!(route(&Method::GET, "/nope"), Route::NotFound);
+        assert_eq!(
+            route(&Method::GET, "/system/scale-function/x"),
+            Route::MethodNotAllowed("POST")
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! The admin API under `/system`: function status (OpenFaaS field names) and manual scaling.
+//!
+//! When an admin token is configured, every `/system` request needs `Authorization: Bearer TOKEN`;
+//! without it the answer is `401`.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::body::ResponseBody;
+use crate::error::GatewayError;
+use crate::function::Function;
+use crate::gateway::Gateway;
+
+/// Largest `/system/scale-function` body accepted.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+/// One function's status, as `GET /system/function/{name}` returns it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionStatus {
+    /// The function's name.
+    pub name: String,
+    /// `process` or `static`.
+    pub provider: String,
+    /// Replicas asked of the provider (OpenFaaS `replicas`).
+    pub replicas: u32,
+    /// Ready replicas (OpenFaaS `availableReplicas`).
+    pub available_replicas: u32,
+    /// Responses so far, every status (OpenFaaS `invocationCount`).
+    pub invocation_count: u64,
+    /// Requests being served now.
+    pub ongoing: u64,
+    /// Requests waiting now.
+    pub queued: u64,
+    /// Arrivals in the sliding window.
+    pub window_requests: u64,
+    /// Replicas the gateway last asked for (autoscaler, cold start or manual).
+    pub desired_replicas: i64,
+    /// Autoscaler bounds.
+    pub min_replicas: u32,
+    /// Autoscaler bounds.
+    pub max_replicas: u32,
+    /// Autoscaler mode.
+    pub autoscaler: String,
+}
+
+/// Status of one function now.
+pub fn status(f: &Function) -> FunctionStatus {
+    let figures = f.figures(Instant::now());
+    FunctionStatus {
+        name: f.name.to_string(),
+        provider: f.backend().kind().to_owned(),
+        replicas: figures.replicas,
+        available_replicas: figures.ready,
+        invocation_count: f.metrics.invocation_count(),
+        ongoing: figures.ongoing,
+        queued: figures.queued,
+        window_requests: figures.window_requests,
+        desired_replicas: f.metrics.desired.get(),
+        min_replicas: f.config.autoscaler.min_replicas,
+        max_replicas: f.config.autoscaler.max_replicas,
+        autoscaler: f.config.autoscaler.mode.name().to_owned(),
+    }
+}
+
+fn authorize<B>(gateway: &Gateway, req: &Request<B>) -> Result<(), GatewayError> {
+    let Some(token) = &gateway.config.admin_token else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(GatewayError::Unauthorized)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json<T: Serialize>(value: &T) -> Response<ResponseBody> {
+    let body = serde_json::to_vec_pretty(value).expect("status serializes");
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(body)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// `GET /system/functions`.
+pub fn list<B>(
+    gateway: &Gateway,
+    req: &Request<B>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(gateway, req)?;
+    let mut all: Vec<FunctionStatus> = gateway
+        .functions
+        .iter()
+        .map(|f| status(f.value()))
+        .collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(json(&all))
+}
+
+/// `GET /system/function/{name}`.
+pub fn get<B>(
+    gateway: &Gateway,
+    req: &Request<B>,
+    name: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(gateway, req)?;
+    let f = gateway
+        .function(name)
+        .ok_or_else(|| GatewayError::UnknownFunction(name.to_owned()))?;
+    Ok(json(&status(&f)))
+}
+
+#[derive(Debug, Deserialize)]
+struct ScaleRequest {
+    replicas: i64,
+    // OpenFaaS clients also send these; accepted and ignored.
+    #[serde(default, rename = "serviceName")]
+    _service_name: Option<String>,
+    #[serde(default)]
+    _namespace: Option<String>,
+}
+
+/// `POST /system/scale-function/{name}` with `{"replicas": N}`, clamped to the function's bounds.
+pub async fn scale(
+    gateway: &Gateway,
+    req: Request<Incoming>,
+    name: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(gateway, &req)?;
+    let f = gateway
+        .function(name)
+        .ok_or_else(|| GatewayError::UnknownFunction(name.to_owned()))?;
+    let body = Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|e| GatewayError::BadRequest(format!("cannot read body: {e}")))?
+        .to_bytes();
+    let request: ScaleRequest = serde_json::from_slice(&body).map_err(|e| {
+        GatewayError::BadRequest(format!(
+            "expected a JSON body like {{\"replicas\": 2}}: {e}"
+        ))
+    })?;
+    if !f.backend().scalable() {
+        return Err(GatewayError::BadRequest(format!(
+            "function {name} uses provider {} and cannot be scaled",
+            f.backend().kind()
+        )));
+    }
+    if request.replicas < 0 {
+        return Err(GatewayError::BadRequest("replicas must be >= 0".into()));
+    }
+    let bounds = &f.config.autoscaler;
+    let replicas = (request.replicas.min(u32::MAX as i64) as u32)
+        .clamp(bounds.min_replicas, bounds.max_replicas);
+    info!(function = %name, asked = request.replicas, replicas, "manual scale");
+    f.scale_manually(replicas);
+    Ok(json(&status(&f)))
+}
