@@ -76,7 +76,7 @@ impl ConnState {
     /// When the watchdog should look again, or what it must do now.
     fn check(&self, now: Instant, header_timeout: Duration, idle_timeout: Duration) -> Verdict {
         if self.inflight.load(Ordering::Relaxed) > 0 {
-            return Verdict::Later(now + idle_timeout.min(header_timeout));
+            return Verdict::Later(now + idle_timeout.max(header_timeout));
         }
         let head = self.head_started.load(Ordering::Relaxed);
         if head != 0 {
@@ -350,8 +350,12 @@ async fn serve_connection(
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let watchdog = tokio::time::sleep(header_timeout);
+    // State changes (a request finishing, a head starting) do not wake the watchdog, so it never
+    // sleeps longer than a quarter of the shorter timeout: limits are enforced within that slack.
+    let period = header_timeout.min(idle_timeout) / 4;
+    let watchdog = tokio::time::sleep(period);
     tokio::pin!(watchdog);
+    let mut closing_idle = false;
     // Connections accepted during a drain are served (their requests get 503) but not asked to
     // close before their first request, or the client would see a reset instead of the 503.
     let mut draining = *drain.borrow();
@@ -370,16 +374,19 @@ async fn serve_connection(
                 }
             }
             _ = &mut watchdog => {
-                match state.check(Instant::now(), header_timeout, idle_timeout) {
-                    Verdict::Later(at) => watchdog.as_mut().reset(at),
+                let now = Instant::now();
+                match state.check(now, header_timeout, idle_timeout) {
+                    Verdict::Later(at) => watchdog.as_mut().reset(at.min(now + period)),
                     Verdict::HeaderTimeout => {
                         info!(%peer, timeout = ?header_timeout, "closing connection: request head not received within header_read_timeout");
                         return;
                     }
+                    Verdict::Idle if closing_idle => return,
                     Verdict::Idle => {
                         debug!(%peer, "closing idle keep-alive connection");
+                        closing_idle = true;
                         conn.as_mut().graceful_shutdown();
-                        watchdog.as_mut().reset(Instant::now() + header_timeout);
+                        watchdog.as_mut().reset(now + period);
                     }
                 }
             }

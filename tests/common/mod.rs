@@ -1,0 +1,337 @@
+//! Test vocabulary: an in-process gateway on 127.0.0.1:0, in-process backends, raw sockets.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sluicegate::config::Config;
+use sluicegate::function::Function;
+use sluicegate::Running;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Path of the built `sluicegate` binary (for process-provider tests).
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn body(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn empty() -> TestBody {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub async fn read_whole(resp: Response<Incoming>) -> Resp {
+    let (parts, b) = resp.into_parts();
+    let bytes = b.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An in-process gateway.
+pub struct Gw {
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub client: Client<HttpConnector, TestBody>,
+}
+
+impl Gw {
+    /// Starts a gateway from TOML text. A `[gateway]` table listening on 127.0.0.1:0 is added
+    /// when the text has none.
+    pub async fn start(toml: &str) -> Gw {
+        let text = if toml.contains("[gateway]") {
+            toml.to_owned()
+        } else {
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{toml}")
+        };
+        let config = Config::parse(Path::new("tests/inline.toml"), &text, None)
+            .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        Gw::start_config(config).await
+    }
+
+    pub async fn start_config(config: Config) -> Gw {
+        let running = sluicegate::start(config).await.expect("gateway starts");
+        let addr = running.local_addr();
+        Gw {
+            running: Some(running),
+            addr,
+            client: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn function(&self, name: &str) -> Arc<Function> {
+        self.running
+            .as_ref()
+            .unwrap()
+            .gateway()
+            .function(name)
+            .expect("function configured")
+    }
+
+    pub async fn send(&self, req: Request<TestBody>) -> Resp {
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .expect("request reaches the gateway");
+        read_whole(resp).await
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.send(Request::get(self.url(path)).body(empty()).unwrap())
+            .await
+    }
+
+    pub async fn post(&self, path: &str, data: impl Into<Bytes>) -> Resp {
+        self.send(Request::post(self.url(path)).body(body(data)).unwrap())
+            .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.body
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// The value of one sample line `name{labels} value` in a scrape, or `None`.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// What a test backend saw.
+#[derive(Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub inflight: AtomicU32,
+    pub max_inflight: AtomicU32,
+    pub order: Mutex<Vec<String>>,
+    pub last_headers: Mutex<Option<HeaderMap>>,
+    pub last_uri: Mutex<Option<String>>,
+}
+
+type Handler = Arc<
+    dyn Fn(
+            Request<Incoming>,
+            Arc<Stats>,
+        ) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// An in-process HTTP backend on 127.0.0.1:0.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A backend with a custom handler; stats count requests and concurrency around it.
+    pub async fn start<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>, Arc<Stats>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |req, stats| Box::pin(handler(req, stats)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(Stats::default());
+        let s = stats.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let handler = handler.clone();
+                let stats = s.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let handler = handler.clone();
+                        let stats = stats.clone();
+                        async move {
+                            stats.requests.fetch_add(1, Ordering::SeqCst);
+                            let now = stats.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                            stats.max_inflight.fetch_max(now, Ordering::SeqCst);
+                            *stats.last_headers.lock().unwrap() = Some(req.headers().clone());
+                            *stats.last_uri.lock().unwrap() = Some(req.uri().to_string());
+                            if let Some(tag) = req.headers().get("x-seq") {
+                                stats
+                                    .order
+                                    .lock()
+                                    .unwrap()
+                                    .push(tag.to_str().unwrap().to_owned());
+                            }
+                            let resp = handler(req, stats.clone()).await;
+                            stats.inflight.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Backend { addr, stats, task }
+    }
+
+    /// Answers `ok` after `?sleep=MS` milliseconds (if given), with `?status=N` (if given).
+    pub async fn ok() -> Backend {
+        Backend::start(|req, _| async move {
+            let q = req.uri().query().unwrap_or("").to_owned();
+            if let Some(ms) = param(&q, "sleep").and_then(|v| v.parse::<u64>().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let status = param(&q, "status")
+                .and_then(|v| v.parse::<u16>().ok())
+                .unwrap_or(200);
+            Response::builder()
+                .status(status)
+                .body(body("ok\n"))
+                .unwrap()
+        })
+        .await
+    }
+
+    /// Sleeps a fixed time per request, then answers `ok`.
+    pub async fn sleeping(delay: Duration) -> Backend {
+        Backend::start(move |_, _| async move {
+            tokio::time::sleep(delay).await;
+            Response::new(body("ok\n"))
+        })
+        .await
+    }
+}
+
+pub fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// A port with nothing listening (bound, then closed).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Sends raw bytes on a fresh connection and reads until the peer closes or `limit` passes.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads one HTTP/1.1 response head from a raw stream (up to the blank line).
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Whether the peer closed the connection within `limit` (EOF or reset).
+pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A config snippet for a static function `name` in front of `url`.
+pub fn static_fn(name: &str, url: &str, extra: &str) -> String {
+    format!("[functions.{name}]\nprovider = \"static\"\nupstreams = [\"{url}\"]\n{extra}\n")
+}
+
+/// Number of live processes whose command line contains `needle`.
+pub fn count_processes(needle: &str) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                // Zombies have an empty cmdline; only live processes count here.
+                n += 1;
+            }
+        }
+    }
+    n
+}
