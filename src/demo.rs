@@ -9,6 +9,9 @@
 //!   `sleep=250ms` waits first, `status=503` picks the status, `bytes=N` sends N bytes,
 //!   `chunks=N&every=100ms` streams N chunks, `exit=1` exits the process before answering.
 //!
+//! The echo ends with `inflight=N max_inflight=M`: the requests this process was serving when it
+//! answered, and the most it ever served at once (tests use it to check per-replica caps).
+//!
 //! `--fail-start MESSAGE` prints the message to stderr and exits with status 1 at once;
 //! `--never-ready` listens but answers `/healthz` with 503 forever.
 
@@ -16,6 +19,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,11 +33,33 @@ use tokio::net::TcpListener;
 
 use crate::config::parse_duration;
 
+/// Requests this process is serving now, and the most it ever served at once.
+static INFLIGHT: AtomicU32 = AtomicU32::new(0);
+static MAX_INFLIGHT: AtomicU32 = AtomicU32::new(0);
+
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> (InFlight, u32) {
+        let now = INFLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
+        MAX_INFLIGHT.fetch_max(now, Ordering::SeqCst);
+        (InFlight, now)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        INFLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Options of `sluicegate demo-function`.
 #[derive(Clone, Debug, Default)]
 pub struct DemoOptions {
     /// Time before the server starts listening.
     pub startup_delay: Duration,
+    /// Extra startup time, spread between 0 and this by process id (replicas become ready one by one).
+    pub startup_jitter: Duration,
     /// Exit at once with this message on stderr.
     pub fail_start: Option<String>,
     /// Listen, but never answer `/healthz` with 2xx.
@@ -70,6 +96,7 @@ async fn handle(
             .body(full("ok\n"))
             .unwrap());
     }
+    let (_inflight, inflight) = InFlight::enter();
     if let Some(d) = query_param(&query, "sleep").and_then(|v| parse_duration(v).ok()) {
         tokio::time::sleep(d).await;
     }
@@ -121,8 +148,9 @@ async fn handle(
             .unwrap());
     }
     let text = format!(
-        "hello from sluicegate demo-function pid={} method={method} path={path} query={query} call_id={call_id} {forwarded} body_bytes={received}\n",
-        std::process::id()
+        "hello from sluicegate demo-function pid={} method={method} path={path} query={query} call_id={call_id} {forwarded} body_bytes={received} inflight={inflight} max_inflight={}\n",
+        std::process::id(),
+        MAX_INFLIGHT.load(Ordering::SeqCst)
     );
     Ok(Response::builder()
         .status(status)
@@ -179,9 +207,16 @@ pub async fn serve(addr: SocketAddr, options: DemoOptions) -> std::io::Result<()
         eprintln!("demo-function: {message}");
         std::process::exit(1);
     }
-    if !options.startup_delay.is_zero() {
-        eprintln!("demo-function: warming up for {:?}", options.startup_delay);
-        tokio::time::sleep(options.startup_delay).await;
+    let jitter = if options.startup_jitter.is_zero() {
+        Duration::ZERO
+    } else {
+        let spread = (std::process::id() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % 1000;
+        options.startup_jitter.mul_f64(spread as f64 / 1000.0)
+    };
+    let warm_up = options.startup_delay + jitter;
+    if !warm_up.is_zero() {
+        eprintln!("demo-function: warming up for {warm_up:?}");
+        tokio::time::sleep(warm_up).await;
     }
     let listener = TcpListener::bind(addr).await?;
     eprintln!("demo-function: listening on {}", listener.local_addr()?);

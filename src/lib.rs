@@ -22,6 +22,8 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod system;
+#[cfg(test)]
+mod test_support;
 
 use std::future::Future;
 use std::io;

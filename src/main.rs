@@ -66,6 +66,12 @@ enum Command {
         /// Wait this long before listening (e.g. "500ms"), like a runtime warming up.
         #[arg(long, value_parser = parse_duration, default_value = "0s")]
         startup_delay: std::time::Duration,
+        /// Add up to this much more startup time, spread by process id.
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        startup_jitter: std::time::Duration,
+        /// A label that only shows in the process list (tests use it to count replicas).
+        #[arg(long)]
+        tag: Option<String>,
         /// Print MESSAGE to stderr and exit 1 at once (a function that cannot start).
         #[arg(long, value_name = "MESSAGE")]
         fail_start: Option<String>,
@@ -128,11 +134,14 @@ fn main() -> ExitCode {
         Some(Command::DemoFunction {
             listen,
             startup_delay,
+            startup_jitter,
+            tag: _,
             fail_start,
             never_ready,
         }) => {
             let options = sluicegate::demo::DemoOptions {
                 startup_delay,
+                startup_jitter,
                 fail_start,
                 never_ready,
             };

@@ -190,3 +190,6 @@ impl Autoscaler {
         self.function.scale_to(desired);
     }
 }
+
+#[cfg(test)]
+mod tests;

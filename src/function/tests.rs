@@ -1,67 +1,21 @@
 //! Admission, queueing and cold starts on paused time, with a fake backend.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::*;
-use crate::config::{Config, Upstream};
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::provider::{Backend, BoxFuture, Endpoints, Replica, StartFailure};
-
-#[derive(Debug, Default)]
-struct Fake {
-    desired: AtomicU32,
-    wakes: AtomicU32,
-}
-
-impl Backend for Fake {
-    fn kind(&self) -> &'static str {
-        "fake"
-    }
-    fn scalable(&self) -> bool {
-        true
-    }
-    fn replicas(&self) -> u32 {
-        self.desired.load(Ordering::SeqCst)
-    }
-    fn set_replicas(&self, n: u32) {
-        self.desired.store(n, Ordering::SeqCst);
-    }
-    fn scale_from_zero(&self, n: u32) -> bool {
-        let changed = self
-            .desired
-            .compare_exchange(0, n, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok();
-        if changed {
-            self.wakes.fetch_add(1, Ordering::SeqCst);
-        }
-        changed
-    }
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
-}
+use crate::provider::{Backend, Endpoints, Replica, StartFailure};
+use crate::test_support::{self, replica, Fake};
 
 fn function(extra: &str) -> (Arc<Function>, Arc<Fake>) {
-    let text = format!(
-        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n{extra}\n[functions.f.autoscaler]\nmin_replicas = 0\n"
-    );
-    let config = Config::parse(std::path::Path::new("t.toml"), &text, None).unwrap();
-    let metrics = Metrics::new();
-    let f = Function::new(config.functions["f"].clone(), &metrics);
-    let fake = Arc::new(Fake::default());
-    f.attach(fake.clone());
-    (f, fake)
-}
-
-fn replica(port: u16) -> Arc<Replica> {
-    Replica::new(Upstream {
-        scheme: http::uri::Scheme::HTTP,
-        authority: format!("127.0.0.1:{port}").parse().unwrap(),
-    })
+    test_support::function(&format!(
+        "{extra}\n[functions.f.autoscaler]\nmin_replicas = 0\n"
+    ))
 }
 
 fn publish(f: &Arc<Function>, replicas: &[Arc<Replica>]) {

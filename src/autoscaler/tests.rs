@@ -1,0 +1,239 @@
+//! The autoscaler loop on paused time, against a fake backend and a real `Function`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{advance, Instant};
+
+use super::*;
+use crate::provider::{Backend, Endpoints};
+use crate::test_support::{function, replica, Fake};
+
+fn scaler(autoscaler: &str, initial: u32) -> (Autoscaler, Arc<Function>, Arc<Fake>) {
+    let (f, fake) = function(&format!(
+        "max_ongoing_requests = 1000\nmax_queued_requests = -1\n[functions.f.autoscaler]\n{autoscaler}"
+    ));
+    fake.set_replicas(initial);
+    publish(&f, initial);
+    let a = Autoscaler::new(f.clone()).expect("scalable");
+    (a, f, fake)
+}
+
+fn publish(f: &Arc<Function>, ready: u32) {
+    f.set_endpoints(Endpoints {
+        replicas: (0..ready).map(|i| replica(1000 + i as u16)).collect(),
+        failure: None,
+    });
+}
+
+fn arrivals(f: &Function, n: usize) {
+    let now = Instant::now();
+    for _ in 0..n {
+        f.arrived(now);
+    }
+}
+
+const RPS: &str = "type = \"rps\"\nthreshold = 10\nrate_seconds = 10\npolling_interval = 1\n";
+
+#[tokio::test(start_paused = true)]
+async fn scales_up_on_the_window_count() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 1\nmax_replicas = 10\ncooldown_period = 60"),
+        1,
+    );
+    // 55 requests spread over 5 s: 55 in the window, under the burst threshold.
+    for _ in 0..5 {
+        arrivals(&f, 11);
+        advance(Duration::from_secs(1)).await;
+    }
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 6);
+    assert_eq!(f.metrics.desired.get(), 6);
+    assert_eq!(f.metrics.scaled_up.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_scale_down_inside_the_cooldown_then_back_to_min() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 1\nmax_replicas = 10\ncooldown_period = 60"),
+        1,
+    );
+    let start = Instant::now();
+    for _ in 0..5 {
+        arrivals(&f, 11);
+        advance(Duration::from_secs(1)).await;
+    }
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 6);
+    publish(&f, 6);
+    // The window still holds all 55 until t = 10 s; from then on the cooldown holds the count
+    // for 60 s more (the last tick that saw 55 was just before t = 10 s).
+    while Instant::now() < start + Duration::from_secs(68) {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+        assert_eq!(fake.replicas(), 6);
+    }
+    // Then it steps down as each second's arrivals left the window 60 s earlier: 5, 4, 3, 2, 1.
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+        if seen.last() != Some(&fake.replicas()) {
+            seen.push(fake.replicas());
+        }
+    }
+    assert_eq!(seen, [6, 5, 4, 3, 2, 1]);
+    assert_eq!(f.metrics.scaled_down.get(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scales_to_zero_only_after_a_whole_idle_cooldown() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 0\nmax_replicas = 3\ncooldown_period = 30"),
+        1,
+    );
+    arrivals(&f, 1);
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 1);
+    advance(Duration::from_secs(29)).await;
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 1, "29 s idle is not enough");
+    advance(Duration::from_secs(2)).await;
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_in_flight_keeps_the_function_alive() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 0\nmax_replicas = 3\ncooldown_period = 5"),
+        1,
+    );
+    arrivals(&f, 1);
+    let permit = f.admit().await.expect("a slot");
+    for _ in 0..120 {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+        assert_eq!(fake.replicas(), 1, "a long request must not be idled");
+    }
+    drop(permit);
+    for _ in 0..4 {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+    }
+    assert_eq!(
+        fake.replicas(),
+        1,
+        "the cooldown runs from the end of the request"
+    );
+    advance(Duration::from_secs(2)).await;
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn burst_mode_scales_up_before_the_next_tick_and_blocks_scale_down() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 1\nmax_replicas = 8\ncooldown_period = 0"),
+        1,
+    );
+    // 30 requests inside the 1 s burst window: 300 per window against a capacity of 10.
+    arrivals(&f, 30);
+    a.step(Instant::now(), false);
+    assert_eq!(
+        fake.replicas(),
+        8,
+        "burst scale-up without waiting for a decision tick"
+    );
+    publish(&f, 8);
+    a.step(Instant::now(), true);
+    assert_eq!(f.metrics.burst_mode.get(), 1);
+    // The burst is over, the window still holds the 30, and the cooldown is zero: without burst
+    // mode this would scale down to 3. Burst mode holds 8 for a whole window.
+    for _ in 0..9 {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+        assert_eq!(fake.replicas(), 8);
+    }
+    advance(Duration::from_secs(2)).await;
+    a.step(Instant::now(), true);
+    assert_eq!(f.metrics.burst_mode.get(), 0);
+    assert_eq!(fake.replicas(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bounds_hold_whatever_the_load() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 2\nmax_replicas = 4\ncooldown_period = 0"),
+        2,
+    );
+    for _ in 0..9 {
+        arrivals(&f, 50);
+        advance(Duration::from_secs(1)).await;
+    }
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 4);
+    advance(Duration::from_secs(60)).await;
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_mode_averages_ongoing_and_queued_over_the_window() {
+    let (mut a, f, fake) = scaler(
+        "type = \"concurrency\"\ntarget_ongoing_requests = 2\nrate_seconds = 6\npolling_interval = 1\nmin_replicas = 1\nmax_replicas = 10\ncooldown_period = 0",
+        1,
+    );
+    // Seven requests held in flight for the whole window.
+    let mut permits = Vec::new();
+    for _ in 0..7 {
+        permits.push(f.admit().await.unwrap());
+    }
+    let every = sample_interval(Duration::from_secs(6), Duration::from_secs(1));
+    for _ in 0..(6_000 / every.as_millis() as usize) {
+        advance(every).await;
+        a.step(Instant::now(), false);
+    }
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 4, "ceil(7 / 2)");
+    drop(permits);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_loop_decides_every_polling_interval() {
+    let (a, _f, fake) = scaler(
+        "type = \"rps\"\nthreshold = 10\nrate_seconds = 10\npolling_interval = 2\nmin_replicas = 1\nmax_replicas = 10\ncooldown_period = 0",
+        5,
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(a.run(stop_rx));
+    tokio::time::sleep(Duration::from_millis(1900)).await;
+    assert_eq!(
+        fake.replicas(),
+        5,
+        "no decision before the first polling interval"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(fake.replicas(), 1, "the loop decided on its own at 2 s");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_scale_is_not_undone_by_the_next_tick() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 1\nmax_replicas = 10\ncooldown_period = 60"),
+        1,
+    );
+    f.scale_manually(5);
+    assert_eq!(fake.replicas(), 5);
+    for _ in 0..30 {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+    }
+    assert_eq!(fake.replicas(), 5, "held for the cooldown");
+    // The loop saw the manual value at its first step, 1 s after it was made.
+    advance(Duration::from_secs(32)).await;
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 1);
+}

@@ -1,0 +1,152 @@
+//! The autoscaler end to end: real gateway, real replica processes, paced load over real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Request;
+use tokio::time::Instant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_load_scales_up_to_the_computed_count_and_back_after_the_cooldown() {
+    let tag = format!("sgtest-autoscale-{}", std::process::id());
+    // 40 requests/s against 30 per replica per 2 s window: ceil(80 / 30) = 3 replicas.
+    let config = format!(
+        "[functions.auto]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"]\n\
+         readiness_path = \"/healthz\"\nmax_ongoing_requests = 10\n\
+         [functions.auto.autoscaler]\ntype = \"rps\"\nthreshold = 30\nrate_seconds = \"2s\"\n\
+         polling_interval = \"200ms\"\ncooldown_period = \"1500ms\"\nmin_replicas = 1\nmax_replicas = 6\n"
+    );
+    let gw = Gw::start(&config).await;
+    let f = gw.function("auto");
+    let figures = || f.figures(Instant::now());
+
+    let load = {
+        let client = gw.client.clone();
+        let url = gw.url("/function/auto/?sleep=20ms");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(25));
+            let mut sent = Vec::new();
+            for _ in 0..160 {
+                tick.tick().await;
+                let client = client.clone();
+                let url = url.clone();
+                sent.push(tokio::spawn(async move {
+                    read_whole(
+                        client
+                            .request(Request::get(url).body(empty()).unwrap())
+                            .await
+                            .unwrap(),
+                    )
+                    .await
+                    .status
+                    .as_u16()
+                }));
+            }
+            let mut statuses = Vec::new();
+            for s in sent {
+                statuses.push(s.await.unwrap());
+            }
+            statuses
+        })
+    };
+
+    // Rises to 3 while the load runs, and only to 3.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut peak = 0;
+    while Instant::now() < deadline {
+        let now = figures();
+        peak = peak.max(now.replicas);
+        if now.ready == 3 && now.replicas == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        (figures().replicas, figures().ready),
+        (3, 3),
+        "peak was {peak}"
+    );
+    assert_eq!(count_processes(&tag), 3);
+    let statuses = load.await.unwrap();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let scrape = gw.metrics().await;
+    assert!(
+        sample(
+            &scrape,
+            "sluicegate_autoscaler_decisions_total{direction=\"up\",function_name=\"auto\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+
+    // Load stopped: the window empties in 2 s, then 1.5 s of cooldown, then back to min_replicas.
+    let stopped = Instant::now();
+    while figures().replicas != 1 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "never scaled down: {:?}",
+            figures()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(1500),
+        "scaled down inside the cooldown after {:?}",
+        stopped.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_processes(&tag) != 1 {
+        assert!(Instant::now() < deadline, "replicas were not stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let scrape = gw.metrics().await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "sluicegate_function_desired_replicas{function_name=\"auto\"}"
+        ),
+        Some(1.0)
+    );
+    gw.shutdown().await;
+    assert_eq!(count_processes(&tag), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_function_scales_to_zero_and_wakes_again() {
+    let tag = format!("sgtest-zero-{}", std::process::id());
+    let config = format!(
+        "[functions.nap]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"]\n\
+         readiness_path = \"/healthz\"\n\
+         [functions.nap.autoscaler]\ntype = \"rps\"\nrate_seconds = \"1s\"\npolling_interval = \"100ms\"\n\
+         cooldown_period = \"800ms\"\nmin_replicas = 0\nmax_replicas = 2\n"
+    );
+    let gw = Gw::start(&config).await;
+    assert_eq!(gw.get("/function/nap/").await.status, 200);
+    assert_eq!(count_processes(&tag), 1);
+    let f = gw.function("nap");
+    let idle = Instant::now();
+    while f.figures(Instant::now()).replicas != 0 {
+        assert!(
+            idle.elapsed() < Duration::from_secs(10),
+            "never scaled to zero"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        idle.elapsed() >= Duration::from_millis(800),
+        "idled inside the cooldown"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_processes(&tag) != 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The next request wakes it again.
+    let r = gw.get("/function/nap/").await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-sluicegate-cold-start").is_some());
+    assert_eq!(f.metrics.cold_starts.get(), 2);
+    gw.shutdown().await;
+}
