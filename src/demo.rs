@@ -9,8 +9,10 @@
 //!   `sleep=250ms` waits first, `status=503` picks the status, `bytes=N` sends N bytes,
 //!   `chunks=N&every=100ms` streams N chunks, `exit=1` exits the process before answering.
 //!
-//! The echo ends with `inflight=N max_inflight=M`: the requests this process was serving when it
-//! answered, and the most it ever served at once (tests use it to check per-replica caps).
+//! The echo ends with `inflight=N max_inflight=M received_unix_ns=T`: the requests this process was
+//! serving when it answered, the most it ever served at once (tests use it to check per-replica
+//! caps), and when the request arrived (the cold-start scenario uses it with the `listening ... at
+//! unix_ns=` line printed at startup).
 //!
 //! `--fail-start MESSAGE` prints the message to stderr and exits with status 1 at once;
 //! `--never-ready` listens but answers `/healthz` with 503 forever.
@@ -96,6 +98,7 @@ async fn handle(
             .body(full("ok\n"))
             .unwrap());
     }
+    let received = unix_nanos();
     let (_inflight, inflight) = InFlight::enter();
     if let Some(d) = query_param(&query, "sleep").and_then(|v| parse_duration(v).ok()) {
         tokio::time::sleep(d).await;
@@ -123,11 +126,11 @@ async fn handle(
         header("x-forwarded-proto"),
         header("x-forwarded-host")
     );
-    let mut received: u64 = 0;
+    let mut body_bytes: u64 = 0;
     let mut body = req.into_body();
     while let Some(frame) = body.frame().await {
         match frame {
-            Ok(f) => received += f.data_ref().map_or(0, |d| d.len() as u64),
+            Ok(f) => body_bytes += f.data_ref().map_or(0, |d| d.len() as u64),
             Err(_) => break,
         }
     }
@@ -148,7 +151,7 @@ async fn handle(
             .unwrap());
     }
     let text = format!(
-        "hello from sluicegate demo-function pid={} method={method} path={path} query={query} call_id={call_id} {forwarded} body_bytes={received} inflight={inflight} max_inflight={}\n",
+        "hello from sluicegate demo-function pid={} method={method} path={path} query={query} call_id={call_id} {forwarded} body_bytes={body_bytes} inflight={inflight} max_inflight={} received_unix_ns={received}\n",
         std::process::id(),
         MAX_INFLIGHT.load(Ordering::SeqCst)
     );
@@ -201,6 +204,12 @@ impl http_body::Body for Chunks {
     }
 }
 
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 /// Serves the demo function on `addr` until the process is killed.
 pub async fn serve(addr: SocketAddr, options: DemoOptions) -> std::io::Result<()> {
     if let Some(message) = &options.fail_start {
@@ -219,7 +228,11 @@ pub async fn serve(addr: SocketAddr, options: DemoOptions) -> std::io::Result<()
         tokio::time::sleep(warm_up).await;
     }
     let listener = TcpListener::bind(addr).await?;
-    eprintln!("demo-function: listening on {}", listener.local_addr()?);
+    eprintln!(
+        "demo-function: listening on {} at unix_ns={}",
+        listener.local_addr()?,
+        unix_nanos()
+    );
     loop {
         let (stream, _) = listener.accept().await?;
         let options = options.clone();

@@ -24,7 +24,7 @@ use crate::error::GatewayError;
 use crate::function::Function;
 use crate::metrics::Metrics;
 use crate::proxy::{self, UpstreamClient, CALL_ID, START_TIME};
-use crate::router::{route, Route};
+use crate::router::{route, Route, FUNCTION_PREFIX};
 use crate::system;
 
 /// State shared by every connection.
@@ -76,11 +76,22 @@ impl Gateway {
 
     /// Answers one request.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+        // The hot path first: a sync invocation, with the function found once.
+        if let Route::Invoke { name, .. } = route(req.method(), req.uri().path()) {
+            let name_end = FUNCTION_PREFIX.len() + name.len();
+            return match self.function(name) {
+                Some(function) => self.invoke(req, function, name_end, peer).await,
+                None => {
+                    let name = name.to_owned();
+                    self.unknown(&name).into_response()
+                }
+            };
+        }
         let uri = req.uri().clone();
         let route = route(req.method(), uri.path());
         let head = req.method() == Method::HEAD;
         let mut resp = match route {
-            Route::Invoke { name, path } => return self.invoke(req, name, path, peer).await,
+            Route::Invoke { .. } => unreachable!("handled above"),
             Route::InvokeAsync { name, .. } => match self.function(name) {
                 None => Err(self.unknown(name)),
                 Some(_) => Err(GatewayError::NotImplemented(
@@ -93,7 +104,7 @@ impl Gateway {
             Route::Readyz => Ok(text(StatusCode::OK, "ready\n")),
             Route::ListFunctions => system::list(self, &req),
             Route::GetFunction(name) => system::get(self, &req, name),
-            Route::ScaleFunction(name) => system::scale(self, req, name).await,
+            Route::ScaleFunction(name) => Box::pin(system::scale(self, req, name)).await,
             Route::MalformedName => Err(GatewayError::MalformedName),
             Route::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed(allow)),
             Route::NotFound => Err(GatewayError::NoRoute(uri.path().to_owned())),
@@ -115,13 +126,10 @@ impl Gateway {
     async fn invoke(
         &self,
         req: Request<Incoming>,
-        name: &str,
-        path: &str,
+        function: Arc<Function>,
+        name_end: usize,
         peer: SocketAddr,
     ) -> Response<ResponseBody> {
-        let Some(function) = self.function(name) else {
-            return self.unknown(name).into_response();
-        };
         let arrived = Instant::now();
         function.arrived(arrived);
         let call_id = req
@@ -134,7 +142,16 @@ impl Gateway {
         let result = if self.is_draining() {
             Err(GatewayError::Draining)
         } else {
-            proxy::forward(&self.client, &function, req, path, peer, &call_id).await
+            proxy::forward(
+                &self.client,
+                &function,
+                req,
+                name_end,
+                peer,
+                &call_id,
+                arrived,
+            )
+            .await
         };
         let mut resp = match result {
             Ok(resp) => resp,

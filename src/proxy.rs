@@ -20,6 +20,7 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::body::{BodyLimitExceeded, ClientBodyError, ResponseBody, UpstreamBody};
@@ -53,14 +54,16 @@ pub fn upstream_client() -> UpstreamClient {
         .build(connector)
 }
 
-/// Forwards `req` to a replica of `function` and returns the replica's response.
+/// Forwards `req` to a replica of `function` and returns the replica's response. The replica's
+/// path is what follows byte `name_end` of the request path (`/` when nothing does).
 pub async fn forward(
     client: &UpstreamClient,
     function: &Arc<Function>,
     mut req: Request<Incoming>,
-    path: &str,
+    name_end: usize,
     peer: SocketAddr,
     call_id: &HeaderValue,
+    arrived: Instant,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let config = &function.config;
 
@@ -75,7 +78,7 @@ pub async fn forward(
     }
 
     // 2. Admission: a slot, a place in the queue, or a 503.
-    let permit = function.admit().await?;
+    let permit = function.admit(arrived).await?;
 
     // 3. The upstream request.
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -87,6 +90,8 @@ pub async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     let upstream = &permit.replica().upstream;
+    let path = parts.uri.path().get(name_end..).unwrap_or("");
+    let path = if path.is_empty() { "/" } else { path };
     let path_and_query = match parts.uri.query() {
         Some(q) => {
             let mut s = String::with_capacity(path.len() + q.len() + 1);
@@ -183,35 +188,43 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// With `upgrade`, `Connection: upgrade` and `Upgrade` are kept for the protocol switch.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if let Some(first) = headers.get(header::CONNECTION) {
-        let named_only_common = first
-            .to_str()
-            .map(|v| {
-                v.split(',').all(|t| {
-                    let t = t.trim();
-                    t.eq_ignore_ascii_case("keep-alive")
-                        || t.eq_ignore_ascii_case("close")
-                        || t.eq_ignore_ascii_case("upgrade")
-                })
-            })
-            .unwrap_or(false);
-        if !named_only_common || headers.get_all(header::CONNECTION).iter().count() > 1 {
-            let named: Vec<HeaderName> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .collect();
-            for name in named {
-                if !(upgrade && name == header::UPGRADE) {
-                    headers.remove(&name);
-                }
-            }
+    // The common case has none: one pass over the names instead of a lookup per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !(t.eq_ignore_ascii_case("keep-alive")
+                || t.eq_ignore_ascii_case("close")
+                || t.eq_ignore_ascii_case("upgrade"))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(&name);
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
@@ -231,13 +244,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Appends the client's address to `X-Forwarded-For`.
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     let mut buf = BytesMut::with_capacity(64);
-    let existing: Vec<&[u8]> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
-    for part in existing {
-        buf.put_slice(part);
+    for part in headers.get_all(&X_FORWARDED_FOR) {
+        buf.put_slice(part.as_bytes());
         buf.put_slice(b", ");
     }
     use std::fmt::Write;

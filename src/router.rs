@@ -4,6 +4,9 @@ use http::Method;
 
 use crate::config::is_valid_function_name;
 
+/// The path prefix of sync invocations.
+pub const FUNCTION_PREFIX: &str = "/function/";
+
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
@@ -51,7 +54,7 @@ fn name_and_rest(tail: &str) -> (&str, &str) {
 
 /// Routes a request by method and path (the path without the query string).
 pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
-    if let Some(tail) = path.strip_prefix("/function/") {
+    if let Some(tail) = path.strip_prefix(FUNCTION_PREFIX) {
         let (name, rest) = name_and_rest(tail);
         if !is_valid_function_name(name) {
             return Route::MalformedName;

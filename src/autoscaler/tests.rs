@@ -110,7 +110,7 @@ async fn a_request_in_flight_keeps_the_function_alive() {
         1,
     );
     arrivals(&f, 1);
-    let permit = f.admit().await.expect("a slot");
+    let permit = f.admit(Instant::now()).await.expect("a slot");
     for _ in 0..120 {
         advance(Duration::from_secs(1)).await;
         a.step(Instant::now(), true);
@@ -187,7 +187,7 @@ async fn concurrency_mode_averages_ongoing_and_queued_over_the_window() {
     // Seven requests held in flight for the whole window.
     let mut permits = Vec::new();
     for _ in 0..7 {
-        permits.push(f.admit().await.unwrap());
+        permits.push(f.admit(Instant::now()).await.unwrap());
     }
     let every = sample_interval(Duration::from_secs(6), Duration::from_secs(1));
     for _ in 0..(6_000 / every.as_millis() as usize) {

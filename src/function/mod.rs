@@ -340,34 +340,36 @@ impl Function {
         None
     }
 
-    fn permit(self: &Arc<Self>, replica: Arc<Replica>, waited: Waited) -> Permit {
+    fn permit(self: &Arc<Self>, replica: Arc<Replica>, waited: Waited, granted: Instant) -> Permit {
         self.metrics.ongoing.inc();
         Permit {
             function: self.clone(),
             replica,
-            granted: Instant::now(),
+            granted,
             waited,
         }
     }
 
     /// Admits one request: a slot at once, or a place in the queue until a slot frees up, or a
     /// [`Rejection`]. Dropping the returned future (the client went away) leaves the queue at once.
-    pub async fn admit(self: &Arc<Self>) -> Result<Permit, Rejection> {
+    /// `arrived` is when the request arrived (the service time counts from there when no wait).
+    pub async fn admit(self: &Arc<Self>, arrived: Instant) -> Result<Permit, Rejection> {
         if self.metrics.queued.get() == 0 {
             if let Some(replica) = self.try_take_slot() {
-                return Ok(self.permit(replica, Waited::No));
+                return Ok(self.permit(replica, Waited::No, arrived));
             }
         }
-        self.enqueue().await
+        // Boxed: the queue path is rare, and keeping it out of line keeps the common request
+        // future small.
+        Box::pin(self.enqueue(arrived)).await
     }
 
-    async fn enqueue(self: &Arc<Self>) -> Result<Permit, Rejection> {
-        let arrived = Instant::now();
+    async fn enqueue(self: &Arc<Self>, arrived: Instant) -> Result<Permit, Rejection> {
         let (rx, id, cold) = {
             let mut queue = self.waiters.lock().unwrap();
             if queue.is_empty() {
                 if let Some(replica) = self.try_take_slot() {
-                    return Ok(self.permit(replica, Waited::No));
+                    return Ok(self.permit(replica, Waited::No, arrived));
                 }
             }
             let endpoints = self.endpoints.load();
@@ -453,7 +455,7 @@ impl Function {
                 let permit = match spare.take() {
                     Some(p) => p,
                     None => match self.try_take_slot() {
-                        Some(replica) => self.permit(replica, Waited::No),
+                        Some(replica) => self.permit(replica, Waited::No, Instant::now()),
                         None => break,
                     },
                 };

@@ -31,7 +31,7 @@ async fn many_requests_at_zero_trigger_exactly_one_scale_up() {
     let waiters: Vec<_> = (0..20)
         .map(|_| {
             let f = f.clone();
-            tokio::spawn(async move { f.admit().await })
+            tokio::spawn(async move { f.admit(Instant::now()).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -67,7 +67,7 @@ async fn replicas_appearing_one_by_one_each_get_at_most_their_cap() {
     let waiters: Vec<_> = (0..10)
         .map(|_| {
             let f = f.clone();
-            tokio::spawn(async move { f.admit().await })
+            tokio::spawn(async move { f.admit(Instant::now()).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -99,16 +99,16 @@ async fn replicas_appearing_one_by_one_each_get_at_most_their_cap() {
 async fn a_full_queue_rejects_at_once() {
     let (f, _) = function("max_ongoing_requests = 1\nmax_queued_requests = 2");
     publish(&f, &[replica(1)]);
-    let held = f.admit().await.unwrap();
+    let held = f.admit(Instant::now()).await.unwrap();
     let queued: Vec<_> = (0..2)
         .map(|_| {
             let f = f.clone();
-            tokio::spawn(async move { f.admit().await })
+            tokio::spawn(async move { f.admit(Instant::now()).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
     let started = Instant::now();
-    let rejection = f.admit().await.unwrap_err();
+    let rejection = f.admit(Instant::now()).await.unwrap_err();
     assert!(matches!(rejection, Rejection::QueueFull { retry_after } if retry_after >= 1));
     assert_eq!(started.elapsed(), Duration::ZERO);
     drop(held);
@@ -121,7 +121,7 @@ async fn a_full_queue_rejects_at_once() {
 async fn cold_start_timeout_then_503_with_retry_after() {
     let (f, _) = function("cold_start_timeout = \"2s\"");
     let started = Instant::now();
-    let rejection = f.admit().await.unwrap_err();
+    let rejection = f.admit(Instant::now()).await.unwrap_err();
     assert_eq!(started.elapsed(), Duration::from_secs(2));
     assert!(matches!(rejection, Rejection::ColdStartTimeout { .. }));
     assert_eq!(f.metrics.queued.get(), 0);
@@ -132,7 +132,7 @@ async fn a_start_failure_fails_held_requests_at_once() {
     let (f, _) = function("");
     let waiter = {
         let f = f.clone();
-        tokio::spawn(async move { f.admit().await })
+        tokio::spawn(async move { f.admit(Instant::now()).await })
     };
     tokio::time::sleep(Duration::from_millis(5)).await;
     f.set_endpoints(Endpoints {
@@ -156,7 +156,7 @@ async fn a_start_failure_fails_held_requests_at_once() {
     // While failing with nothing ready, new requests are refused at once too.
     let started = Instant::now();
     assert!(matches!(
-        f.admit().await,
+        f.admit(Instant::now()).await,
         Err(Rejection::StartFailed { .. })
     ));
     assert_eq!(started.elapsed(), Duration::ZERO);
@@ -168,7 +168,7 @@ async fn retry_after_follows_the_observed_cold_start() {
     // Learn a 7 s cold start.
     let waiter = {
         let f = f.clone();
-        tokio::spawn(async move { f.admit().await })
+        tokio::spawn(async move { f.admit(Instant::now()).await })
     };
     tokio::time::sleep(Duration::from_secs(7)).await;
     publish(&f, &[replica(1)]);
@@ -178,10 +178,10 @@ async fn retry_after_follows_the_observed_cold_start() {
     publish(&f, &[]);
     let filler = {
         let f = f.clone();
-        tokio::spawn(async move { f.admit().await })
+        tokio::spawn(async move { f.admit(Instant::now()).await })
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
-    let rejection = f.admit().await.unwrap_err();
+    let rejection = f.admit(Instant::now()).await.unwrap_err();
     assert_eq!(rejection, Rejection::QueueFull { retry_after: 7 });
     filler.abort();
 }
@@ -215,10 +215,10 @@ async fn window_counts_arrivals_over_rate_seconds() {
 async fn a_dropped_waiter_leaves_the_queue() {
     let (f, _) = function("max_ongoing_requests = 1");
     publish(&f, &[replica(1)]);
-    let held = f.admit().await.unwrap();
+    let held = f.admit(Instant::now()).await.unwrap();
     let waiter = {
         let f = f.clone();
-        tokio::spawn(async move { f.admit().await })
+        tokio::spawn(async move { f.admit(Instant::now()).await })
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(f.metrics.queued.get(), 1);

@@ -4,7 +4,7 @@
 //!
 //! * a replica is started from `command` with env `PORT=<free port>` (plus the function's `env`),
 //!   in its own process group, with a parent-death signal so it cannot outlive the gateway;
-//! * it is *ready* once `GET readiness_path` answers 2xx, probed every [`PROBE_INTERVAL`];
+//! * it is *ready* once `GET readiness_path` answers 2xx, probed every [`PROBE_INTERVAL`] (10 ms);
 //!   readiness is published at once, so held requests reach it within milliseconds;
 //! * scale-down first removes it from the endpoints, waits for its in-flight requests (at most the
 //!   function's `timeout`), then sends SIGTERM to its group and SIGKILL after `termination_grace`;
@@ -34,7 +34,7 @@ use crate::config::{ProcessConfig, Upstream};
 use crate::provider::{Backend, BoxFuture, Endpoints, Publisher, Replica, StartFailure};
 
 /// How often a starting replica's readiness path is probed.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(10);
 /// How long one readiness probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// First delay before restarting a replica that failed; doubles per consecutive failure.
