@@ -290,18 +290,18 @@ fn simulate_command(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> 
         cold_start: args.cold_start,
     };
     let report = simulate::run(config, &trace, &options);
-    let title = format!(
-        "{}: {source}; cold start {}s",
-        config.path.display(),
+    let run = format!(
+        "{source}; cold start {}s",
         simulate::trace::format_seconds(options.cold_start)
     );
     if args.json {
         println!("{}", report.json());
     } else {
-        println!("{title}");
+        println!("{}: {run}", config.path.display());
         print!("{}", report.table());
     }
     if let Some(path) = &args.svg {
+        let title = format!("{}\n{run}", config.path.display());
         std::fs::write(path, simulate::svg::render(&report, &title))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }

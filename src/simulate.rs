@@ -4,7 +4,8 @@
 //! runtime: time is a [`Duration`] since the start of the run. The autoscaler part is the live
 //! loop's own [`Controller`] (so the real [`Policy`](crate::autoscaler::Policy)) fed with
 //! [`Figures`] built exactly as the live loop builds them — the window is the same bucketed
-//! [`Ring`] — sampled every [`sample_interval`], deciding every `polling_interval`. Around it, a
+//! [`Ring`] — sampled every [`sample_interval`] (on whole milliseconds, as tokio's timer fires),
+//! deciding on the first sample at or after each `polling_interval`. Around it, a
 //! model of the gateway and the provider:
 //!
 //! * a replica is ready `cold_start` after it is asked for, and costs from that moment until it
@@ -166,6 +167,15 @@ pub fn simulate_function(
     sim.report()
 }
 
+/// When the live loop's `n`th sample runs, for a nominal time `at`: tokio's timer fires on whole
+/// milliseconds, rounding deadlines up. It matters: with `rate_seconds = 10` the sample interval
+/// is 166.666666 ms, and the sample due at 499.999998 ms runs at 500 ms, in time for a 500 ms
+/// `polling_interval`.
+fn tick(at: Duration) -> Duration {
+    let ms = at.as_nanos().div_ceil(1_000_000);
+    Duration::from_millis(ms as u64)
+}
+
 /// What happens at an instant. The derived order is the order at equal times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -214,6 +224,8 @@ struct Sim<'a> {
     scalable: bool,
     ring: Ring,
     every: Duration,
+    /// Samples taken so far.
+    samples: u32,
     next_decision: Duration,
     events: BinaryHeap<Reverse<(Duration, Event, u64)>>,
     seq: u64,
@@ -247,6 +259,7 @@ impl<'a> Sim<'a> {
             scalable,
             ring: Ring::new(auto.window),
             every: sample_interval(auto.window, auto.polling_interval),
+            samples: 0,
             next_decision: auto.polling_interval,
             events: BinaryHeap::new(),
             seq: 0,
@@ -500,7 +513,8 @@ impl<'a> Sim<'a> {
         if let Some(decision) = step.decision {
             self.apply(decision.desired);
         }
-        self.schedule(t + self.every, Event::Sample);
+        self.samples += 1;
+        self.schedule(tick(self.every * self.samples), Event::Sample);
     }
 
     /// Like the live loop's `apply`: no change, or never to zero while anything is in flight.
@@ -1073,10 +1087,10 @@ cooldown_period = 5
         assert_eq!(json[1]["function"], "g");
         assert_eq!(json[0]["hold_p99_seconds"], 2.0);
         assert_eq!(json[0]["replica_seconds"], 3.0);
-        let svg = svg::render(&report, "t.toml & <trace>");
+        let svg = svg::render(&report, "t.toml\n& <trace>");
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.trim_end().ends_with("</svg>"));
-        assert!(svg.contains("t.toml &amp; &lt;trace&gt;"));
+        assert!(svg.contains(">t.toml</text>") && svg.contains(">&amp; &lt;trace&gt;</text>"));
         assert_eq!(svg.matches(">time (s)</text>").count(), 2);
         assert_eq!(svg.matches(">requests/s</text>").count(), 2);
         assert_eq!(svg.matches(">replicas</text>").count(), 2);

@@ -63,23 +63,29 @@ fn per_second(times: &[Duration], bin: u64, bins: usize) -> Vec<f64> {
     counts.iter().map(|c| *c as f64 / bin as f64).collect()
 }
 
-/// Renders the report, with `title` on top (e.g. the config file and the trace).
+/// Renders the report with `title` on top, one line per line of `title` (e.g. the config file,
+/// then the trace).
 pub fn render(report: &Report, title: &str) -> String {
-    let height = 40.0 + PANEL_HEIGHT * report.functions.len().max(1) as f64;
+    let lines: Vec<&str> = title.lines().collect();
+    let head = 16.0 + 20.0 * lines.len().max(1) as f64;
+    let height = head + PANEL_HEIGHT * report.functions.len().max(1) as f64;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>"#
     );
-    let _ = writeln!(
-        out,
-        r#"<rect width="100%" height="100%" fill="white"/>
-<text x="{x}" y="24" font-size="15" text-anchor="middle">{title}</text>"#,
-        x = WIDTH / 2.0,
-        title = esc(title)
-    );
+    for (i, line) in lines.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            r#"<text x="{x}" y="{y}" font-size="14" text-anchor="middle">{line}</text>"#,
+            x = WIDTH / 2.0,
+            y = 24.0 + 20.0 * i as f64,
+            line = esc(line)
+        );
+    }
     for (i, f) in report.functions.iter().enumerate() {
-        panel(&mut out, f, 40.0 + i as f64 * PANEL_HEIGHT);
+        panel(&mut out, f, head + i as f64 * PANEL_HEIGHT);
     }
     out.push_str("</svg>\n");
     out
@@ -109,7 +115,8 @@ fn panel(out: &mut String, f: &FunctionReport, top: f64) {
         .map(|p| p.1.max(p.2))
         .max()
         .unwrap_or(0)
-        .max(1) as f64;
+        .max(1) as f64
+        + 1.0; // headroom: the top count stays off the frame
     let replica_step = nice_step(replica_max, 5.0).max(1.0);
     let replica_top = (replica_max / replica_step).ceil() * replica_step;
     let y_rep = |v: f64| y0 - (y0 - y1) * v / replica_top;
