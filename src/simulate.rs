@@ -15,8 +15,8 @@
 //!   `max_queued_requests`, else is shed (queue full);
 //! * a waiting request is shed (timeout) after `cold_start_timeout` if the function had no ready
 //!   replica when it arrived, else after `queue_timeout`;
-//! * the first request that has to wait while no replica is asked for asks for
-//!   `max(min_replicas, 1)` at once (the gateway's wake-up from zero);
+//! * the first request that finds no ready replica while none is asked for asks for
+//!   `max(min_replicas, 1)` at once (the gateway's wake-up from zero), even if it is shed;
 //! * scale-down removes starting replicas first, then the least-loaded ready ones; a replica that
 //!   is still serving takes no new request and goes when its last one finishes (as the process
 //!   provider drains).
@@ -421,6 +421,9 @@ impl<'a> Sim<'a> {
                 self.state[request] = State::Done;
                 self.summary.shed_queue_full += 1;
                 self.timeline.shed.push(self.now);
+                if cold {
+                    self.wake_from_zero();
+                }
                 return;
             }
         }
@@ -436,7 +439,14 @@ impl<'a> Sim<'a> {
             self.config.queue_timeout
         };
         self.schedule(self.now + limit, Event::Timeout { request });
-        if cold && self.scalable && self.asked() == 0 {
+        if cold {
+            self.wake_from_zero();
+        }
+    }
+
+    /// A request found no ready replica: ask for `max(min_replicas, 1)` unless some are asked for.
+    fn wake_from_zero(&mut self) {
+        if self.scalable && self.asked() == 0 {
             self.scale_to(self.config.autoscaler.wake_replicas());
         }
     }
@@ -863,6 +873,26 @@ cooldown_period = 5
         assert_eq!(
             (s.served, s.shed_cold_start_timeout, s.hold_max_seconds),
             (1, 1, 5.0)
+        );
+    }
+
+    #[test]
+    fn without_a_queue_a_shed_request_still_wakes_the_function() {
+        // Concurrency mode sees nothing in flight when every request is shed at once, so only
+        // the wake-up on arrival can bring the function up from zero.
+        let config = CONFIG
+            .replace("type = \"rps\"", "type = \"concurrency\"")
+            .replace("threshold = 6", "target_ongoing_requests = 1")
+            .replace("max_queued_requests = 2", "max_queued_requests = 0");
+        let report = simulate(&config, "time,duration\n0,1\n3,1\n", Options::default());
+        let summary = &report.summary;
+        assert_eq!(
+            (summary.shed_queue_full, summary.served, summary.cold_starts),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            report.timeline.replicas[..2],
+            [(s(0.0), 1, 0), (s(2.0), 1, 1)]
         );
     }
 
