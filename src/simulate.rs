@@ -687,6 +687,8 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::trace::{generate, parse_csv, parse_seconds, shape_trace, SplitMix64};
     use super::*;
 
@@ -1124,5 +1126,283 @@ cooldown_period = 5
         assert_eq!(svg.matches(">time (s)</text>").count(), 2);
         assert_eq!(svg.matches(">requests/s</text>").count(), 2);
         assert_eq!(svg.matches(">replicas</text>").count(), 2);
+    }
+
+    /// The live side of the cross-check below: a provider whose replicas become ready
+    /// `cold_start` after they are asked for, removed the way the process provider removes them
+    /// (starting ones first, then the least-loaded ready one), logging `(t, asked, ready)` as
+    /// the simulator's timeline does.
+    mod live {
+        use std::sync::{Arc, Mutex};
+
+        use tokio::task::JoinHandle;
+        use tokio::time::Instant;
+
+        use super::*;
+        use crate::config::Upstream;
+        use crate::function::Publisher;
+        use crate::provider::{Backend, BoxFuture, Endpoints, Replica};
+
+        #[derive(Debug)]
+        struct Slot {
+            id: u64,
+            ready: Option<Arc<Replica>>,
+            starting: Option<JoinHandle<()>>,
+        }
+
+        #[derive(Debug)]
+        struct Inner {
+            publisher: Publisher,
+            cold_start: Duration,
+            origin: Instant,
+            slots: Mutex<(Vec<Slot>, u64)>,
+            log: Mutex<Vec<(Duration, u32, u32)>>,
+        }
+
+        /// A provider on paused time.
+        #[derive(Debug, Clone)]
+        pub struct Provider(Arc<Inner>);
+
+        impl Provider {
+            pub fn new(publisher: Publisher, cold_start: Duration, origin: Instant) -> Provider {
+                Provider(Arc::new(Inner {
+                    publisher,
+                    cold_start,
+                    origin,
+                    slots: Mutex::new((Vec::new(), 0)),
+                    log: Mutex::new(vec![(Duration::ZERO, 0, 0)]),
+                }))
+            }
+
+            pub fn log(&self) -> Vec<(Duration, u32, u32)> {
+                self.0.log.lock().unwrap().clone()
+            }
+        }
+
+        impl Inner {
+            /// Publishes the ready set and logs the counts (outside the slots lock).
+            fn changed(&self) {
+                let (asked, ready): (u32, Vec<Arc<Replica>>) = {
+                    let slots = self.slots.lock().unwrap();
+                    (
+                        slots.0.len() as u32,
+                        slots.0.iter().filter_map(|s| s.ready.clone()).collect(),
+                    )
+                };
+                let point = (
+                    Instant::now().duration_since(self.origin),
+                    asked,
+                    ready.len() as u32,
+                );
+                {
+                    let mut log = self.log.lock().unwrap();
+                    match log.last_mut() {
+                        Some(last) if (last.1, last.2) == (point.1, point.2) => {}
+                        Some(last) if last.0 == point.0 => *last = point,
+                        _ => log.push(point),
+                    }
+                }
+                self.publisher.publish(Endpoints {
+                    replicas: ready,
+                    failure: None,
+                });
+            }
+
+            fn reconcile(self: &Arc<Self>, want: u32) {
+                {
+                    let mut guard = self.slots.lock().unwrap();
+                    let (slots, next) = &mut *guard;
+                    while slots.len() < want as usize {
+                        *next += 1;
+                        let (id, inner) = (*next, self.clone());
+                        let starting = tokio::spawn(async move {
+                            tokio::time::sleep(inner.cold_start).await;
+                            inner.ready(id);
+                        });
+                        slots.push(Slot {
+                            id,
+                            ready: None,
+                            starting: Some(starting),
+                        });
+                    }
+                    while slots.len() > want as usize {
+                        let index = slots
+                            .iter()
+                            .rposition(|s| s.ready.is_none())
+                            .or_else(|| {
+                                slots
+                                    .iter()
+                                    .enumerate()
+                                    .min_by_key(|(_, s)| {
+                                        s.ready.as_ref().map_or(0, |r| r.inflight())
+                                    })
+                                    .map(|(i, _)| i)
+                            })
+                            .unwrap();
+                        if let Some(task) = slots.remove(index).starting {
+                            task.abort();
+                        }
+                    }
+                }
+                self.changed();
+            }
+
+            fn ready(&self, id: u64) {
+                {
+                    let mut slots = self.slots.lock().unwrap();
+                    let Some(slot) = slots.0.iter_mut().find(|s| s.id == id) else {
+                        return;
+                    };
+                    slot.starting = None;
+                    slot.ready = Some(Replica::new(Upstream {
+                        scheme: http::uri::Scheme::HTTP,
+                        authority: format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
+                    }));
+                }
+                self.changed();
+            }
+        }
+
+        impl Backend for Provider {
+            fn kind(&self) -> &'static str {
+                "paused"
+            }
+            fn scalable(&self) -> bool {
+                true
+            }
+            fn replicas(&self) -> u32 {
+                self.0.slots.lock().unwrap().0.len() as u32
+            }
+            fn set_replicas(&self, n: u32) {
+                self.0.reconcile(n);
+            }
+            fn scale_from_zero(&self, n: u32) -> bool {
+                if self.replicas() == 0 && n > 0 {
+                    self.0.reconcile(n);
+                    true
+                } else {
+                    false
+                }
+            }
+            fn shutdown(&self) -> BoxFuture<'_, ()> {
+                Box::pin(async {})
+            }
+        }
+    }
+
+    /// Like [`TRACE`], with times off the 100 ms sample grid and a 2.03 s cold start, so that
+    /// no two things happen at the same millisecond and the live run's order is not left to
+    /// the scheduler. The live gateway picks at random among equally loaded replicas (the
+    /// simulator: the oldest), so the trace keeps outcomes independent of that choice: the long
+    /// 4.05 s request outlasts the 10.5 s ones, and whichever replicas the scale-downs at 11 s
+    /// and 12 s keep stay busy past the 10.75 s request's queue timeout.
+    const OFF_GRID: &str = "time,duration
+0.05,1.013
+0.25,1.013
+0.45,1.013
+0.65,0.513
+4.05,11.513
+4.15,0.213
+4.25,0.213
+4.35,0.213
+4.45,0.213
+10.55,4.513
+10.65,4.513
+10.75,1.013
+30.05,0.513
+";
+
+    /// Runs [`OFF_GRID`] through the live `Function` and `Autoscaler` on paused time and through
+    /// the simulator; asserts that both saw the same replica changes at the same instants and
+    /// the same outcomes; returns the simulator's summary.
+    async fn cross_check(config_text: &str) -> Summary {
+        use crate::autoscaler::Autoscaler;
+        use crate::function::{Function, Rejection, Waited};
+        use crate::metrics::Metrics;
+        use tokio::time::Instant;
+
+        let config = config(config_text);
+        let trace = parse_csv(OFF_GRID, &["f"]).unwrap();
+        let options = Options {
+            cold_start: Duration::from_millis(2030),
+        };
+        let simulated = run(&config, &trace, &options).functions.remove(0);
+
+        let origin = Instant::now();
+        let f = Function::new(config.functions["f"].clone(), &Metrics::new());
+        let provider = live::Provider::new(f.publisher(), options.cold_start, origin);
+        f.attach(Arc::new(provider.clone()));
+        let scaler = Autoscaler::new(f.clone()).expect("scalable");
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let scaling = tokio::spawn(scaler.run(stop_rx));
+        let requests: Vec<_> = trace.requests["f"]
+            .iter()
+            .map(|r| {
+                let (f, r) = (f.clone(), *r);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(origin + r.time).await;
+                    f.arrived(Instant::now());
+                    let permit = f.admit().await?;
+                    let waited = permit.waited();
+                    tokio::time::sleep(r.duration).await;
+                    drop(permit);
+                    Ok::<Waited, Rejection>(waited)
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for r in requests {
+            outcomes.push(r.await.unwrap());
+        }
+        tokio::time::sleep_until(origin + simulated.timeline.end).await;
+        let _ = stop.send(true);
+        scaling.await.unwrap();
+
+        assert_eq!(provider.log(), simulated.timeline.replicas);
+        let count = |p: &dyn Fn(&Result<Waited, Rejection>) -> bool| {
+            outcomes.iter().filter(|o| p(o)).count() as u64
+        };
+        let s = &simulated.summary;
+        assert_eq!(count(&|o| o.is_ok()), s.served);
+        assert_eq!(
+            count(&|o| matches!(o, Err(Rejection::QueueFull { .. }))),
+            s.shed_queue_full
+        );
+        assert_eq!(
+            count(&|o| matches!(o, Err(Rejection::QueueTimeout { .. }))),
+            s.shed_queue_timeout
+        );
+        assert_eq!(
+            count(&|o| matches!(o, Ok(Waited::Queued(_) | Waited::ColdStart(_)))),
+            s.held
+        );
+        assert_eq!(
+            count(&|o| matches!(o, Ok(Waited::ColdStart(_)))),
+            s.held_cold_start
+        );
+        simulated.summary
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_live_loop_on_paused_time_agrees_with_the_simulator() {
+        let s = cross_check(CONFIG).await;
+        // The trace exercises what the comparison is for.
+        assert!(s.shed_queue_full > 0 && s.shed_queue_timeout > 0, "{s:?}");
+        assert!(
+            s.cold_starts == 2 && s.scale_ups > 0 && s.scale_downs > 1,
+            "{s:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_live_loop_agrees_when_samples_do_not_divide_the_polling_interval() {
+        // rate_seconds = 10: a sample every 166.666666 ms, a decision due every 500 ms.
+        let config = CONFIG
+            .replace("type = \"rps\"", "type = \"concurrency\"")
+            .replace("threshold = 6", "target_ongoing_requests = 1")
+            .replace("rate_seconds = 6", "rate_seconds = 10")
+            .replace("polling_interval = 1", "polling_interval = \"500ms\"");
+        let s = cross_check(&config).await;
+        assert!(s.scale_ups > 0 && s.scale_downs > 1, "{s:?}");
     }
 }
