@@ -5,6 +5,7 @@
 //! [`proxy`] (forward, stream back) → [`provider`] (the replicas). The control loop:
 //! [`autoscaler`] reads the same figures `/metrics` exports ([`metrics`]) and sets replica counts
 //! through the provider. [`config`] is the only module that reads files or the environment.
+//! Offline, [`simulate`] replays a request trace through the same autoscaler on virtual time.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -21,6 +22,7 @@ pub mod provider;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod simulate;
 pub mod system;
 #[cfg(test)]
 mod test_support;

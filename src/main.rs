@@ -3,10 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use sluicegate::config::{parse_duration, Config};
+use sluicegate::simulate::{self, Shape, ShapeParams};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: measurably cheaper than glibc malloc for the many small per-request allocations
@@ -28,7 +30,8 @@ const EXIT_CONFIG: u8 = 64;
         max_ongoing_requests per replica and max_queued_requests per function with 503 + \
         Retry-After, exports Prometheus metrics on /metrics, and runs a built-in autoscaler.\n\n\
         Run the bundled demo:   sluicegate --config config/demo.toml\n\
-        Check a config file:    sluicegate check-config config/demo.toml",
+        Check a config file:    sluicegate check-config config/demo.toml\n\
+        Try a config offline:   sluicegate simulate --config config/demo.toml --shape spike",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -84,6 +87,48 @@ enum Command {
         #[arg(long)]
         never_ready: bool,
     },
+    /// Replay a request trace through the autoscaler on virtual time and report, per function,
+    /// replica-seconds, requests held and shed, and peak replicas (see docs/simulate.md).
+    Simulate(SimulateArgs),
+}
+
+/// `sluicegate simulate`.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("input").required(true).args(["trace", "shape"])))]
+struct SimulateArgs {
+    /// Config file (TOML) whose functions to simulate.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// CSV trace with header `time,duration[,function]` (seconds as decimals).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// A built-in load shape instead of a trace: steady, spike, onoff or diurnal.
+    #[arg(long, value_name = "SHAPE")]
+    shape: Option<Shape>,
+    /// Shape: length of the run [default: 1h].
+    #[arg(long, value_parser = parse_duration, conflicts_with = "trace")]
+    duration: Option<Duration>,
+    /// Shape: base arrival rate, requests per second (the mean, for diurnal) [default: 10].
+    #[arg(long, conflicts_with = "trace")]
+    rps: Option<f64>,
+    /// Shape: mean service time; each request's is uniform in ±50% of it [default: 200ms].
+    #[arg(long, value_parser = parse_duration, conflicts_with = "trace")]
+    service_time: Option<Duration>,
+    /// Shape onoff: one busy+idle cycle, busy first [default: a third of --duration].
+    #[arg(long, value_parser = parse_duration, conflicts_with = "trace")]
+    period: Option<Duration>,
+    /// Shape: seed of the random arrivals and service times [default: 1].
+    #[arg(long, conflicts_with = "trace")]
+    seed: Option<u64>,
+    /// Time from asking for a replica to its being ready.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    cold_start: Duration,
+    /// Print the per-function figures as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also draw load and replicas over time into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -158,6 +203,19 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Simulate(args)) => {
+            let config = match load(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            return match simulate_command(&config, &args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluicegate simulate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Run { config }) => config,
         None => match cli.config {
             Some(path) => path,
@@ -216,5 +274,62 @@ fn demo(listen: Option<SocketAddr>, options: sluicegate::demo::DemoOptions) -> a
         .enable_all()
         .build()?;
     runtime.block_on(sluicegate::demo::serve(addr, options))?;
+    Ok(())
+}
+
+fn simulate_command(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> {
+    let names: Vec<&str> = config.functions.keys().map(String::as_str).collect();
+    anyhow::ensure!(
+        !names.is_empty(),
+        "{} configures no function",
+        config.path.display()
+    );
+    let (trace, source) = match (&args.trace, args.shape) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let trace = simulate::trace::parse_csv(&text, &names)
+                .with_context(|| path.display().to_string())?;
+            (trace, format!("trace {}", path.display()))
+        }
+        (None, Some(shape)) => {
+            let mut params = ShapeParams::new(shape);
+            params.duration = args.duration.unwrap_or(params.duration);
+            params.rps = args.rps.unwrap_or(params.rps);
+            params.service_time = args.service_time.unwrap_or(params.service_time);
+            params.period = args.period;
+            params.seed = args.seed.unwrap_or(params.seed);
+            anyhow::ensure!(
+                params.rps.is_finite() && params.rps >= 0.0,
+                "--rps must be a non-negative number"
+            );
+            anyhow::ensure!(
+                shape != Shape::OnOff || !params.period().is_zero(),
+                "--period must be greater than zero"
+            );
+            let trace = simulate::trace::shape_trace(&params, &names);
+            (trace, params.describe())
+        }
+        (None, None) => unreachable!("clap requires --trace or --shape"),
+    };
+    let options = simulate::Options {
+        cold_start: args.cold_start,
+    };
+    let report = simulate::run(config, &trace, &options);
+    let run = format!(
+        "{source}; cold start {}s",
+        simulate::trace::format_seconds(options.cold_start)
+    );
+    if args.json {
+        println!("{}", report.json());
+    } else {
+        println!("{}: {run}", config.path.display());
+        print!("{}", report.table());
+    }
+    if let Some(path) = &args.svg {
+        let title = format!("{}\n{run}", config.path.display());
+        std::fs::write(path, simulate::svg::render(&report, &title))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! Every sample interval (a sixtieth of the window, between 10 ms and 1 s) the loop reads the
 //! function's figures — the very gauges and window `/metrics` exports — records a concurrency
 //! sample, and checks for a burst; every `polling_interval` it asks the [`Policy`] for a decision
-//! and applies it through the provider. Each change is logged with the figures it used.
+//! and applies it through the provider. Each change is logged with the figures it used. The
+//! clock-free part of that step (samples → [`Inputs`] → burst check → decision) is the
+//! [`Controller`], which the offline simulator (`sluicegate simulate`) runs on virtual time.
 //!
 //! Manual scaling (`/system/scale-function`) is applied at once by the admin API and handed to the
 //! policy as a desired count seen now: the loop will not go below it until `cooldown_period` has
@@ -19,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::config::ScaleMode;
+use crate::config::{AutoscalerConfig, ScaleMode};
 use crate::function::{Figures, Function};
 use crate::metrics::Direction;
 pub use policy::{Decision, Inputs, Policy};
@@ -33,10 +35,11 @@ pub fn sample_interval(window: Duration, polling: Duration) -> Duration {
 
 /// Recent ongoing+queued samples, for the `concurrency` mode's averages.
 #[derive(Debug, Default)]
-struct Samples(VecDeque<(Duration, u64)>);
+pub struct Samples(VecDeque<(Duration, u64)>);
 
 impl Samples {
-    fn push(&mut self, t: Duration, value: u64, keep: Duration) {
+    /// Records `value` at `t` and forgets samples older than `keep` before `t`.
+    pub fn push(&mut self, t: Duration, value: u64, keep: Duration) {
         self.0.push_back((t, value));
         let from = t.saturating_sub(keep);
         while self.0.front().is_some_and(|(at, _)| *at < from) {
@@ -44,7 +47,8 @@ impl Samples {
         }
     }
 
-    fn average_since(&self, from: Duration) -> f64 {
+    /// Average of the samples taken at or after `from` (0 when there are none).
+    pub fn average_since(&self, from: Duration) -> f64 {
         let (sum, n) = self
             .0
             .iter()
@@ -59,11 +63,103 @@ impl Samples {
     }
 }
 
+/// The policy's [`Inputs`] at `t` from a function's figures and the recent samples: requests in
+/// the window and in the burst window × 10 (`rps`), average ongoing+queued over the window and
+/// over the burst window (`concurrency`), the async backlog (`queue`).
+pub fn inputs(
+    config: &AutoscalerConfig,
+    samples: &Samples,
+    t: Duration,
+    figures: &Figures,
+) -> Inputs {
+    let window = config.window;
+    let burst_window = window / 10;
+    let in_flight = figures.ongoing + figures.queued;
+    let (metric, burst_metric) = match config.mode {
+        ScaleMode::Rps { .. } => (
+            figures.window_requests as f64,
+            figures.burst_requests as f64 * 10.0,
+        ),
+        ScaleMode::Concurrency { .. } => (
+            samples.average_since(t.saturating_sub(window)),
+            samples.average_since(t.saturating_sub(burst_window)),
+        ),
+        ScaleMode::Queue { .. } => (figures.backlog as f64, figures.backlog as f64),
+        ScaleMode::None => (0.0, 0.0),
+    };
+    Inputs {
+        ready: figures.ready,
+        current: figures.replicas,
+        metric,
+        burst_metric,
+        in_flight,
+        idle_for: figures.idle_for,
+    }
+}
+
+/// What one step of the loop asks for. Both answers come from the same [`Inputs`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step {
+    /// The inputs the policy saw.
+    pub inputs: Inputs,
+    /// In a burst: the replica count to go up to at once.
+    pub burst: Option<u32>,
+    /// On a decision step: the policy's decision.
+    pub decision: Option<Decision>,
+}
+
+/// The loop's pure part, without clock or I/O: samples and policy. Given a function's figures at
+/// `t`, it says what to scale to. The live [`Autoscaler`] and the offline simulator both run it.
+#[derive(Debug)]
+pub struct Controller {
+    policy: Policy,
+    samples: Samples,
+}
+
+impl Controller {
+    /// A controller with no memory yet.
+    pub fn new(config: AutoscalerConfig) -> Controller {
+        Controller {
+            policy: Policy::new(config),
+            samples: Samples::default(),
+        }
+    }
+
+    /// The configuration it applies.
+    pub fn config(&self) -> &AutoscalerConfig {
+        self.policy.config()
+    }
+
+    /// One sample at `t` (time since the loop's origin): records ongoing+queued, hands a pending
+    /// manual scale to the policy, checks for a burst and, with `decide`, takes a decision.
+    pub fn step(
+        &mut self,
+        t: Duration,
+        figures: &Figures,
+        manual: Option<u32>,
+        decide: bool,
+    ) -> Step {
+        let window = self.policy.config().window;
+        self.samples
+            .push(t, figures.ongoing + figures.queued, window);
+        if let Some(replicas) = manual {
+            self.policy.manual(t, replicas);
+        }
+        let inputs = inputs(self.policy.config(), &self.samples, t, figures);
+        let burst = self.policy.burst_check(t, &inputs);
+        let decision = decide.then(|| self.policy.decide(t, &inputs));
+        Step {
+            inputs,
+            burst,
+            decision,
+        }
+    }
+}
+
 /// The loop for one function.
 pub struct Autoscaler {
     function: Arc<Function>,
-    policy: Policy,
-    samples: Samples,
+    controller: Controller,
     origin: Instant,
 }
 
@@ -80,42 +176,14 @@ impl Autoscaler {
             .set(function.backend().replicas() as i64);
         Some(Autoscaler {
             function,
-            policy: Policy::new(config),
-            samples: Samples::default(),
+            controller: Controller::new(config),
             origin: Instant::now(),
         })
     }
 
-    fn inputs(&self, t: Duration, figures: &Figures) -> Inputs {
-        let config = self.policy.config();
-        let window = config.window;
-        let burst_window = window / 10;
-        let in_flight = figures.ongoing + figures.queued;
-        let (metric, burst_metric) = match config.mode {
-            ScaleMode::Rps { .. } => (
-                figures.window_requests as f64,
-                figures.burst_requests as f64 * 10.0,
-            ),
-            ScaleMode::Concurrency { .. } => (
-                self.samples.average_since(t.saturating_sub(window)),
-                self.samples.average_since(t.saturating_sub(burst_window)),
-            ),
-            ScaleMode::Queue { .. } => (figures.backlog as f64, figures.backlog as f64),
-            ScaleMode::None => (0.0, 0.0),
-        };
-        Inputs {
-            ready: figures.ready,
-            current: figures.replicas,
-            metric,
-            burst_metric,
-            in_flight,
-            idle_for: figures.idle_for,
-        }
-    }
-
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let config = self.policy.config().clone();
+        let config = self.controller.config().clone();
         let every = sample_interval(config.window, config.polling_interval);
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -137,20 +205,14 @@ impl Autoscaler {
     pub fn step(&mut self, now: Instant, decide: bool) {
         let t = now.saturating_duration_since(self.origin);
         let figures = self.function.figures(now);
-        let window = self.policy.config().window;
-        self.samples
-            .push(t, figures.ongoing + figures.queued, window);
-        if let Some(replicas) = self.function.take_manual() {
-            self.policy.manual(t, replicas);
+        let manual = self.function.take_manual();
+        let step = self.controller.step(t, &figures, manual, decide);
+        if let Some(up) = step.burst {
+            self.apply(up, &step.inputs, &figures, "burst");
         }
-        let inputs = self.inputs(t, &figures);
-        if let Some(up) = self.policy.burst_check(t, &inputs) {
-            self.apply(up, &inputs, &figures, "burst");
-        }
-        if decide {
-            let decision = self.policy.decide(t, &inputs);
+        if let Some(decision) = step.decision {
             self.function.metrics.burst_mode.set(decision.burst as i64);
-            self.apply(decision.desired, &inputs, &figures, "tick");
+            self.apply(decision.desired, &step.inputs, &figures, "tick");
         }
     }
 
@@ -177,7 +239,7 @@ impl Autoscaler {
             from = current,
             to = desired,
             why,
-            mode = self.policy.config().mode.name(),
+            mode = self.controller.config().mode.name(),
             metric = inputs.metric,
             burst_metric = inputs.burst_metric,
             ready = figures.ready,

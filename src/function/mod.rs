@@ -389,6 +389,10 @@ impl Function {
             if let Some(max) = self.config.max_queued_requests {
                 if queue.len() >= max as usize {
                     drop(queue);
+                    if cold {
+                        // Not held, but the requests after it need the function awake.
+                        self.wake_from_zero(arrived);
+                    }
                     return Err(Rejection::QueueFull {
                         retry_after: self.retry_after(arrived),
                     });

@@ -228,3 +228,29 @@ async fn a_dropped_waiter_leaves_the_queue() {
     drop(held);
     assert_eq!(f.metrics.ongoing.get(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_shed_at_zero_still_wakes_the_function() {
+    // With no queue, a request for a function at zero cannot be held: it gets 503 at once. But
+    // it must still start the scale-up, or (in concurrency mode, where nothing is ever in flight
+    // to be averaged) the function stays at zero and every request is shed forever.
+    let (f, fake) = function("max_queued_requests = 0");
+    let rejection = f.admit().await.unwrap_err();
+    assert!(
+        matches!(rejection, Rejection::QueueFull { .. }),
+        "{rejection:?}"
+    );
+    assert_eq!(
+        fake.replicas(),
+        1,
+        "the rejected request asked for a replica"
+    );
+    assert_eq!(fake.wakes.load(Ordering::SeqCst), 1);
+    assert_eq!(f.metrics.cold_starts.get(), 1);
+    let _ = f.admit().await.unwrap_err();
+    assert_eq!(
+        fake.wakes.load(Ordering::SeqCst),
+        1,
+        "once, not per request"
+    );
+}

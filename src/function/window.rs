@@ -15,22 +15,23 @@ pub const BUCKETS: usize = 60;
 
 const COUNT_MASK: u64 = 0xffff_ffff;
 
-/// Counts events in a sliding window of fixed length.
+/// The window's ring of buckets, addressed by time elapsed since an origin: no clock.
+///
+/// [`Window`] wraps it with an origin `Instant` for the request path; the offline simulator drives
+/// it with virtual time, so both count exactly alike.
 #[derive(Debug)]
-pub struct Window {
+pub struct Ring {
     buckets: Box<[AtomicU64]>,
     bucket_nanos: u64,
-    origin: Instant,
 }
 
-impl Window {
-    /// A window of `length`, split into [`BUCKETS`] buckets (at least 1 ms each), starting at `origin`.
-    pub fn new(length: Duration, origin: Instant) -> Window {
+impl Ring {
+    /// A ring covering `length`, split into [`BUCKETS`] buckets (at least 1 ms each).
+    pub fn new(length: Duration) -> Ring {
         let bucket_nanos = (length.as_nanos() as u64 / BUCKETS as u64).max(1_000_000);
-        Window {
+        Ring {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             bucket_nanos,
-            origin,
         }
     }
 
@@ -44,14 +45,13 @@ impl Window {
         self.bucket() * BUCKETS as u32
     }
 
-    fn epoch(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.origin).as_nanos() as u64 / self.bucket_nanos)
-            & COUNT_MASK
+    fn epoch(&self, elapsed: Duration) -> u64 {
+        (elapsed.as_nanos() as u64 / self.bucket_nanos) & COUNT_MASK
     }
 
-    /// Counts one event at `now`.
-    pub fn record(&self, now: Instant) {
-        let epoch = self.epoch(now);
+    /// Counts one event `elapsed` after the origin.
+    pub fn record(&self, elapsed: Duration) {
+        let epoch = self.epoch(elapsed);
         let slot = &self.buckets[(epoch % BUCKETS as u64) as usize];
         let mut current = slot.load(Ordering::Relaxed);
         loop {
@@ -71,9 +71,10 @@ impl Window {
         }
     }
 
-    /// Events in the last `buckets` buckets up to and including `now`'s (at most [`BUCKETS`]).
-    pub fn sum_last(&self, now: Instant, buckets: usize) -> u64 {
-        let epoch = self.epoch(now);
+    /// Events in the last `buckets` buckets up to and including the one holding `elapsed`
+    /// (at most [`BUCKETS`]).
+    pub fn sum_last(&self, elapsed: Duration, buckets: usize) -> u64 {
+        let epoch = self.epoch(elapsed);
         let span = buckets.clamp(1, BUCKETS) as u64;
         let mut total = 0;
         for back in 0..span {
@@ -88,14 +89,65 @@ impl Window {
         total
     }
 
+    /// Events in the whole window ending at `elapsed`.
+    pub fn sum(&self, elapsed: Duration) -> u64 {
+        self.sum_last(elapsed, BUCKETS)
+    }
+
+    /// Events in the burst window (a tenth of the window) ending at `elapsed`.
+    pub fn sum_burst(&self, elapsed: Duration) -> u64 {
+        self.sum_last(elapsed, BUCKETS / 10)
+    }
+}
+
+/// Counts events in a sliding window of fixed length.
+#[derive(Debug)]
+pub struct Window {
+    ring: Ring,
+    origin: Instant,
+}
+
+impl Window {
+    /// A window of `length`, split into [`BUCKETS`] buckets (at least 1 ms each), starting at `origin`.
+    pub fn new(length: Duration, origin: Instant) -> Window {
+        Window {
+            ring: Ring::new(length),
+            origin,
+        }
+    }
+
+    /// Length of one bucket.
+    pub fn bucket(&self) -> Duration {
+        self.ring.bucket()
+    }
+
+    /// Length of the whole window.
+    pub fn length(&self) -> Duration {
+        self.ring.length()
+    }
+
+    fn elapsed(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.origin)
+    }
+
+    /// Counts one event at `now`.
+    pub fn record(&self, now: Instant) {
+        self.ring.record(self.elapsed(now));
+    }
+
+    /// Events in the last `buckets` buckets up to and including `now`'s (at most [`BUCKETS`]).
+    pub fn sum_last(&self, now: Instant, buckets: usize) -> u64 {
+        self.ring.sum_last(self.elapsed(now), buckets)
+    }
+
     /// Events in the whole window ending at `now`.
     pub fn sum(&self, now: Instant) -> u64 {
-        self.sum_last(now, BUCKETS)
+        self.ring.sum(self.elapsed(now))
     }
 
     /// Events in the burst window (a tenth of the window) ending at `now`.
     pub fn sum_burst(&self, now: Instant) -> u64 {
-        self.sum_last(now, BUCKETS / 10)
+        self.ring.sum_burst(self.elapsed(now))
     }
 }
 
