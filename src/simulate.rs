@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::autoscaler::{sample_interval, Controller};
+use crate::autoscaler::{next_decision, sample_interval, Controller};
 use crate::config::{Config, FunctionConfig, ProviderConfig, ScaleMode};
 use crate::function::window::Ring;
 use crate::function::Figures;
@@ -500,7 +500,11 @@ impl<'a> Sim<'a> {
         let t = self.now;
         let decide = t >= self.next_decision;
         if decide {
-            self.next_decision = t + self.config.autoscaler.polling_interval;
+            self.next_decision = next_decision(
+                self.next_decision,
+                t,
+                self.config.autoscaler.polling_interval,
+            );
         }
         let figures = Figures {
             ready: self.ready_count(),
@@ -1342,7 +1346,7 @@ cooldown_period = 5
                 tokio::spawn(async move {
                     tokio::time::sleep_until(origin + r.time).await;
                     f.arrived(Instant::now());
-                    let permit = f.admit().await?;
+                    let permit = f.admit(Instant::now()).await?;
                     let waited = permit.waited();
                     tokio::time::sleep(r.duration).await;
                     drop(permit);

@@ -26,6 +26,17 @@ use crate::function::{Figures, Function};
 use crate::metrics::Direction;
 pub use policy::{Decision, Inputs, Policy};
 
+/// The decision deadline after one taken at `now` that was due at `due`: anchored to the schedule
+/// (`due + polling`), so decisions average one per `polling_interval` even when samples do not
+/// divide it; deadlines missed entirely are skipped, not made up in a burst.
+pub fn next_decision(due: Duration, now: Duration, polling: Duration) -> Duration {
+    let mut next = due + polling;
+    while next <= now {
+        next += polling;
+    }
+    next
+}
+
 /// Time between samples for a window of `window`.
 pub fn sample_interval(window: Duration, polling: Duration) -> Duration {
     (window / 60)
@@ -187,16 +198,19 @@ impl Autoscaler {
         let every = sample_interval(config.window, config.polling_interval);
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_decision = Instant::now() + config.polling_interval;
+        let start = Instant::now();
+        let mut next = config.polling_interval;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => return,
             }
             let now = Instant::now();
-            self.step(now, now >= next_decision);
-            if now >= next_decision {
-                next_decision = now + config.polling_interval;
+            let t = now.saturating_duration_since(start);
+            let decide = t >= next;
+            self.step(now, decide);
+            if decide {
+                next = next_decision(next, t, config.polling_interval);
             }
         }
     }

@@ -237,3 +237,12 @@ async fn manual_scale_is_not_undone_by_the_next_tick() {
     a.step(Instant::now(), true);
     assert_eq!(fake.replicas(), 1);
 }
+
+#[test]
+fn decisions_keep_to_the_polling_schedule_when_samples_do_not_divide_it() {
+    let ms = Duration::from_millis;
+    // 167 ms samples, 500 ms polling: due at 500, first sample after it at 501 -> next due 1000.
+    assert_eq!(next_decision(ms(500), ms(501), ms(500)), ms(1000));
+    // A stalled loop skips the deadlines it missed instead of deciding several times at once.
+    assert_eq!(next_decision(ms(500), ms(1700), ms(500)), ms(2000));
+}

@@ -235,7 +235,7 @@ async fn a_request_shed_at_zero_still_wakes_the_function() {
     // it must still start the scale-up, or (in concurrency mode, where nothing is ever in flight
     // to be averaged) the function stays at zero and every request is shed forever.
     let (f, fake) = function("max_queued_requests = 0");
-    let rejection = f.admit().await.unwrap_err();
+    let rejection = f.admit(Instant::now()).await.unwrap_err();
     assert!(
         matches!(rejection, Rejection::QueueFull { .. }),
         "{rejection:?}"
@@ -247,7 +247,7 @@ async fn a_request_shed_at_zero_still_wakes_the_function() {
     );
     assert_eq!(fake.wakes.load(Ordering::SeqCst), 1);
     assert_eq!(f.metrics.cold_starts.get(), 1);
-    let _ = f.admit().await.unwrap_err();
+    let _ = f.admit(Instant::now()).await.unwrap_err();
     assert_eq!(
         fake.wakes.load(Ordering::SeqCst),
         1,

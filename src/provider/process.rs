@@ -340,12 +340,13 @@ impl ReplicaRun {
         let exited = |reason: String, ran: Option<Duration>| {
             let _ = self.events.send(Event::Exited { id, reason, ran });
         };
-        let port = match free_port() {
-            Ok(p) => p,
+        let lease = match lease_port() {
+            Ok(lease) => lease,
             Err(e) => return exited(format!("no free port: {e}"), None),
         };
+        let port = lease.0;
         let last_line = Arc::new(Mutex::new(None::<String>));
-        let mut child = match self.spawn(port, &last_line) {
+        let (mut child, stderr_done) = match self.spawn(port, &last_line) {
             Ok(c) => c,
             Err(e) => {
                 return exited(
@@ -369,6 +370,10 @@ impl ReplicaRun {
         tokio::select! {
             status = child.wait() => {
                 kill_group(pid, libc::SIGKILL);
+                // Its last words are usually the reason: let the stderr reader reach the end.
+                if let Some(done) = stderr_done {
+                    let _ = tokio::time::timeout(Duration::from_millis(250), done).await;
+                }
                 let mut reason = format!("replica exited ({}) before becoming ready", describe_exit(status));
                 if let Some(line) = last_line.lock().unwrap().take() {
                     reason.push_str(": ");
@@ -415,7 +420,12 @@ impl ReplicaRun {
         }
     }
 
-    fn spawn(&self, port: u16, last_line: &Arc<Mutex<Option<String>>>) -> io::Result<Child> {
+    /// Starts the child; also returns the stderr reader's task, done when stderr closes.
+    fn spawn(
+        &self,
+        port: u16,
+        last_line: &Arc<Mutex<Option<String>>>,
+    ) -> io::Result<(Child, Option<JoinHandle<()>>)> {
         let program = resolve_program(&self.config.command[0])?;
         let mut cmd = Command::new(program);
         cmd.args(&self.config.command[1..])
@@ -452,16 +462,16 @@ impl ReplicaRun {
                 None,
             ));
         }
-        if let Some(err) = child.stderr.take() {
+        let stderr_done = child.stderr.take().map(|err| {
             tokio::spawn(forward_lines(
                 err,
                 self.function.clone(),
                 self.id,
                 "stderr",
                 Some(last_line.clone()),
-            ));
-        }
-        Ok(child)
+            ))
+        });
+        Ok((child, stderr_done))
     }
 
     /// Probes `readiness_path` until it answers 2xx.
@@ -497,10 +507,35 @@ fn resolve_program(program: &str) -> io::Result<PathBuf> {
     }
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Ports handed to replicas that are alive. A port is found by binding port 0 and releasing it
+/// for the child to bind; without this registry, replicas started together can be handed the same
+/// port, and the second one's readiness probe is answered by the first (two "replicas", one process).
+static PORTS_IN_USE: Mutex<std::collections::BTreeSet<u16>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// A port reserved for one replica until dropped.
+#[derive(Debug)]
+struct PortLease(u16);
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        PORTS_IN_USE.lock().unwrap().remove(&self.0);
+    }
+}
+
+fn lease_port() -> io::Result<PortLease> {
+    for _ in 0..256 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if PORTS_IN_USE.lock().unwrap().insert(port) {
+            return Ok(PortLease(port));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no free port not already handed to a replica",
+    ))
 }
 
 fn describe_exit(status: io::Result<std::process::ExitStatus>) -> String {
@@ -585,6 +620,16 @@ async fn forward_lines(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leased_ports_are_unique_while_held() {
+        let leases: Vec<PortLease> = (0..300).map(|_| lease_port().unwrap()).collect();
+        let unique: std::collections::BTreeSet<u16> = leases.iter().map(|l| l.0).collect();
+        assert_eq!(unique.len(), leases.len());
+        let port = leases[0].0;
+        drop(leases);
+        assert!(!PORTS_IN_USE.lock().unwrap().contains(&port));
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
