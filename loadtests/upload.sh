@@ -24,7 +24,7 @@ rss() { awk '/VmRSS/ {print $2}' /proc/$gateway/status; }
 before=$(rss); peak=$before
 ( while kill -0 $gateway 2>/dev/null; do r=$(rss); echo "$r"; sleep 0.1; done ) > /tmp/sluicegate-upload-rss.txt & sampler=$!
 start=$(date +%s.%N)
-resp=$(head -c "$(( ${SIZE_MB:-1024} * 1024 * 1024 ))" /dev/zero | curl -s -X POST --data-binary @- -H 'Content-Type: application/octet-stream' http://127.0.0.1:18095/function/sink/)
+resp=$(head -c "$(( ${SIZE_MB:-1024} * 1024 * 1024 ))" /dev/zero | curl -s -X POST -T - -H 'Content-Type: application/octet-stream' http://127.0.0.1:18095/function/sink/)
 end=$(date +%s.%N)
 kill $sampler 2>/dev/null || true
 peak=$(sort -n /tmp/sluicegate-upload-rss.txt | tail -1)
