@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 
 use crate::function::Permit;
 use crate::server::RequestGuard;
+use crate::upstream::Conn;
 
 /// A request body exceeded `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +97,9 @@ impl Body for UpstreamBody {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    /// A replica's body and the connection it arrives on, driven while the body is polled and
+    /// returned to the replica's pool when the body has ended.
+    Upstream(Incoming, Option<Box<Conn>>),
 }
 
 /// The body sent to the client.
@@ -132,11 +135,21 @@ impl ResponseBody {
         }
     }
 
-    /// A replica's body, streamed; `permit` is released when it ends or is dropped.
-    pub fn upstream(inner: Incoming, permit: Option<Permit>) -> ResponseBody {
+    /// A replica's body, streamed on `conn`; when it ends, `conn` goes back to the permit's
+    /// replica pool and then the permit is released. Dropped early, both are released.
+    pub fn upstream(inner: Incoming, conn: Box<Conn>, permit: Permit) -> ResponseBody {
         ResponseBody {
-            kind: Kind::Upstream(inner),
-            permit,
+            kind: Kind::Upstream(inner, Some(conn)),
+            permit: Some(permit),
+            guard: None,
+        }
+    }
+
+    /// A replica's body on a connection that is not pooled (an upgrade request not switched).
+    pub fn upstream_unpooled(inner: Incoming, permit: Permit) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Upstream(inner, None),
+            permit: Some(permit),
             guard: None,
         }
     }
@@ -146,9 +159,29 @@ impl ResponseBody {
         self.guard = Some(guard);
     }
 
+    /// The body has ended: the connection (if it can be reused) goes back to the pool first, so
+    /// that the request the permit's release admits next can take it.
     fn finish(&mut self) {
+        self.pool_connection();
         self.permit = None;
         self.guard = None;
+    }
+
+    fn pool_connection(&mut self) {
+        if let (Kind::Upstream(inner, conn), Some(permit)) = (&mut self.kind, &self.permit) {
+            if inner.is_end_stream() {
+                if let Some(conn) = conn.take() {
+                    permit.replica().pool.put(conn);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body whose `is_end_stream` is true, so the end is often seen here.
+        self.pool_connection();
     }
 }
 
@@ -163,7 +196,14 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+            Kind::Upstream(inner, conn) => {
+                if let Some(c) = conn {
+                    if !c.drive(cx) {
+                        *conn = None;
+                    }
+                }
+                Pin::new(inner).poll_frame(cx)
+            }
         };
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = polled {
             this.finish();
@@ -174,7 +214,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(d) => d.is_none(),
-            Kind::Upstream(inner) => inner.is_end_stream(),
+            Kind::Upstream(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -182,7 +222,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(inner) => inner.size_hint(),
+            Kind::Upstream(inner, _) => inner.size_hint(),
         }
     }
 }

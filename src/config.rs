@@ -203,6 +203,21 @@ pub struct Upstream {
     pub scheme: Scheme,
     /// `host:port`.
     pub authority: Authority,
+    /// `authority` as a `Host` header value, built once.
+    pub host_header: http::HeaderValue,
+}
+
+impl Upstream {
+    /// An `http://` upstream at `authority`.
+    pub fn http(authority: Authority) -> Upstream {
+        let host_header = http::HeaderValue::from_str(authority.as_str())
+            .expect("an authority is a valid header value");
+        Upstream {
+            scheme: Scheme::HTTP,
+            authority,
+            host_header,
+        }
+    }
 }
 
 impl fmt::Display for Upstream {
@@ -808,10 +823,7 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
             "`{text}`: an upstream is scheme://host:port only; a path prefix is not supported"
         ));
     }
-    Ok(Upstream {
-        scheme: Scheme::HTTP,
-        authority,
-    })
+    Ok(Upstream::http(authority))
 }
 
 type InvalidFn<'a> = dyn Fn(&str, String) -> ConfigError + 'a;

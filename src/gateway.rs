@@ -6,7 +6,6 @@
 //!
 //! [`invoke`]: Gateway::invoke
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::function::Function;
 use crate::metrics::Metrics;
-use crate::proxy::{self, UpstreamClient, CALL_ID, START_TIME};
+use crate::proxy::{self, Peer, CALL_ID, START_TIME};
 use crate::router::{route, Route, FUNCTION_PREFIX};
 use crate::system;
 
@@ -32,10 +31,9 @@ pub struct Gateway {
     /// Listener and connection settings.
     pub config: GatewayConfig,
     /// Every configured function, by name.
-    pub functions: DashMap<String, Arc<Function>>,
+    pub functions: DashMap<String, Arc<Function>, NameHasher>,
     /// Every metric family.
     pub metrics: Metrics,
-    client: UpstreamClient,
     draining: AtomicBool,
 }
 
@@ -52,9 +50,8 @@ impl Gateway {
     pub fn new(config: GatewayConfig, metrics: Metrics) -> Gateway {
         Gateway {
             config,
-            functions: DashMap::new(),
+            functions: DashMap::with_hasher(NameHasher::default()),
             metrics,
-            client: proxy::upstream_client(),
             draining: AtomicBool::new(false),
         }
     }
@@ -75,7 +72,7 @@ impl Gateway {
     }
 
     /// Answers one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
         // The hot path first: a sync invocation, with the function found once.
         if let Route::Invoke { name, .. } = route(req.method(), req.uri().path()) {
             let name_end = FUNCTION_PREFIX.len() + name.len();
@@ -128,7 +125,7 @@ impl Gateway {
         req: Request<Incoming>,
         function: Arc<Function>,
         name_end: usize,
-        peer: SocketAddr,
+        peer: &Peer,
     ) -> Response<ResponseBody> {
         let arrived = Instant::now();
         function.arrived(arrived);
@@ -142,16 +139,7 @@ impl Gateway {
         let result = if self.is_draining() {
             Err(GatewayError::Draining)
         } else {
-            proxy::forward(
-                &self.client,
-                &function,
-                req,
-                name_end,
-                peer,
-                &call_id,
-                arrived,
-            )
-            .await
+            proxy::forward(&function, req, name_end, peer, &call_id, arrived).await
         };
         let mut resp = match result {
             Ok(resp) => resp,
@@ -188,6 +176,32 @@ impl Gateway {
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         resp
+    }
+}
+
+/// FNV-1a for the function map: its keys come from the config, never from clients, so a keyed
+/// (HashDoS-resistant) hash buys nothing on a lookup-only path and SipHash costs more.
+pub type NameHasher = std::hash::BuildHasherDefault<Fnv>;
+
+/// FNV-1a, 64 bits.
+#[derive(Debug)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The request path, in the order a request meets it: [`server`] (accept, timeouts, drain) →
 //! [`gateway`] (route, find the function) → [`function`] (window, admission, queue, cold start) →
-//! [`proxy`] (forward, stream back) → [`provider`] (the replicas). The control loop:
+//! [`proxy`] (forward, stream back) → [`upstream`] (pooled connections) → [`provider`] (the replicas). The control loop:
 //! [`autoscaler`] reads the same figures `/metrics` exports ([`metrics`]) and sets replica counts
 //! through the provider. [`config`] is the only module that reads files or the environment.
 //! Offline, [`simulate`] replays a request trace through the same autoscaler on virtual time.
@@ -26,6 +26,7 @@ pub mod simulate;
 pub mod system;
 #[cfg(test)]
 mod test_support;
+pub mod upstream;
 
 use std::future::Future;
 use std::io;

@@ -26,6 +26,7 @@ use tracing::debug;
 use crate::body::{BodyLimitExceeded, ClientBodyError, ResponseBody, UpstreamBody};
 use crate::error::GatewayError;
 use crate::function::{Function, Waited};
+use crate::upstream::{self, UpstreamError};
 
 /// The request/response header carrying the invocation's id.
 pub static CALL_ID: HeaderName = HeaderName::from_static("x-call-id");
@@ -57,11 +58,10 @@ pub fn upstream_client() -> UpstreamClient {
 /// Forwards `req` to a replica of `function` and returns the replica's response. The replica's
 /// path is what follows byte `name_end` of the request path (`/` when nothing does).
 pub async fn forward(
-    client: &UpstreamClient,
     function: &Arc<Function>,
     mut req: Request<Incoming>,
     name_end: usize,
-    peer: SocketAddr,
+    peer: &Peer,
     call_id: &HeaderValue,
     arrived: Instant,
 ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -89,29 +89,25 @@ pub async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let upstream = &permit.replica().upstream;
+    let replica = permit.replica().clone();
     let path = parts.uri.path().get(name_end..).unwrap_or("");
     let path = if path.is_empty() { "/" } else { path };
-    let path_and_query = match parts.uri.query() {
+    // Origin-form request target; the replica's address goes in Host.
+    let target = match parts.uri.query() {
         Some(q) => {
             let mut s = String::with_capacity(path.len() + q.len() + 1);
             s.push_str(path);
             s.push('?');
             s.push_str(q);
-            s
+            Uri::try_from(s)
         }
-        None => path.to_owned(),
+        None => Uri::try_from(path),
     };
-    parts.uri = Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))?;
+    parts.uri = target.map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))?;
     parts.version = http::Version::HTTP_11;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade.is_some());
-    headers.remove(header::HOST);
+    headers.insert(header::HOST, replica.upstream.host_header.clone());
     append_forwarded_for(headers, peer);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if let Some(host) = forwarded_host {
@@ -121,10 +117,25 @@ pub async fn forward(
     let upstream_req = Request::from_parts(parts, UpstreamBody::stream(body, limit));
 
     // 4. Send, bounded by the function's timeout on the response head.
-    let mut resp = match tokio::time::timeout(config.timeout, client.request(upstream_req)).await {
+    let sent = if upgrade.is_some() {
+        tokio::time::timeout(
+            config.timeout,
+            upstream::send_upgrade(&replica.upstream, upstream_req),
+        )
+        .await
+        .map(|r| r.map(|resp| (resp, None)))
+    } else {
+        tokio::time::timeout(
+            config.timeout,
+            upstream::send(&replica.pool, &replica.upstream, upstream_req),
+        )
+        .await
+        .map(|r| r.map(|(resp, conn)| (resp, Some(conn))))
+    };
+    let (mut resp, conn) = match sent {
         Err(_) => return Err(GatewayError::UpstreamTimeout(config.timeout)),
         Ok(Err(e)) => return Err(classify(&e, limit)),
-        Ok(Ok(resp)) => resp,
+        Ok(Ok(pair)) => pair,
     };
 
     // 5. The response, streamed back; the permit rides in the body (or the tunnel).
@@ -160,10 +171,19 @@ pub async fn forward(
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, ResponseBody::empty()));
     }
+    let Some(conn) = conn else {
+        // An upgrade request the replica answered without switching: its connection task ends
+        // with the exchange; stream the body as usual.
+        let (parts, body) = resp.into_parts();
+        return Ok(Response::from_parts(
+            parts,
+            ResponseBody::upstream_unpooled(body, permit),
+        ));
+    };
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream(body, Some(permit)),
+        ResponseBody::upstream(body, conn, permit),
     ))
 }
 
@@ -241,23 +261,51 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The client end of a connection, with its `X-Forwarded-For` entry rendered once per connection
+/// (formatting an address on every request was the costliest line of our request path).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    /// A peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Peer {
+        let forwarded_for = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Peer {
+            addr,
+            forwarded_for,
+        }
+    }
+}
+
 /// Appends the client's address to `X-Forwarded-For`.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR.clone(), peer.forwarded_for.clone());
+        return;
+    }
     let mut buf = BytesMut::with_capacity(64);
     for part in headers.get_all(&X_FORWARDED_FOR) {
         buf.put_slice(part.as_bytes());
         buf.put_slice(b", ");
     }
-    use std::fmt::Write;
-    let _ = write!(buf, "{}", peer.ip());
+    buf.put_slice(peer.forwarded_for.as_bytes());
     if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
 }
 
-/// Maps a client error to the gateway's status: body limit → 413, client body → 400,
+/// Maps an upstream failure to the gateway's status: body limit → 413, client body → 400,
 /// refused → 502, anything else before a response → 502.
-fn classify(e: &hyper_util::client::legacy::Error, limit: u64) -> GatewayError {
+fn classify(e: &UpstreamError, limit: u64) -> GatewayError {
+    let e = match e {
+        UpstreamError::Connect(reason) => return GatewayError::UpstreamConnect(reason.clone()),
+        UpstreamError::Http(e) => e,
+    };
     let mut source: Option<&(dyn StdError + 'static)> = e.source();
     let mut deepest = e.to_string();
     while let Some(s) = source {
@@ -270,11 +318,7 @@ fn classify(e: &hyper_util::client::legacy::Error, limit: u64) -> GatewayError {
         deepest = s.to_string();
         source = s.source();
     }
-    if e.is_connect() {
-        GatewayError::UpstreamConnect(deepest)
-    } else {
-        GatewayError::UpstreamReset(deepest)
-    }
+    GatewayError::UpstreamReset(deepest)
 }
 
 #[cfg(test)]
@@ -317,7 +361,10 @@ mod tests {
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        append_forwarded_for(&mut h, "127.0.0.9:1234".parse().unwrap());
+        append_forwarded_for(&mut h, &Peer::new("127.0.0.9:1234".parse().unwrap()));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.9");
+        let mut fresh = HeaderMap::new();
+        append_forwarded_for(&mut fresh, &Peer::new("[::1]:80".parse().unwrap()));
+        assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
     }
 }

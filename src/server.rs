@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::body::ResponseBody;
 use crate::gateway::Gateway;
+use crate::proxy::Peer;
 
 /// What one connection is doing, shared by its reader, its requests and its watchdog.
 #[derive(Debug)]
@@ -182,7 +183,7 @@ impl AsyncWrite for TrackedIo {
 struct ConnService {
     gateway: Arc<Gateway>,
     state: Arc<ConnState>,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
@@ -193,9 +194,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = RequestGuard::new(self.state.clone());
         let gateway = self.gateway.clone();
-        let peer = self.peer;
+        let peer = self.peer.clone();
         Box::pin(async move {
-            let mut resp = gateway.handle(req, peer).await;
+            let mut resp = gateway.handle(req, &peer).await;
             resp.body_mut().set_guard(guard);
             Ok(resp)
         })
@@ -346,7 +347,7 @@ async fn serve_connection(
     let service = ConnService {
         gateway: gateway.clone(),
         state: state.clone(),
-        peer,
+        peer: Arc::new(Peer::new(peer)),
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);

@@ -1258,10 +1258,9 @@ cooldown_period = 5
                         return;
                     };
                     slot.starting = None;
-                    slot.ready = Some(Replica::new(Upstream {
-                        scheme: http::uri::Scheme::HTTP,
-                        authority: format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
-                    }));
+                    slot.ready = Some(Replica::new(Upstream::http(
+                        format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
+                    )));
                 }
                 self.changed();
             }

@@ -56,8 +56,5 @@ pub fn function(extra: &str) -> (Arc<Function>, Arc<Fake>) {
 
 /// A replica at 127.0.0.1:`port` (never contacted).
 pub fn replica(port: u16) -> Arc<Replica> {
-    Replica::new(Upstream {
-        scheme: http::uri::Scheme::HTTP,
-        authority: format!("127.0.0.1:{port}").parse().unwrap(),
-    })
+    Replica::new(Upstream::http(format!("127.0.0.1:{port}").parse().unwrap()))
 }

@@ -604,3 +604,87 @@ async fn admin_and_metrics_routes_answer() {
     assert_eq!(v[0]["invocationCount"], 1);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let backend = Backend::ok().await;
+    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    for _ in 0..50 {
+        assert_eq!(gw.get("/function/echo/").await.status, 200);
+    }
+    assert_eq!(backend.stats.requests.load(Ordering::SeqCst), 50);
+    assert_eq!(
+        backend.stats.connections.load(Ordering::SeqCst),
+        1,
+        "one keep-alive connection for sequential requests"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replica_closing_idle_connections_causes_no_errors() {
+    // Answers each request with keep-alive, then closes the idle connection after 50 ms, like a
+    // server with a short keep-alive timeout: the gateway's pooled connection goes stale.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                loop {
+                    let n = match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return, // idle for 50 ms, or closed: drop the connection
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gw::start(&static_fn("flaky", &format!("http://{addr}"), "")).await;
+    for _ in 0..5 {
+        let r = gw.get("/function/flaky/").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "a fresh connection after each stale one"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_close_responses_are_not_pooled() {
+    let backend = Backend::start(|_, _| async move {
+        Response::builder()
+            .header("connection", "close")
+            .body(body("bye\n"))
+            .unwrap()
+    })
+    .await;
+    let gw = Gw::start(&static_fn("once", &backend.url(), "")).await;
+    for _ in 0..3 {
+        let r = gw.get("/function/once/").await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "bye\n"));
+        assert!(
+            r.header("connection").is_none(),
+            "hop-by-hop, not forwarded"
+        );
+    }
+    assert_eq!(backend.stats.connections.load(Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}

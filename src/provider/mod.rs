@@ -31,6 +31,8 @@ pub struct Replica {
     pub id: u64,
     /// Where requests for this replica go.
     pub upstream: Upstream,
+    /// Idle keep-alive connections to it.
+    pub pool: crate::upstream::Pool,
     inflight: AtomicU32,
     draining: AtomicBool,
     idle: Notify,
@@ -54,6 +56,7 @@ impl Replica {
         Arc::new(Replica {
             id: NEXT_REPLICA_ID.fetch_add(1, Ordering::Relaxed),
             upstream,
+            pool: crate::upstream::Pool::default(),
             inflight: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             idle: Notify::new(),

@@ -360,12 +360,11 @@ impl ReplicaRun {
         info!(%function, replica = id, pid, port, "replica starting");
 
         // Starting: wait for readiness, an early exit, the startup timeout or a stop.
-        let upstream = Upstream {
-            scheme: http::uri::Scheme::HTTP,
-            authority: format!("127.0.0.1:{port}")
+        let upstream = Upstream::http(
+            format!("127.0.0.1:{port}")
                 .parse()
                 .expect("valid authority"),
-        };
+        );
         let probe = self.wait_ready(port);
         tokio::select! {
             status = child.wait() => {

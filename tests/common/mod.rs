@@ -150,6 +150,7 @@ pub fn sample(scrape: &str, series: &str) -> Option<f64> {
 /// What a test backend saw.
 #[derive(Default)]
 pub struct Stats {
+    pub connections: AtomicU64,
     pub requests: AtomicU64,
     pub inflight: AtomicU32,
     pub max_inflight: AtomicU32,
@@ -201,6 +202,7 @@ impl Backend {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                s.connections.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
                 let stats = s.clone();
                 tokio::spawn(async move {
