@@ -9,12 +9,17 @@
 //!    replica refuses or resets);
 //! 5. stream the response back, hop-by-hop headers out, the slot freed when the body ends;
 //!    a `101 Switching Protocols` becomes a bidirectional tunnel that holds the slot.
+//!
+//! Async invocations use the same pieces in two halves: at accept time [`rewrite_request_headers`]
+//! (step 3's header rules) prepares the request that is stored; at dispatch time, after the queue
+//! has taken a slot through the same admission, [`send_stored`] does steps 3-4 for a body held in
+//! memory.
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
@@ -25,7 +30,7 @@ use tracing::debug;
 
 use crate::body::{BodyLimitExceeded, ClientBodyError, ResponseBody, UpstreamBody};
 use crate::error::GatewayError;
-use crate::function::{Function, Waited};
+use crate::function::{Function, Permit, Waited};
 
 /// The request/response header carrying the invocation's id.
 pub static CALL_ID: HeaderName = HeaderName::from_static("x-call-id");
@@ -83,49 +88,21 @@ pub async fn forward(
     // 3. The upstream request.
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let forwarded_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let upstream = &permit.replica().upstream;
-    let path = parts.uri.path().get(name_end..).unwrap_or("");
-    let path = if path.is_empty() { "/" } else { path };
-    let path_and_query = match parts.uri.query() {
-        Some(q) => {
-            let mut s = String::with_capacity(path.len() + q.len() + 1);
-            s.push_str(path);
-            s.push('?');
-            s.push_str(q);
-            s
-        }
-        None => path.to_owned(),
-    };
-    parts.uri = Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))?;
+    let forwarded_host = forwarded_host(&parts);
+    let path_and_query = replica_path_and_query(&parts.uri, name_end);
+    parts.uri = replica_uri(permit.replica(), path_and_query)?;
     parts.version = http::Version::HTTP_11;
-    let headers = &mut parts.headers;
-    strip_hop_by_hop(headers, upgrade.is_some());
-    headers.remove(header::HOST);
-    append_forwarded_for(headers, peer);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(host) = forwarded_host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
-    headers.insert(CALL_ID.clone(), call_id.clone());
+    rewrite_request_headers(
+        &mut parts.headers,
+        peer,
+        forwarded_host,
+        call_id,
+        upgrade.is_some(),
+    );
     let upstream_req = Request::from_parts(parts, UpstreamBody::stream(body, limit));
 
     // 4. Send, bounded by the function's timeout on the response head.
-    let mut resp = match tokio::time::timeout(config.timeout, client.request(upstream_req)).await {
-        Err(_) => return Err(GatewayError::UpstreamTimeout(config.timeout)),
-        Ok(Err(e)) => return Err(classify(&e, limit)),
-        Ok(Ok(resp)) => resp,
-    };
+    let mut resp = send(client, config.timeout, upstream_req, limit).await?;
 
     // 5. The response, streamed back; the permit rides in the body (or the tunnel).
     let waited = permit.waited();
@@ -167,7 +144,105 @@ pub async fn forward(
     ))
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// Sends one request to a replica, bounded by `timeout` on the response head: `504` past it,
+/// `502` when the replica refuses or resets, `413`/`400` when the client's body fails.
+async fn send(
+    client: &UpstreamClient,
+    timeout: std::time::Duration,
+    req: Request<UpstreamBody>,
+    limit: u64,
+) -> Result<Response<Incoming>, GatewayError> {
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+        Ok(Err(e)) => Err(classify(&e, limit)),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// Sends a stored async invocation (headers already rewritten by [`rewrite_request_headers`],
+/// body in memory) as `POST path_and_query` to the replica `permit` holds a slot on, with the
+/// function's `timeout` on the response head. The response comes back with hop-by-hop headers
+/// removed; its body is the caller's to read (the slot stays taken until `permit` is dropped).
+pub async fn send_stored(
+    client: &UpstreamClient,
+    function: &Function,
+    permit: &Permit,
+    path_and_query: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response<Incoming>, GatewayError> {
+    let mut req = Request::new(UpstreamBody::Full((!body.is_empty()).then_some(body)));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = replica_uri(permit.replica(), path_and_query.to_owned())?;
+    *req.headers_mut() = headers;
+    let mut resp = send(client, function.config.timeout, req, 0).await?;
+    strip_hop_by_hop(resp.headers_mut(), false);
+    Ok(resp)
+}
+
+/// The host the client addressed (its `Host` header, else the URI's authority), for
+/// `X-Forwarded-Host`.
+pub fn forwarded_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+/// What the replica's request line carries: the request path after byte `name_end` (`/` when
+/// nothing follows) plus the original query.
+pub fn replica_path_and_query(uri: &Uri, name_end: usize) -> String {
+    let path = uri.path().get(name_end..).unwrap_or("");
+    let path = if path.is_empty() { "/" } else { path };
+    match uri.query() {
+        Some(q) => {
+            let mut s = String::with_capacity(path.len() + q.len() + 1);
+            s.push_str(path);
+            s.push('?');
+            s.push_str(q);
+            s
+        }
+        None => path.to_owned(),
+    }
+}
+
+fn replica_uri(
+    replica: &crate::provider::Replica,
+    path_and_query: String,
+) -> Result<Uri, GatewayError> {
+    let upstream = &replica.upstream;
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))
+}
+
+/// The header rules for a request on its way to a replica: hop-by-hop headers and `Host` out
+/// (the upgrade pair kept with `upgrade`), the client's address appended to `X-Forwarded-For`,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` set, `X-Call-Id` set.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    forwarded_host: Option<HeaderValue>,
+    call_id: &HeaderValue,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(header::HOST);
+    append_forwarded_for(headers, peer);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(host) = forwarded_host {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.insert(CALL_ID.clone(), call_id.clone());
+}
+
+/// The declared `Content-Length`, if any and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
