@@ -213,8 +213,17 @@ impl Backend {
         F: Fn(Request<Incoming>, Arc<Stats>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<TestBody>> + Send + 'static,
     {
+        Backend::start_on("127.0.0.1:0".parse().unwrap(), handler).await
+    }
+
+    /// [`Backend::start`] on a given address (e.g. a port a gateway was told about earlier).
+    pub async fn start_on<F, Fut>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>, Arc<Stats>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
         let handler: Handler = Arc::new(move |req, stats| Box::pin(handler(req, stats)));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
