@@ -96,6 +96,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
     info!(
         listen = %server.local_addr(),
         functions = gateway.functions.len(),
+        async_store = %config.gateway.async_store.display(),
+        async_pending = gateway.queue().map_or(0, |q| q.pending_at_start()),
         "sluicegate listening"
     );
     Ok(Running {

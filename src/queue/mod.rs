@@ -142,6 +142,7 @@ impl Drop for Reservation {
 /// The async queue of every configured function: the store, and one dispatcher per function.
 pub struct AsyncQueue {
     store: Result<Arc<Store>, String>,
+    pending_at_start: u64,
     lanes: HashMap<Arc<str>, Arc<Lane>>,
     stop: watch::Sender<bool>,
     deadline: watch::Sender<Option<Instant>>,
@@ -200,8 +201,7 @@ impl AsyncQueue {
         }
         let mut dispatchers = Vec::new();
         if let Ok(store) = &store {
-            let total: u64 = recovered.pending.values().sum();
-            info!(path = %store.path().display(), pending = total, "async store open");
+            debug!(path = %store.path().display(), "async store open");
             for lane in lanes.values() {
                 let dispatcher = Dispatcher {
                     ctx: Arc::new(Ctx {
@@ -216,12 +216,18 @@ impl AsyncQueue {
             }
         }
         AsyncQueue {
+            pending_at_start: recovered.pending.values().sum(),
             store,
             lanes,
             stop,
             deadline,
             dispatchers: Mutex::new(dispatchers),
         }
+    }
+
+    /// Invocations the store held when it was opened (all functions).
+    pub fn pending_at_start(&self) -> u64 {
+        self.pending_at_start
     }
 
     /// The store, when it is open.
