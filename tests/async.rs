@@ -328,6 +328,16 @@ async fn refusals_store_nothing_and_say_why() {
         sample(&scrape, "sluicegate_function_rejected_total{function_name=\"down\",reason=\"async_backlog_full\"}"),
         Some(1.0)
     );
+
+    // Draining for shutdown: 503, nothing stored.
+    gw.running.as_ref().unwrap().gateway().start_draining();
+    let r = gw
+        .send(post_async(&gw, "/async-function/down", "x", &[]))
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-sluicegate-reason"), Some("draining"));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(store.pending_count("down").unwrap(), 2);
     gw.shutdown().await;
 }
 
