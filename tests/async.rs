@@ -786,3 +786,60 @@ async fn a_backlog_scales_a_queue_mode_function_up_and_back_to_zero() {
     gw.shutdown().await;
     assert_eq!(count_processes(&tag), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_store_refuses_async_calls_and_keeps_serving_sync_ones() {
+    let (function, calls) = recorder(ok_answer).await;
+    // The store's directory cannot be created: a file is in the way.
+    let blocker = temp_store_path();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let gw = Gw::start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}/async.redb\"\n{}",
+        blocker.display(),
+        static_fn("echo", &function.url(), "")
+    ))
+    .await;
+    let r = gw
+        .send(post_async(&gw, "/async-function/echo", "x", &[]))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.header("x-sluicegate-reason"),
+        Some("async_store_unavailable")
+    );
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert!(r.body.contains("nothing was stored"), "{}", r.body);
+    assert_eq!(gw.get("/function/echo/").await.status, 200);
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "only the sync call reached the function"
+    );
+    gw.shutdown().await;
+
+    // A store another gateway holds open is unavailable too (redb locks the file).
+    let shared = temp_store_path();
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}\"\n{}",
+        shared.display(),
+        static_fn("echo", &function.url(), "")
+    );
+    let first = Gw::start(&config).await;
+    let second = Gw::start(&config).await;
+    let r = second
+        .send(post_async(&second, "/async-function/echo", "x", &[]))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.header("x-sluicegate-reason"),
+        Some("async_store_unavailable")
+    );
+    let r = first
+        .send(post_async(&first, "/async-function/echo", "x", &[]))
+        .await;
+    assert_eq!(r.status, 202);
+    second.shutdown().await;
+    first.shutdown().await;
+    let _ = std::fs::remove_file(blocker);
+    let _ = std::fs::remove_file(shared);
+}
