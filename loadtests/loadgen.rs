@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
@@ -26,9 +26,15 @@ use tokio::time::Instant;
 #[derive(Parser, Debug)]
 #[command(about = "Open- or closed-loop HTTP load with per-status latency percentiles")]
 struct Args {
-    /// Target URL (GET).
+    /// Target URL.
     #[arg(long)]
     url: String,
+    /// Request method (e.g. POST for /async-function/...).
+    #[arg(long, default_value = "GET")]
+    method: http::Method,
+    /// Request body size in bytes (0: no body).
+    #[arg(long, default_value_t = 0)]
+    body_bytes: usize,
     /// Requests per second, open loop (arrivals do not wait for responses). 0: closed loop.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
@@ -90,14 +96,26 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// What each request sends.
+#[derive(Clone)]
+struct Spec {
+    method: http::Method,
+    body: Bytes,
+}
+
 async fn one(
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpConnector, Full<Bytes>>,
     url: hyper::Uri,
+    spec: Spec,
     timeout: Duration,
     record: Arc<Mutex<Record>>,
 ) {
     let started = Instant::now();
-    let request = http::Request::get(url).body(Empty::new()).unwrap();
+    let request = http::Request::builder()
+        .method(spec.method)
+        .uri(url)
+        .body(Full::new(spec.body))
+        .unwrap();
     let outcome = tokio::time::timeout(timeout, async {
         let resp = client.request(request).await?;
         let status = resp.status().as_u16();
@@ -120,7 +138,11 @@ async fn main() {
     let url: hyper::Uri = args.url.parse().expect("a valid URL");
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+    let spec = Spec {
+        method: args.method.clone(),
+        body: Bytes::from(vec![b'x'; args.body_bytes]),
+    };
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(10_000)
         .build(connector);
     let record = Arc::new(Mutex::new(Record::default()));
@@ -136,6 +158,7 @@ async fn main() {
             tasks.spawn(one(
                 client.clone(),
                 url.clone(),
+                spec.clone(),
                 args.timeout,
                 record.clone(),
             ));
@@ -148,6 +171,7 @@ async fn main() {
         for _ in 0..args.concurrency {
             let client = client.clone();
             let url = url.clone();
+            let spec = spec.clone();
             let record = record.clone();
             let sent_counter = sent_counter.clone();
             let (timeout, max) = (args.timeout, args.max_requests);
@@ -155,7 +179,14 @@ async fn main() {
                 while Instant::now() < end
                     && sent_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < max
                 {
-                    one(client.clone(), url.clone(), timeout, record.clone()).await;
+                    one(
+                        client.clone(),
+                        url.clone(),
+                        spec.clone(),
+                        timeout,
+                        record.clone(),
+                    )
+                    .await;
                 }
             });
         }

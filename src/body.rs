@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use crate::function::Permit;
 use crate::server::RequestGuard;
-use crate::upstream::Conn;
+use crate::upstream::PooledBody;
 
 /// A request body exceeded `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -97,9 +97,8 @@ impl Body for UpstreamBody {
 
 enum Kind {
     Full(Option<Bytes>),
-    /// A replica's body and the connection it arrives on, driven while the body is polled and
-    /// returned to the replica's pool when the body has ended.
-    Upstream(Incoming, Option<Box<Conn>>),
+    /// A replica's body and the connection it arrives on (see [`PooledBody`]).
+    Upstream(PooledBody),
 }
 
 /// The body sent to the client.
@@ -135,20 +134,11 @@ impl ResponseBody {
         }
     }
 
-    /// A replica's body, streamed on `conn`; when it ends, `conn` goes back to the permit's
-    /// replica pool and then the permit is released. Dropped early, both are released.
-    pub fn upstream(inner: Incoming, conn: Box<Conn>, permit: Permit) -> ResponseBody {
+    /// A replica's body, streamed; when it ends, its connection goes back to the replica's pool
+    /// and then the permit is released. Dropped early, both are released.
+    pub fn upstream(inner: PooledBody, permit: Permit) -> ResponseBody {
         ResponseBody {
-            kind: Kind::Upstream(inner, Some(conn)),
-            permit: Some(permit),
-            guard: None,
-        }
-    }
-
-    /// A replica's body on a connection that is not pooled (an upgrade request not switched).
-    pub fn upstream_unpooled(inner: Incoming, permit: Permit) -> ResponseBody {
-        ResponseBody {
-            kind: Kind::Upstream(inner, None),
+            kind: Kind::Upstream(inner),
             permit: Some(permit),
             guard: None,
         }
@@ -168,19 +158,15 @@ impl ResponseBody {
     }
 
     fn pool_connection(&mut self) {
-        if let (Kind::Upstream(inner, conn), Some(permit)) = (&mut self.kind, &self.permit) {
-            if inner.is_end_stream() {
-                if let Some(conn) = conn.take() {
-                    permit.replica().pool.put(conn);
-                }
-            }
+        if let Kind::Upstream(inner) = &mut self.kind {
+            inner.release();
         }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // hyper stops polling a body whose `is_end_stream` is true, so the end is often seen here.
+        // Before the permit (a field, dropped after this): the connection first, as in `finish`.
         self.pool_connection();
     }
 }
@@ -196,14 +182,7 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Upstream(inner, conn) => {
-                if let Some(c) = conn {
-                    if !c.drive(cx) {
-                        *conn = None;
-                    }
-                }
-                Pin::new(inner).poll_frame(cx)
-            }
+            Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
         };
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = polled {
             this.finish();
@@ -214,7 +193,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(d) => d.is_none(),
-            Kind::Upstream(inner, _) => inner.is_end_stream(),
+            Kind::Upstream(inner) => inner.is_end_stream(),
         }
     }
 
@@ -222,7 +201,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(inner, _) => inner.size_hint(),
+            Kind::Upstream(inner) => inner.size_hint(),
         }
     }
 }

@@ -60,8 +60,22 @@ pub const DEFAULT_QUEUE_LENGTH: f64 = 10.0;
 pub const DEFAULT_POLLING_INTERVAL: Duration = Duration::from_secs(1);
 /// Time a scale-down waits: the replica count never drops below the highest desired count in this period.
 pub const DEFAULT_COOLDOWN_PERIOD: Duration = Duration::from_secs(300);
-/// Whether `type = "queue"` is accepted (it needs the async invocation queue).
-const QUEUE_MODE_AVAILABLE: bool = false;
+/// Async invocations per function accepted and not yet finished before new ones get `503`.
+pub const DEFAULT_ASYNC_MAX_BACKLOG: u64 = 10_000;
+/// Attempts per async invocation (the first included) before it is dead-lettered.
+pub const DEFAULT_ASYNC_MAX_ATTEMPTS: u32 = 5;
+/// Wait before an async invocation's first retry; it doubles with each further retry.
+pub const DEFAULT_ASYNC_INITIAL_RETRY_WAIT: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts of an async invocation (the doubling stops there).
+pub const DEFAULT_ASYNC_MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+/// Largest async request body when `max_body_bytes = 0` (unlimited for sync calls, which stream):
+/// an async body is held in memory and stored whole, so it always has a bound (64 MiB).
+pub const ASYNC_BODY_CEILING: u64 = 64 * 1024 * 1024;
+/// File name suffix of the default async store, next to the config file (`demo.toml` →
+/// `demo.async.redb`).
+pub const DEFAULT_ASYNC_STORE_SUFFIX: &str = ".async.redb";
+/// Environment variable naming the async store file (overrides `[gateway] async_store`).
+pub const ASYNC_STORE_ENV: &str = "SLUICEGATE_ASYNC_STORE";
 /// Environment variable holding the admin bearer token (overrides `[gateway] admin_token`).
 pub const ADMIN_TOKEN_ENV: &str = "SLUICEGATE_ADMIN_TOKEN";
 
@@ -128,6 +142,10 @@ pub struct GatewayConfig {
     /// single-threaded runtime, which costs measurably less CPU per request than a multi-threaded
     /// runtime with one worker.
     pub worker_threads: usize,
+    /// The file holding accepted async invocations (an embedded redb database): `async_store`
+    /// relative to the config file's directory, else `<config name>.async.redb` beside the config
+    /// file; `SLUICEGATE_ASYNC_STORE` overrides both.
+    pub async_store: PathBuf,
 }
 
 /// One function, with defaults applied.
@@ -147,10 +165,36 @@ pub struct FunctionConfig {
     pub cold_start_timeout: Duration,
     /// Longest a request waits in the queue while the function has ready replicas (then `503`).
     pub queue_timeout: Duration,
-    /// Largest request body in bytes; `0` is unlimited.
+    /// Largest request body in bytes; `0` is unlimited (async bodies then stop at
+    /// [`ASYNC_BODY_CEILING`]).
     pub max_body_bytes: u64,
+    /// Async invocations accepted and not yet finished (waiting, in flight, retrying, delivering
+    /// their callback) beyond which new ones get `503`. At least 1.
+    pub async_max_backlog: u64,
+    /// Async invocations in flight to the function at once (holding or awaiting a replica slot).
+    /// Default `max_ongoing_requests × max_replicas`, the function's capacity at full scale. At
+    /// least 1.
+    pub async_concurrency: u32,
+    /// Attempts per async invocation, the first included, before it is dead-lettered. At least 1.
+    pub async_max_attempts: u32,
+    /// Wait before the first retry of an async invocation; doubles with each retry.
+    pub async_initial_retry_wait: Duration,
+    /// Longest wait between two attempts (the doubling stops there; a longer `Retry-After` from
+    /// the function is still honoured, up to an hour).
+    pub async_max_retry_wait: Duration,
     /// How the autoscaler treats this function.
     pub autoscaler: AutoscalerConfig,
+}
+
+impl FunctionConfig {
+    /// Largest async request body in bytes: `max_body_bytes`, or [`ASYNC_BODY_CEILING`] when that
+    /// is `0` (an async body is held in memory and stored whole).
+    pub fn async_max_body_bytes(&self) -> u64 {
+        match self.max_body_bytes {
+            0 => ASYNC_BODY_CEILING,
+            n => n,
+        }
+    }
 }
 
 /// Where a function's replicas come from.
@@ -376,6 +420,7 @@ struct RawGateway {
     drain_timeout: Option<Dur>,
     admin_token: Option<String>,
     worker_threads: Option<usize>,
+    async_store: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -398,6 +443,12 @@ struct RawFunction {
     cold_start_timeout: Option<Dur>,
     queue_timeout: Option<Dur>,
     max_body_bytes: Option<u64>,
+    // async invocations
+    async_max_backlog: Option<i64>,
+    async_concurrency: Option<i64>,
+    async_max_attempts: Option<i64>,
+    async_initial_retry_wait: Option<Dur>,
+    async_max_retry_wait: Option<Dur>,
     autoscaler: Option<RawAutoscaler>,
 }
 
@@ -461,6 +512,11 @@ fn merge(f: &RawFunction, d: &RawFunction) -> RawFunction {
         cold_start_timeout: or(&f.cold_start_timeout, &d.cold_start_timeout),
         queue_timeout: or(&f.queue_timeout, &d.queue_timeout),
         max_body_bytes: or(&f.max_body_bytes, &d.max_body_bytes),
+        async_max_backlog: or(&f.async_max_backlog, &d.async_max_backlog),
+        async_concurrency: or(&f.async_concurrency, &d.async_concurrency),
+        async_max_attempts: or(&f.async_max_attempts, &d.async_max_attempts),
+        async_initial_retry_wait: or(&f.async_initial_retry_wait, &d.async_initial_retry_wait),
+        async_max_retry_wait: or(&f.async_max_retry_wait, &d.async_max_retry_wait),
         autoscaler,
     }
 }
@@ -486,7 +542,11 @@ impl Config {
         let env_token = std::env::var(ADMIN_TOKEN_ENV)
             .ok()
             .filter(|t| !t.is_empty());
-        Config::parse(path, &text, env_token)
+        let mut config = Config::parse(path, &text, env_token)?;
+        if let Some(store) = std::env::var_os(ASYNC_STORE_ENV).filter(|s| !s.is_empty()) {
+            config.gateway.async_store = PathBuf::from(store);
+        }
+        Ok(config)
     }
 
     /// Validates config text. `path` is used in messages and to resolve relative paths;
@@ -560,6 +620,23 @@ impl Config {
                         "gateway.worker_threads",
                         format!("{n} is outside 0..=1024 (0: one per available CPU)"),
                     ))
+                }
+            },
+            async_store: match g.async_store.as_deref() {
+                Some("") => {
+                    return Err(invalid(
+                        "gateway.async_store",
+                        "must name a file, e.g. \"/var/lib/sluicegate/async.redb\"".into(),
+                    ))
+                }
+                Some(file) => base_dir.join(file),
+                None => {
+                    let stem = path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "sluicegate".to_owned());
+                    base_dir.join(format!("{stem}{DEFAULT_ASYNC_STORE_SUFFIX}"))
                 }
             },
         };
@@ -685,6 +762,50 @@ impl Config {
             let autoscaler = resolve_autoscaler(f.autoscaler.as_ref(), &provider, &|k, r| {
                 invalid(&key(&format!("autoscaler.{k}")), r)
             })?;
+            let in_range = |k: &str, v: Option<i64>, default: i64, max: i64| {
+                let v = v.unwrap_or(default);
+                if (1..=max).contains(&v) {
+                    Ok(v)
+                } else {
+                    Err(invalid(&key(k), format!("{v} is outside 1..={max}")))
+                }
+            };
+            let async_max_backlog = in_range(
+                "async_max_backlog",
+                f.async_max_backlog,
+                DEFAULT_ASYNC_MAX_BACKLOG as i64,
+                100_000_000,
+            )? as u64;
+            let full_capacity = max_ongoing.saturating_mul(autoscaler.max_replicas as i64);
+            let async_concurrency = in_range(
+                "async_concurrency",
+                f.async_concurrency,
+                full_capacity.min(1_000_000),
+                1_000_000,
+            )? as u32;
+            let async_max_attempts = in_range(
+                "async_max_attempts",
+                f.async_max_attempts,
+                DEFAULT_ASYNC_MAX_ATTEMPTS as i64,
+                1000,
+            )? as u32;
+            let async_initial_retry_wait = positive(
+                &key("async_initial_retry_wait"),
+                f.async_initial_retry_wait,
+                DEFAULT_ASYNC_INITIAL_RETRY_WAIT,
+            )?;
+            let async_max_retry_wait = f
+                .async_max_retry_wait
+                .map(|d| d.0)
+                .unwrap_or(DEFAULT_ASYNC_MAX_RETRY_WAIT.max(async_initial_retry_wait));
+            if async_max_retry_wait < async_initial_retry_wait {
+                return Err(invalid(
+                    &key("async_max_retry_wait"),
+                    format!(
+                        "{async_max_retry_wait:?} is shorter than async_initial_retry_wait ({async_initial_retry_wait:?})"
+                    ),
+                ));
+            }
 
             functions.insert(
                 name.clone(),
@@ -705,6 +826,11 @@ impl Config {
                         DEFAULT_QUEUE_TIMEOUT,
                     )?,
                     max_body_bytes: f.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+                    async_max_backlog,
+                    async_concurrency,
+                    async_max_attempts,
+                    async_initial_retry_wait,
+                    async_max_retry_wait,
                     autoscaler,
                 },
             );
@@ -725,7 +851,7 @@ impl Config {
         let _ = writeln!(out, "{}: ok", self.path.display());
         let _ = writeln!(
             out,
-            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}",
+            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, async_store = {}",
             g.listen,
             match g.worker_threads {
                 0 => "one per CPU".to_owned(),
@@ -735,7 +861,8 @@ impl Config {
             g.max_header_bytes,
             g.idle_timeout,
             g.drain_timeout,
-            if g.admin_token.is_some() { "set" } else { "not set" }
+            if g.admin_token.is_some() { "set" } else { "not set" },
+            g.async_store.display()
         );
         for f in self.functions.values() {
             let _ = writeln!(out, "\n[functions.{}]", f.name);
@@ -775,6 +902,16 @@ impl Config {
             let _ = writeln!(out, "  cold_start_timeout   = {:?}", f.cold_start_timeout);
             let _ = writeln!(out, "  queue_timeout        = {:?}", f.queue_timeout);
             let _ = writeln!(out, "  max_body_bytes       = {body}");
+            let _ = writeln!(
+                out,
+                "  async                = max_backlog = {}, concurrency = {}, max_attempts = {}, retry wait {:?} doubling to {:?}, max body {} bytes",
+                f.async_max_backlog,
+                f.async_concurrency,
+                f.async_max_attempts,
+                f.async_initial_retry_wait,
+                f.async_max_retry_wait,
+                f.async_max_body_bytes()
+            );
             let a = &f.autoscaler;
             let target = match a.mode {
                 ScaleMode::Rps { threshold } => format!(", threshold = {threshold}"),
@@ -859,12 +996,6 @@ fn resolve_autoscaler(
                 DEFAULT_TARGET_ONGOING_REQUESTS,
             )?,
         },
-        "queue" if !QUEUE_MODE_AVAILABLE => {
-            return Err(invalid(
-                "type",
-                "type \"queue\" scales on the async backlog, and async invocation is not available in this build; use rps or concurrency".into(),
-            ))
-        }
         "queue" => ScaleMode::Queue {
             queue_length: positive_f("queue_length", a.queue_length, DEFAULT_QUEUE_LENGTH)?,
         },
@@ -1069,6 +1200,73 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.gateway.admin_token.as_deref(), Some("env"));
+    }
+
+    #[test]
+    fn async_keys_have_defaults_merge_from_defaults_and_are_validated() {
+        let cfg = parse(
+            "[defaults]\nasync_max_attempts = 7\n[functions.x]\nprovider = \"process\"\ncommand = [\"x\"]\nmax_ongoing_requests = 3\n[functions.x.autoscaler]\nmax_replicas = 4\n",
+        )
+        .unwrap();
+        let x = &cfg.functions["x"];
+        assert_eq!(x.async_max_backlog, DEFAULT_ASYNC_MAX_BACKLOG);
+        assert_eq!(
+            x.async_concurrency, 12,
+            "max_ongoing_requests x max_replicas"
+        );
+        assert_eq!(x.async_max_attempts, 7, "[defaults] applies");
+        assert_eq!(x.async_initial_retry_wait, Duration::from_secs(1));
+        assert_eq!(x.async_max_retry_wait, Duration::from_secs(60));
+        assert_eq!(x.async_max_body_bytes(), DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            cfg.gateway.async_store,
+            PathBuf::from("config/test.async.redb")
+        );
+
+        let f = "[functions.x]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\n";
+        let err = parse(&format!("{f}async_max_backlog = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("functions.x.async_max_backlog: 0 is outside"),
+            "{err}"
+        );
+        let err = parse(&format!("{f}async_concurrency = -1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("functions.x.async_concurrency"), "{err}");
+        let err = parse(&format!(
+            "{f}async_initial_retry_wait = \"10s\"\nasync_max_retry_wait = \"1s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("async_max_retry_wait: 1s is shorter"), "{err}");
+        let cfg = parse(&format!(
+            "[gateway]\nasync_store = \"state/q.redb\"\n{f}max_body_bytes = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.gateway.async_store,
+            PathBuf::from("config/state/q.redb")
+        );
+        assert_eq!(
+            cfg.functions["x"].async_max_body_bytes(),
+            ASYNC_BODY_CEILING
+        );
+        assert!(parse("[gateway]\nasync_store = \"\"\n").is_err());
+    }
+
+    #[test]
+    fn queue_mode_is_accepted_with_its_queue_length() {
+        let cfg = parse(
+            "[functions.x]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.x.autoscaler]\ntype = \"queue\"\nqueue_length = 4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.functions["x"].autoscaler.mode,
+            ScaleMode::Queue { queue_length: 4.0 }
+        );
+        assert!(cfg.describe().contains("type = queue, queue_length = 4"));
     }
 
     #[test]

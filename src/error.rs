@@ -16,6 +16,9 @@ use crate::metrics::RejectReason;
 
 /// Header naming the reason of a gateway-made response.
 pub const REASON_HEADER: &str = "x-sluicegate-reason";
+/// `Retry-After` when the async store is unavailable: a store that failed to open or write does
+/// not come back by itself within seconds.
+pub const ASYNC_STORE_RETRY_AFTER: u64 = 30;
 
 /// Why the gateway answered a request itself.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,9 @@ pub enum GatewayError {
     /// A malformed admin request.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// `X-Callback-Url` is not an absolute `http://` URL.
+    #[error("invalid X-Callback-Url: {0}")]
+    BadCallbackUrl(String),
     /// `/system` without the right bearer token.
     #[error("missing or wrong bearer token")]
     Unauthorized,
@@ -53,6 +59,17 @@ pub enum GatewayError {
     /// The gateway is shutting down.
     #[error("gateway is draining for shutdown")]
     Draining,
+    /// `async_max_backlog` async invocations of the function are accepted and not yet finished.
+    #[error("function's async backlog is full: {max} invocations accepted and not yet finished (async_max_backlog)")]
+    AsyncBacklogFull {
+        /// The function's `async_max_backlog`.
+        max: u64,
+        /// Suggested `Retry-After`, whole seconds ≥ 1.
+        retry_after: u64,
+    },
+    /// The async store could not be opened or written: nothing was stored.
+    #[error("async store unavailable, nothing was stored: {0}")]
+    AsyncStoreUnavailable(String),
 
     // Upstream: the replica.
     /// The replica refused the connection.
@@ -67,10 +84,6 @@ pub enum GatewayError {
     /// The upstream answered something we cannot forward.
     #[error("function replica sent an invalid response: {0}")]
     UpstreamInvalid(String),
-
-    /// The route exists in the design but this build does not serve it.
-    #[error("not implemented: {0}")]
-    NotImplemented(&'static str),
 
     // Internal.
     /// A bug or an impossible state; logged.
@@ -106,16 +119,19 @@ impl GatewayError {
             GatewayError::UnknownFunction(_) | GatewayError::NoRoute(_) => StatusCode::NOT_FOUND,
             GatewayError::MalformedName
             | GatewayError::ClientBody(_)
-            | GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            | GatewayError::BadRequest(_)
+            | GatewayError::BadCallbackUrl(_) => StatusCode::BAD_REQUEST,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
-            GatewayError::Rejected(_) | GatewayError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Rejected(_)
+            | GatewayError::Draining
+            | GatewayError::AsyncBacklogFull { .. }
+            | GatewayError::AsyncStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamConnect(_)
             | GatewayError::UpstreamReset(_)
             | GatewayError::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -130,14 +146,16 @@ impl GatewayError {
             GatewayError::BodyTooLarge(_) => "body_too_large",
             GatewayError::ClientBody(_) => "client_body",
             GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::BadCallbackUrl(_) => "bad_callback_url",
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::Rejected(r) => r.reason().label(),
             GatewayError::Draining => "draining",
+            GatewayError::AsyncBacklogFull { .. } => "async_backlog_full",
+            GatewayError::AsyncStoreUnavailable(_) => "async_store_unavailable",
             GatewayError::UpstreamConnect(_) => "upstream_refused",
             GatewayError::UpstreamReset(_) => "upstream_reset",
             GatewayError::UpstreamTimeout(_) => "upstream_timeout",
             GatewayError::UpstreamInvalid(_) => "upstream_invalid",
-            GatewayError::NotImplemented(_) => "not_implemented",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -148,6 +166,8 @@ impl GatewayError {
             GatewayError::Rejected(r) => Some(r.reason()),
             GatewayError::Draining => Some(RejectReason::Draining),
             GatewayError::BodyTooLarge(_) => Some(RejectReason::BodyTooLarge),
+            GatewayError::AsyncBacklogFull { .. } => Some(RejectReason::AsyncBacklogFull),
+            GatewayError::AsyncStoreUnavailable(_) => Some(RejectReason::AsyncStoreUnavailable),
             _ => None,
         }
     }
@@ -162,6 +182,8 @@ impl GatewayError {
                 | Rejection::StartFailed { retry_after, .. },
             ) => Some(*retry_after),
             GatewayError::Draining => Some(1),
+            GatewayError::AsyncBacklogFull { retry_after, .. } => Some(*retry_after),
+            GatewayError::AsyncStoreUnavailable(_) => Some(ASYNC_STORE_RETRY_AFTER),
             _ => None,
         }
     }

@@ -2,12 +2,14 @@
 //!
 //! [`Gateway::handle`] routes each request: function invocations go through [`invoke`], which
 //! finds the function once, counts the arrival, forwards (see `proxy`) and records the outcome;
-//! everything else is answered here or in `system`.
+//! async invocations through [`invoke_async`], which hands them to the [`AsyncQueue`] and answers
+//! `202` once they are stored; everything else is answered here or in `system`.
 //!
 //! [`invoke`]: Gateway::invoke
+//! [`invoke_async`]: Gateway::invoke_async
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -21,9 +23,11 @@ use crate::body::ResponseBody;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::function::Function;
+use crate::metrics::AsyncOutcome;
 use crate::metrics::Metrics;
-use crate::proxy::{self, Peer, CALL_ID, START_TIME};
-use crate::router::{route, Route, FUNCTION_PREFIX};
+use crate::proxy::{self, Peer, UpstreamClient, CALL_ID, START_TIME};
+use crate::queue::{self, AsyncQueue};
+use crate::router::{route, Route, ASYNC_FUNCTION_PREFIX, FUNCTION_PREFIX};
 use crate::system;
 
 /// State shared by every connection.
@@ -34,7 +38,11 @@ pub struct Gateway {
     pub functions: DashMap<String, Arc<Function>, NameHasher>,
     /// Every metric family.
     pub metrics: Metrics,
+    /// A pooled general-purpose HTTP client, for async callbacks (replicas are reached through
+    /// `upstream`'s per-replica pools instead).
+    client: UpstreamClient,
     draining: AtomicBool,
+    queue: OnceLock<AsyncQueue>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -52,8 +60,25 @@ impl Gateway {
             config,
             functions: DashMap::with_hasher(NameHasher::default()),
             metrics,
+            client: proxy::upstream_client(),
             draining: AtomicBool::new(false),
+            queue: OnceLock::new(),
         }
+    }
+
+    /// The client used for async callbacks.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    /// Attaches the async queue (once, at start).
+    pub fn set_queue(&self, queue: AsyncQueue) {
+        let _ = self.queue.set(queue);
+    }
+
+    /// The async queue, once started.
+    pub fn queue(&self) -> Option<&AsyncQueue> {
+        self.queue.get()
     }
 
     /// Finds a function by name (one lookup; the map's shard lock is released at once).
@@ -91,9 +116,10 @@ impl Gateway {
             Route::Invoke { .. } => unreachable!("handled above"),
             Route::InvokeAsync { name, .. } => match self.function(name) {
                 None => Err(self.unknown(name)),
-                Some(_) => Err(GatewayError::NotImplemented(
-                    "async invocation is not available in this build; use /function/",
-                )),
+                Some(function) => {
+                    let name_end = ASYNC_FUNCTION_PREFIX.len() + name.len();
+                    Ok(Box::pin(self.invoke_async(req, function, name_end, peer)).await)
+                }
             },
             Route::Metrics => Ok(self.metrics_response()),
             Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
@@ -129,12 +155,7 @@ impl Gateway {
     ) -> Response<ResponseBody> {
         let arrived = Instant::now();
         function.arrived(arrived);
-        let call_id = req
-            .headers()
-            .get(&CALL_ID)
-            .filter(|v| !v.is_empty() && v.len() <= 128)
-            .cloned()
-            .unwrap_or_else(new_call_id);
+        let call_id = call_id(&req);
 
         let result = if self.is_draining() {
             Err(GatewayError::Draining)
@@ -143,19 +164,45 @@ impl Gateway {
         };
         let mut resp = match result {
             Ok(resp) => resp,
-            Err(e) => {
-                if let Some(reason) = e.reject_reason() {
-                    function.metrics.rejected(reason);
-                }
-                debug!(function = %function.name, status = e.status().as_u16(), reason = e.code(), error = %e, "gateway answered");
-                let draining = matches!(e, GatewayError::Draining);
-                let mut resp = e.into_response();
+            Err(e) => error_response(&function, e, call_id),
+        };
+        resp.headers_mut().insert(&START_TIME, start_time());
+        function
+            .metrics
+            .observe(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
+        resp
+    }
+
+    /// An async invocation: `202` once stored (see `queue`), or the reason it was not. Counted in
+    /// `gateway_function_invocation_total` with that status; the window counts the dispatch, not
+    /// this.
+    async fn invoke_async(
+        &self,
+        req: Request<Incoming>,
+        function: Arc<Function>,
+        name_end: usize,
+        peer: &Peer,
+    ) -> Response<ResponseBody> {
+        let arrived = Instant::now();
+        function.metrics.started.inc();
+        let call_id = call_id(&req);
+        let result = match self.queue.get() {
+            _ if self.is_draining() => Err(GatewayError::Draining),
+            Some(queue) => queue.accept(&function, req, name_end, peer, &call_id).await,
+            None => Err(GatewayError::AsyncStoreUnavailable(
+                "the async queue is not running".into(),
+            )),
+        };
+        let mut resp = match result {
+            Ok(()) => {
+                function.metrics.async_outcome(AsyncOutcome::Accepted);
+                let mut resp = queue::accepted();
                 resp.headers_mut().insert(&CALL_ID, call_id);
-                if draining {
-                    resp.headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                }
                 resp
+            }
+            Err(e) => {
+                function.metrics.async_outcome(AsyncOutcome::Rejected);
+                error_response(&function, e, call_id)
             }
         };
         resp.headers_mut().insert(&START_TIME, start_time());
@@ -214,6 +261,36 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// The gateway's answer for a known function's request: counted by reason, with `X-Call-Id`, and
+/// `Connection: close` while draining.
+fn error_response(
+    function: &Function,
+    e: GatewayError,
+    call_id: HeaderValue,
+) -> Response<ResponseBody> {
+    if let Some(reason) = e.reject_reason() {
+        function.metrics.rejected(reason);
+    }
+    debug!(function = %function.name, status = e.status().as_u16(), reason = e.code(), error = %e, "gateway answered");
+    let draining = matches!(e, GatewayError::Draining);
+    let mut resp = e.into_response();
+    resp.headers_mut().insert(&CALL_ID, call_id);
+    if draining {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// The client's `X-Call-Id` (non-empty, at most 128 bytes), else a new one.
+fn call_id<B>(req: &Request<B>) -> HeaderValue {
+    req.headers()
+        .get(&CALL_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(new_call_id)
 }
 
 fn new_call_id() -> HeaderValue {

@@ -2,7 +2,9 @@
 //!
 //! The request path, in the order a request meets it: [`server`] (accept, timeouts, drain) →
 //! [`gateway`] (route, find the function) → [`function`] (window, admission, queue, cold start) →
-//! [`proxy`] (forward, stream back) → [`upstream`] (pooled connections) → [`provider`] (the replicas). The control loop:
+//! [`proxy`] (forward, stream back) → [`upstream`] (pooled connections) → [`provider`] (the
+//! replicas). Async invocations are stored and dispatched through the same admission by
+//! [`queue`]. The control loop:
 //! [`autoscaler`] reads the same figures `/metrics` exports ([`metrics`]) and sets replica counts
 //! through the provider. [`config`] is the only module that reads files or the environment.
 //! Offline, [`simulate`] replays a request trace through the same autoscaler on virtual time.
@@ -20,6 +22,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;
+pub mod queue;
 pub mod router;
 pub mod server;
 pub mod simulate;
@@ -71,6 +74,19 @@ pub async fn start(config: Config) -> io::Result<Running> {
         function.attach(backend);
         gateway.functions.insert(fc.name.clone(), function);
     }
+    // The async queue before the autoscalers, so that their first look sees the stored backlog.
+    let functions = gateway
+        .functions
+        .iter()
+        .map(|f| f.value().clone())
+        .collect();
+    let queue = queue::AsyncQueue::start(
+        &config.gateway.async_store,
+        functions,
+        gateway.client().clone(),
+    )
+    .await;
+    gateway.set_queue(queue);
     let (stop_loops, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
     for f in gateway.functions.iter() {
@@ -82,6 +98,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
     info!(
         listen = %server.local_addr(),
         functions = gateway.functions.len(),
+        async_store = %config.gateway.async_store.display(),
+        async_pending = gateway.queue().map_or(0, |q| q.pending_at_start()),
         "sluicegate listening"
     );
     Ok(Running {
@@ -103,13 +121,21 @@ impl Running {
         &self.gateway
     }
 
-    /// Drains and stops: `/readyz` turns 503 and new requests get 503; in-flight requests get
-    /// `drain_timeout` to finish; then the loops stop and every replica is terminated.
+    /// Drains and stops: `/readyz` turns 503 and new requests get 503, the async queue starts no
+    /// new attempts; in-flight requests and async attempts get `drain_timeout` to finish; then the
+    /// loops stop, the async store is closed and every replica is terminated.
     pub async fn shutdown(self) {
         info!("draining");
+        let deadline = tokio::time::Instant::now() + self.gateway.config.drain_timeout;
         self.gateway.start_draining();
+        if let Some(queue) = self.gateway.queue() {
+            queue.begin_shutdown();
+        }
         let clean = self.server.drain(self.gateway.config.drain_timeout).await;
         self.server.close();
+        if let Some(queue) = self.gateway.queue() {
+            queue.shutdown(deadline).await;
+        }
         let _ = self.stop_loops.send(true);
         for task in self.loops {
             let _ = task.await;

@@ -159,13 +159,18 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now (before the listener is bound: a signal that
+/// arrived between bind and installation would kill the process without a drain) and returns
+/// the future that completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+        }
     }
 }
 
@@ -249,7 +254,7 @@ fn main() -> ExitCode {
     }
     .expect("tokio runtime");
     tracing::debug!(threads, "runtime");
-    match runtime.block_on(sluicegate::run(config, shutdown_signal())) {
+    match runtime.block_on(async { sluicegate::run(config, shutdown_signal()).await }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sluicegate failed");

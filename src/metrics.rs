@@ -42,17 +42,23 @@ pub enum RejectReason {
     Draining,
     /// The request body was larger than `max_body_bytes`.
     BodyTooLarge,
+    /// An async invocation refused: `async_max_backlog` reached.
+    AsyncBacklogFull,
+    /// An async invocation refused: the async store could not be opened or written.
+    AsyncStoreUnavailable,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::QueueFull,
         RejectReason::QueueTimeout,
         RejectReason::ColdStartTimeout,
         RejectReason::StartFailed,
         RejectReason::Draining,
         RejectReason::BodyTooLarge,
+        RejectReason::AsyncBacklogFull,
+        RejectReason::AsyncStoreUnavailable,
     ];
 
     /// The `reason` label value.
@@ -64,6 +70,82 @@ impl RejectReason {
             RejectReason::StartFailed => "start_failed",
             RejectReason::Draining => "draining",
             RejectReason::BodyTooLarge => "body_too_large",
+            RejectReason::AsyncBacklogFull => "async_backlog_full",
+            RejectReason::AsyncStoreUnavailable => "async_store_unavailable",
+        }
+    }
+}
+
+/// What became of an async invocation (the `outcome` label of
+/// `sluicegate_async_invocations_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsyncOutcome {
+    /// Stored and answered `202`.
+    Accepted,
+    /// The function answered 1xx-3xx (final).
+    Succeeded,
+    /// The function answered a status that is not retried (4xx other than 408/429, 501, ...), or
+    /// the gateway could not forward it in a way a retry would fix (final).
+    Failed,
+    /// An attempt failed in a way that is retried (408, 429, 500, 502, 503, 504); counted once per
+    /// retry scheduled.
+    Retried,
+    /// Out of attempts: kept in the dead-letter table (final).
+    DeadLettered,
+    /// Refused at accept time (`400`, `413`, `503`): nothing stored.
+    Rejected,
+}
+
+impl AsyncOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [AsyncOutcome; 6] = [
+        AsyncOutcome::Accepted,
+        AsyncOutcome::Succeeded,
+        AsyncOutcome::Failed,
+        AsyncOutcome::Retried,
+        AsyncOutcome::DeadLettered,
+        AsyncOutcome::Rejected,
+    ];
+
+    /// The `outcome` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            AsyncOutcome::Accepted => "accepted",
+            AsyncOutcome::Succeeded => "succeeded",
+            AsyncOutcome::Failed => "failed",
+            AsyncOutcome::Retried => "retried",
+            AsyncOutcome::DeadLettered => "dead_lettered",
+            AsyncOutcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// What became of one callback delivery attempt (the `result` label of
+/// `sluicegate_async_callbacks_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallbackResult {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// The attempt failed and another one is scheduled.
+    Retried,
+    /// Given up: out of attempts, or the receiver answered a status that is not retried.
+    Failed,
+}
+
+impl CallbackResult {
+    /// Every result, in label order.
+    pub const ALL: [CallbackResult; 3] = [
+        CallbackResult::Delivered,
+        CallbackResult::Retried,
+        CallbackResult::Failed,
+    ];
+
+    /// The `result` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CallbackResult::Delivered => "delivered",
+            CallbackResult::Retried => "retried",
+            CallbackResult::Failed => "failed",
         }
     }
 }
@@ -94,6 +176,8 @@ pub struct Metrics {
     scaling_decisions: IntCounterVec,
     burst_mode: IntGaugeVec,
     async_backlog: IntGaugeVec,
+    async_invocations: IntCounterVec,
+    async_callbacks: IntCounterVec,
     unknown_function: IntCounter,
 }
 
@@ -203,7 +287,17 @@ impl Metrics {
             ),
             async_backlog: gauge_vec(
                 "sluicegate_async_backlog",
-                "Async invocations accepted and not yet dispatched to the function.",
+                "Async invocations accepted and not yet finished (waiting, in flight or waiting to be retried).",
+            ),
+            async_invocations: counter_vec(
+                "sluicegate_async_invocations_total",
+                "Async invocations by outcome: accepted, succeeded, failed, retried (per retry), dead_lettered, rejected (at accept time).",
+                &["function_name", "outcome"],
+            ),
+            async_callbacks: counter_vec(
+                "sluicegate_async_callbacks_total",
+                "Async callback delivery attempts by result: delivered, retried, failed (given up).",
+                &["function_name", "result"],
             ),
             unknown_function: register(
                 &registry,
@@ -236,6 +330,10 @@ impl Metrics {
             scaled_down: self.scaling_decisions.with_label_values(&[name, "down"]),
             burst_mode: self.burst_mode.with_label_values(&one),
             async_backlog: self.async_backlog.with_label_values(&one),
+            async_outcomes: AsyncOutcome::ALL
+                .map(|o| self.async_invocations.with_label_values(&[name, o.label()])),
+            async_callbacks: CallbackResult::ALL
+                .map(|r| self.async_callbacks.with_label_values(&[name, r.label()])),
             by_code: (0..CODES).map(|_| OnceLock::new()).collect(),
             invocation_total: self.invocation_total.clone(),
             functions_seconds: self.functions_seconds.clone(),
@@ -297,8 +395,11 @@ pub struct FunctionMetrics {
     pub scaled_down: IntCounter,
     /// `sluicegate_autoscaler_burst_mode`.
     pub burst_mode: IntGauge,
-    /// `sluicegate_async_backlog`.
+    /// `sluicegate_async_backlog`: async invocations accepted and not yet finished. The async
+    /// queue keeps it exact (initialised from the store at start); the `queue` autoscaler reads it.
     pub async_backlog: IntGauge,
+    async_outcomes: [IntCounter; AsyncOutcome::ALL.len()],
+    async_callbacks: [IntCounter; CallbackResult::ALL.len()],
     by_code: Box<[OnceLock<(IntCounter, Histogram)>]>,
     invocation_total: IntCounterVec,
     functions_seconds: HistogramVec,
@@ -350,6 +451,26 @@ impl FunctionMetrics {
             .filter_map(|c| c.get())
             .map(|(count, _)| count.get())
             .sum()
+    }
+
+    /// Counts an async invocation outcome.
+    pub fn async_outcome(&self, outcome: AsyncOutcome) {
+        self.async_outcomes[outcome as usize].inc();
+    }
+
+    /// Async invocation outcomes so far of one kind.
+    pub fn async_outcome_count(&self, outcome: AsyncOutcome) -> u64 {
+        self.async_outcomes[outcome as usize].get()
+    }
+
+    /// Counts a callback delivery attempt's result.
+    pub fn callback(&self, result: CallbackResult) {
+        self.async_callbacks[result as usize].inc();
+    }
+
+    /// Callback delivery attempts so far with one result.
+    pub fn callback_count(&self, result: CallbackResult) -> u64 {
+        self.async_callbacks[result as usize].get()
     }
 
     /// Records a scaling decision.

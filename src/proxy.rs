@@ -9,12 +9,17 @@
 //!    replica refuses or resets);
 //! 5. stream the response back, hop-by-hop headers out, the slot freed when the body ends;
 //!    a `101 Switching Protocols` becomes a bidirectional tunnel that holds the slot.
+//!
+//! Async invocations use the same pieces in two halves: at accept time [`rewrite_request_headers`]
+//! (step 3's header rules) prepares the request that is stored; at dispatch time, after the queue
+//! has taken a slot through the same admission, [`send_stored`] does steps 3-4 for a body held in
+//! memory.
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
@@ -25,8 +30,8 @@ use tracing::debug;
 
 use crate::body::{BodyLimitExceeded, ClientBodyError, ResponseBody, UpstreamBody};
 use crate::error::GatewayError;
-use crate::function::{Function, Waited};
-use crate::upstream::{self, UpstreamError};
+use crate::function::{Function, Permit, Waited};
+use crate::upstream::{self, PooledBody, UpstreamError};
 
 /// The request/response header carrying the invocation's id.
 pub static CALL_ID: HeaderName = HeaderName::from_static("x-call-id");
@@ -83,59 +88,37 @@ pub async fn forward(
     // 3. The upstream request.
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let forwarded_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let forwarded_host = forwarded_host(&parts);
     let replica = permit.replica().clone();
-    let path = parts.uri.path().get(name_end..).unwrap_or("");
-    let path = if path.is_empty() { "/" } else { path };
-    // Origin-form request target; the replica's address goes in Host.
-    let target = match parts.uri.query() {
-        Some(q) => {
-            let mut s = String::with_capacity(path.len() + q.len() + 1);
-            s.push_str(path);
-            s.push('?');
-            s.push_str(q);
-            Uri::try_from(s)
-        }
-        None => Uri::try_from(path),
-    };
-    parts.uri = target.map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))?;
+    parts.uri = origin_form(replica_path_and_query(&parts.uri, name_end))?;
     parts.version = http::Version::HTTP_11;
-    let headers = &mut parts.headers;
-    strip_hop_by_hop(headers, upgrade.is_some());
-    headers.insert(header::HOST, replica.upstream.host_header.clone());
-    append_forwarded_for(headers, peer);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(host) = forwarded_host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
-    headers.insert(CALL_ID.clone(), call_id.clone());
+    rewrite_request_headers(
+        &mut parts.headers,
+        peer,
+        forwarded_host,
+        call_id,
+        upgrade.is_some(),
+    );
+    parts
+        .headers
+        .insert(header::HOST, replica.upstream.host_header.clone());
     let upstream_req = Request::from_parts(parts, UpstreamBody::stream(body, limit));
 
     // 4. Send, bounded by the function's timeout on the response head.
-    let sent = if upgrade.is_some() {
-        tokio::time::timeout(
+    let mut resp = if upgrade.is_some() {
+        send(
             config.timeout,
-            upstream::send_upgrade(&replica.upstream, upstream_req),
+            limit,
+            upstream::send_upgrade(&replica, upstream_req),
         )
-        .await
-        .map(|r| r.map(|resp| (resp, None)))
+        .await?
     } else {
-        tokio::time::timeout(
+        send(
             config.timeout,
-            upstream::send(&replica.pool, &replica.upstream, upstream_req),
+            limit,
+            upstream::send(&replica, upstream_req),
         )
-        .await
-        .map(|r| r.map(|(resp, conn)| (resp, Some(conn))))
-    };
-    let (mut resp, conn) = match sent {
-        Err(_) => return Err(GatewayError::UpstreamTimeout(config.timeout)),
-        Ok(Err(e)) => return Err(classify(&e, limit)),
-        Ok(Ok(pair)) => pair,
+        .await?
     };
 
     // 5. The response, streamed back; the permit rides in the body (or the tunnel).
@@ -171,23 +154,104 @@ pub async fn forward(
         let (parts, _) = resp.into_parts();
         return Ok(Response::from_parts(parts, ResponseBody::empty()));
     }
-    let Some(conn) = conn else {
-        // An upgrade request the replica answered without switching: its connection task ends
-        // with the exchange; stream the body as usual.
-        let (parts, body) = resp.into_parts();
-        return Ok(Response::from_parts(
-            parts,
-            ResponseBody::upstream_unpooled(body, permit),
-        ));
-    };
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream(body, conn, permit),
+        ResponseBody::upstream(body, permit),
     ))
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// Waits for a response head at most `timeout`: `504` past it, `502` when the replica refuses or
+/// resets, `413`/`400` when the client's body fails (`limit` names the body limit).
+async fn send(
+    timeout: std::time::Duration,
+    limit: u64,
+    exchange: impl std::future::Future<Output = Result<Response<PooledBody>, UpstreamError>>,
+) -> Result<Response<PooledBody>, GatewayError> {
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+        Ok(Err(e)) => Err(classify(&e, limit)),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// Sends a stored async invocation (headers already rewritten by [`rewrite_request_headers`],
+/// body in memory) as `POST path_and_query` to the replica `permit` holds a slot on, with the
+/// function's `timeout` on the response head. The response comes back with hop-by-hop headers
+/// removed; its body is the caller's to read (the slot stays taken until `permit` is dropped).
+pub async fn send_stored(
+    function: &Function,
+    permit: &Permit,
+    path_and_query: &str,
+    mut headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response<PooledBody>, GatewayError> {
+    let replica = permit.replica();
+    headers.insert(header::HOST, replica.upstream.host_header.clone());
+    let mut req = Request::new(UpstreamBody::Full((!body.is_empty()).then_some(body)));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = origin_form(path_and_query.to_owned())?;
+    *req.headers_mut() = headers;
+    let mut resp = send(function.config.timeout, 0, upstream::send(replica, req)).await?;
+    strip_hop_by_hop(resp.headers_mut(), false);
+    Ok(resp)
+}
+
+/// The host the client addressed (its `Host` header, else the URI's authority), for
+/// `X-Forwarded-Host`.
+pub fn forwarded_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+/// What the replica's request line carries: the request path after byte `name_end` (`/` when
+/// nothing follows) plus the original query.
+pub fn replica_path_and_query(uri: &Uri, name_end: usize) -> String {
+    let path = uri.path().get(name_end..).unwrap_or("");
+    let path = if path.is_empty() { "/" } else { path };
+    match uri.query() {
+        Some(q) => {
+            let mut s = String::with_capacity(path.len() + q.len() + 1);
+            s.push_str(path);
+            s.push('?');
+            s.push_str(q);
+            s
+        }
+        None => path.to_owned(),
+    }
+}
+
+/// An origin-form request target (the replica's address goes in `Host`).
+fn origin_form(path_and_query: String) -> Result<Uri, GatewayError> {
+    Uri::try_from(path_and_query).map_err(|e| GatewayError::Internal(format!("upstream uri: {e}")))
+}
+
+/// The header rules for a request on its way to a replica: hop-by-hop headers and `Host` out
+/// (the upgrade pair kept with `upgrade`), the client's address appended to `X-Forwarded-For`,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` set, `X-Call-Id` set.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    peer: &Peer,
+    forwarded_host: Option<HeaderValue>,
+    call_id: &HeaderValue,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(header::HOST);
+    append_forwarded_for(headers, peer);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(host) = forwarded_host {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.insert(CALL_ID.clone(), call_id.clone());
+}
+
+/// The declared `Content-Length`, if any and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()

@@ -6,6 +6,8 @@ use crate::config::is_valid_function_name;
 
 /// The path prefix of sync invocations.
 pub const FUNCTION_PREFIX: &str = "/function/";
+/// The path prefix of async invocations.
+pub const ASYNC_FUNCTION_PREFIX: &str = "/async-function/";
 
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -61,7 +63,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         }
         return Route::Invoke { name, path: rest };
     }
-    if let Some(tail) = path.strip_prefix("/async-function/") {
+    if let Some(tail) = path.strip_prefix(ASYNC_FUNCTION_PREFIX) {
         let (name, rest) = name_and_rest(tail);
         if !is_valid_function_name(name) {
             return Route::MalformedName;

@@ -13,11 +13,13 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -26,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::body::UpstreamBody;
 use crate::config::Upstream;
+use crate::provider::Replica;
 
 /// Idle connections kept per replica.
 const MAX_IDLE: usize = 1024;
@@ -156,10 +159,86 @@ async fn checkout(pool: &Pool) -> Option<Box<Conn>> {
     None
 }
 
-/// Sends `req` to `upstream` on a pooled (or new) connection and waits for the response head,
-/// driving the connection meanwhile. The connection comes back with the response: the caller
-/// drives it while the body streams and returns it to `pool` afterwards.
+/// A replica's response body together with the connection it arrives on. Polling it drives the
+/// connection; when the body has ended (seen by polling, or on drop) the connection goes back to
+/// the replica's pool; dropped before the end, the connection is closed.
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<Box<Conn>>,
+    replica: Arc<Replica>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("replica", &self.replica.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    /// Returns the connection to the pool if the body has ended (else closes it). Idempotent.
+    pub fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.inner.is_end_stream() {
+                self.replica.pool.put(conn);
+            }
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body whose `is_end_stream` is true, so the end is often seen here.
+        self.release();
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(conn) = &mut this.conn {
+            if !conn.drive(cx) {
+                this.conn = None;
+            }
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Sends `req` to `replica` on a pooled (or new) connection and waits for the response head,
+/// driving the connection meanwhile. The response body carries the connection (see [`PooledBody`]).
 pub async fn send(
+    replica: &Arc<Replica>,
+    req: Request<UpstreamBody>,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let (resp, conn) = exchange(&replica.pool, &replica.upstream, req).await?;
+    Ok(resp.map(|inner| PooledBody {
+        inner,
+        conn: Some(conn),
+        replica: replica.clone(),
+    }))
+}
+
+async fn exchange(
     pool: &Pool,
     upstream: &Upstream,
     mut req: Request<UpstreamBody>,
@@ -201,14 +280,20 @@ pub async fn send(
 }
 
 /// Sends an upgrade request on a connection of its own, driven by a spawned task that keeps
-/// running for the upgraded stream.
+/// running for the upgraded stream (`hyper::upgrade::on` works on the response; its body, if the
+/// replica did not switch, is not pooled).
 pub async fn send_upgrade(
-    upstream: &Upstream,
+    replica: &Arc<Replica>,
     req: Request<UpstreamBody>,
-) -> Result<Response<Incoming>, UpstreamError> {
-    let (mut sender, driver) = connect(upstream).await?;
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let (mut sender, driver) = connect(&replica.upstream).await?;
     tokio::spawn(async move {
         let _ = driver.with_upgrades().await;
     });
-    Ok(sender.send_request(req).await?)
+    let resp = sender.send_request(req).await?;
+    Ok(resp.map(|inner| PooledBody {
+        inner,
+        conn: None,
+        replica: replica.clone(),
+    }))
 }

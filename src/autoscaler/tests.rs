@@ -246,3 +246,48 @@ fn decisions_keep_to_the_polling_schedule_when_samples_do_not_divide_it() {
     // A stalled loop skips the deadlines it missed instead of deciding several times at once.
     assert_eq!(next_decision(ms(500), ms(1700), ms(500)), ms(2000));
 }
+
+#[tokio::test(start_paused = true)]
+async fn queue_mode_scales_on_the_async_backlog() {
+    let (a, f, fake) = scaler(
+        "type = \"queue\"\nqueue_length = 5\nrate_seconds = 10\npolling_interval = 1\nmin_replicas = 0\nmax_replicas = 10\ncooldown_period = 30",
+        0,
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(a.run(stop_rx));
+    let sleep = |secs: f64| tokio::time::sleep(Duration::from_secs_f64(secs));
+
+    // Nothing pending: stays at zero.
+    sleep(2.5).await;
+    assert_eq!(fake.replicas(), 0);
+
+    // 23 pending invocations, 5 per replica: ceil(23 / 5) = 5, from zero.
+    f.metrics.async_backlog.set(23);
+    sleep(1.1).await;
+    assert_eq!(fake.replicas(), 5);
+    publish(&f, 5);
+
+    // 60 pending: ceil(60 / 5) = 12, clamped to max_replicas.
+    f.metrics.async_backlog.set(60);
+    sleep(1.1).await;
+    assert_eq!(fake.replicas(), 10);
+    publish(&f, 10);
+
+    // The backlog shrinks to 7: held for the cooldown, then ceil(7 / 5) = 2.
+    f.metrics.async_backlog.set(7);
+    sleep(25.0).await;
+    assert_eq!(fake.replicas(), 10, "no scale-down inside the cooldown");
+    sleep(10.0).await;
+    assert_eq!(fake.replicas(), 2);
+    publish(&f, 2);
+
+    // Drained: back to zero after a whole cooldown.
+    f.metrics.async_backlog.set(0);
+    sleep(29.0).await;
+    assert_eq!(fake.replicas(), 2);
+    sleep(3.0).await;
+    assert_eq!(fake.replicas(), 0);
+    assert_eq!(f.metrics.desired.get(), 0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}

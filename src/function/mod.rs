@@ -212,7 +212,7 @@ pub struct Figures {
     pub burst_requests: u64,
     /// Time since the last request arrived or finished.
     pub idle_for: Duration,
-    /// Async invocations accepted and not yet dispatched.
+    /// Async invocations accepted and not yet finished (the `sluicegate_async_backlog` gauge).
     pub backlog: u64,
 }
 
@@ -578,6 +578,13 @@ impl Function {
         let capacity = (ready as u64 * self.config.max_ongoing_requests as u64).max(1);
         let ahead = self.metrics.queued.get().max(0) as u64 + 1;
         retry_seconds(Some(mean * ahead as f64 / capacity as f64))
+    }
+
+    /// Mean time a replica slot was held per finished request so far, if any finished.
+    pub fn mean_service_time(&self) -> Option<Duration> {
+        let count = self.service_count.load(Ordering::Relaxed);
+        (count > 0)
+            .then(|| Duration::from_micros(self.service_micros.load(Ordering::Relaxed) / count))
     }
 
     /// Asks the backend for `n` replicas (the autoscaler uses this).

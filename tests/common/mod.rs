@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,20 +70,38 @@ pub struct Gw {
     pub running: Option<Running>,
     pub addr: SocketAddr,
     pub client: Client<HttpConnector, TestBody>,
+    /// The async store file this harness chose (deleted at shutdown), if the config named none.
+    temp_store: Option<PathBuf>,
+}
+
+/// A fresh async store path under the system temp directory, unique in this test run.
+pub fn temp_store_path() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!("sluicegate-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{}.redb", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
 impl Gw {
     /// Starts a gateway from TOML text. A `[gateway]` table listening on 127.0.0.1:0 is added
-    /// when the text has none.
+    /// when the text has none, and an `async_store` in a fresh temporary file when it names none
+    /// (tests run in parallel; each gateway needs its own store).
     pub async fn start(toml: &str) -> Gw {
+        let temp_store = (!toml.contains("async_store")).then(temp_store_path);
+        let store_line = temp_store
+            .as_ref()
+            .map(|p| format!("async_store = \"{}\"\n", p.display()))
+            .unwrap_or_default();
         let text = if toml.contains("[gateway]") {
-            toml.to_owned()
+            toml.replacen("[gateway]\n", &format!("[gateway]\n{store_line}"), 1)
         } else {
-            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{toml}")
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{store_line}{toml}")
         };
         let config = Config::parse(Path::new("tests/inline.toml"), &text, None)
             .unwrap_or_else(|e| panic!("test config invalid: {e}"));
-        Gw::start_config(config).await
+        let mut gw = Gw::start_config(config).await;
+        gw.temp_store = temp_store;
+        gw
     }
 
     pub async fn start_config(config: Config) -> Gw {
@@ -93,6 +111,7 @@ impl Gw {
             running: Some(running),
             addr,
             client: client(),
+            temp_store: None,
         }
     }
 
@@ -135,6 +154,9 @@ impl Gw {
     pub async fn shutdown(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
+        }
+        if let Some(path) = self.temp_store.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -192,8 +214,17 @@ impl Backend {
         F: Fn(Request<Incoming>, Arc<Stats>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<TestBody>> + Send + 'static,
     {
+        Backend::start_on("127.0.0.1:0".parse().unwrap(), handler).await
+    }
+
+    /// [`Backend::start`] on a given address (e.g. a port a gateway was told about earlier).
+    pub async fn start_on<F, Fut>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>, Arc<Stats>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
         let handler: Handler = Arc::new(move |req, stats| Box::pin(handler(req, stats)));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(Stats::default());
         let s = stats.clone();

@@ -1,0 +1,845 @@
+//! Async invocations end to end: accept (202 only once stored), dispatch through admission,
+//! callbacks, retries and dead letters, durability across restarts (in-process and SIGKILL).
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use sluicegate::queue::Store;
+use tokio::time::Instant;
+
+/// One request a recording backend received.
+#[derive(Clone, Debug)]
+struct Seen {
+    uri: String,
+    headers: HeaderMap,
+    body: Bytes,
+    at: Instant,
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+/// A backend that records every request and answers with what `answer` says for the n-th (0-based)
+/// request: status, extra headers, body.
+async fn recorder(
+    answer: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync + 'static,
+) -> (Backend, Log) {
+    recorder_on("127.0.0.1:0".parse().unwrap(), answer).await
+}
+
+async fn recorder_on(
+    addr: SocketAddr,
+    answer: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync + 'static,
+) -> (Backend, Log) {
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    let answer = Arc::new(answer);
+    let backend = Backend::start_on(addr, move |req, _| {
+        let seen = seen.clone();
+        let answer = answer.clone();
+        async move {
+            let (parts, b) = req.into_parts();
+            let data = b.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let n = {
+                let mut log = seen.lock().unwrap();
+                log.push(Seen {
+                    uri: parts.uri.to_string(),
+                    headers: parts.headers,
+                    body: data,
+                    at: Instant::now(),
+                });
+                log.len() - 1
+            };
+            let (status, headers, text) = answer(n);
+            let mut resp = Response::builder().status(status);
+            for (k, v) in headers {
+                resp = resp.header(k, v);
+            }
+            resp.body(body(text)).unwrap()
+        }
+    })
+    .await;
+    (backend, log)
+}
+
+fn ok_answer(_: usize) -> (u16, Vec<(&'static str, String)>, String) {
+    (200, vec![], "done\n".into())
+}
+
+async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn post_async(
+    gw: &Gw,
+    path: &str,
+    data: &'static str,
+    headers: &[(&str, &str)],
+) -> Request<TestBody> {
+    let mut req = Request::post(gw.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(body(data)).unwrap()
+}
+
+fn store_of(gw: &Gw) -> Arc<Store> {
+    gw.running
+        .as_ref()
+        .unwrap()
+        .gateway()
+        .queue()
+        .and_then(|q| q.store())
+        .expect("async store open")
+        .clone()
+}
+
+fn backlog(gw: &Gw, name: &str) -> i64 {
+    gw.function(name).metrics.async_backlog.get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_invocation_reaches_the_function_and_the_callback_gets_its_answer() {
+    let (function, calls) = recorder(|_| {
+        (
+            201,
+            vec![("content-type", "application/json".into())],
+            "{\"ok\":true}".into(),
+        )
+    })
+    .await;
+    let (receiver, callbacks) = recorder(ok_answer).await;
+    let gw = Gw::start(&static_fn("echo", &function.url(), "")).await;
+    let callback_url = format!("{}/hook?k=v", receiver.url());
+
+    let r = gw
+        .send(post_async(
+            &gw,
+            "/async-function/echo/some/path?x=1",
+            "hello",
+            &[
+                ("x-call-id", "call-123"),
+                ("x-callback-url", &callback_url),
+                ("content-type", "text/plain"),
+                ("x-custom", "kept"),
+            ],
+        ))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.header("x-call-id"), Some("call-123"));
+    assert!(r.header("x-start-time").is_some());
+
+    until("the callback arrives", Duration::from_secs(10), || {
+        !callbacks.lock().unwrap().is_empty()
+    })
+    .await;
+    let call = calls.lock().unwrap()[0].clone();
+    assert_eq!(call.uri, "/some/path?x=1");
+    assert_eq!(call.body, "hello");
+    assert_eq!(call.headers["x-call-id"], "call-123");
+    assert_eq!(call.headers["x-custom"], "kept");
+    assert_eq!(call.headers["content-type"], "text/plain");
+    assert_eq!(call.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(call.headers["x-forwarded-proto"], "http");
+    assert_eq!(call.headers["x-forwarded-host"], gw.addr.to_string());
+    assert_eq!(call.headers["content-length"], "5");
+
+    let cb = callbacks.lock().unwrap()[0].clone();
+    assert_eq!(cb.uri, "/hook?k=v");
+    assert_eq!(cb.headers["x-call-id"], "call-123");
+    assert_eq!(cb.headers["x-function-name"], "echo");
+    assert_eq!(cb.headers["x-function-status"], "201");
+    assert_eq!(cb.headers["content-type"], "application/json");
+    let seconds: f64 = cb.headers["x-duration-seconds"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.0..10.0).contains(&seconds), "{seconds}");
+    assert_eq!(cb.body, "{\"ok\":true}");
+
+    // Without a call id, one is generated and sent to the function.
+    let r = gw
+        .send(post_async(&gw, "/async-function/echo", "", &[]))
+        .await;
+    assert_eq!(r.status, 202);
+    let generated = r.header("x-call-id").unwrap().to_owned();
+    assert_eq!(generated.len(), 36, "{generated}");
+    until("the second call", Duration::from_secs(10), || {
+        calls.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        calls.lock().unwrap()[1].headers["x-call-id"],
+        generated.as_str()
+    );
+    assert_eq!(calls.lock().unwrap()[1].uri, "/");
+
+    let f = gw.function("echo");
+    until("the store is empty", Duration::from_secs(10), || {
+        store_of(&gw).pending_count("echo").unwrap() == 0
+    })
+    .await;
+    assert_eq!(f.metrics.async_backlog.get(), 0);
+    let scrape = gw.metrics().await;
+    for (series, value) in [
+        (
+            "sluicegate_async_invocations_total{function_name=\"echo\",outcome=\"accepted\"}",
+            2.0,
+        ),
+        (
+            "sluicegate_async_invocations_total{function_name=\"echo\",outcome=\"succeeded\"}",
+            2.0,
+        ),
+        (
+            "sluicegate_async_invocations_total{function_name=\"echo\",outcome=\"retried\"}",
+            0.0,
+        ),
+        (
+            "sluicegate_async_callbacks_total{function_name=\"echo\",result=\"delivered\"}",
+            1.0,
+        ),
+        ("sluicegate_async_backlog{function_name=\"echo\"}", 0.0),
+        (
+            "gateway_function_invocation_total{code=\"202\",function_name=\"echo\"}",
+            2.0,
+        ),
+        (
+            "gateway_function_invocation_total{code=\"201\",function_name=\"echo\"}",
+            2.0,
+        ),
+    ] {
+        assert_eq!(sample(&scrape, series), Some(value), "{series}\n{scrape}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_store_nothing_and_say_why() {
+    let (function, calls) = recorder(ok_answer).await;
+    let gw = Gw::start(&static_fn(
+        "echo",
+        &function.url(),
+        "max_body_bytes = 100\nasync_max_backlog = 2\nasync_initial_retry_wait = \"1h\"",
+    ))
+    .await;
+    let store = store_of(&gw);
+
+    // Unknown function: 404, never 202 (faas#947), and nothing stored under that name.
+    let r = gw
+        .send(post_async(&gw, "/async-function/nope", "x", &[]))
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-sluicegate-reason"), Some("unknown_function"));
+    assert_eq!(store.pending_count("nope").unwrap(), 0);
+
+    // Malformed name, wrong method.
+    assert_eq!(
+        gw.send(post_async(&gw, "/async-function/Bad", "", &[]))
+            .await
+            .status,
+        400
+    );
+    let r = gw.get("/async-function/echo").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
+
+    // A callback URL that cannot be called.
+    for bad in ["https://example.com/hook", "/relative", "not a url"] {
+        let r = gw
+            .send(post_async(
+                &gw,
+                "/async-function/echo",
+                "x",
+                &[("x-callback-url", bad)],
+            ))
+            .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.header("x-sluicegate-reason"), Some("bad_callback_url"));
+    }
+
+    // Bodies over max_body_bytes: declared, and streamed without a length.
+    let r = gw.post("/async-function/echo", vec![b'x'; 101]).await;
+    assert_eq!(r.status, 413);
+    assert!(r.body.contains("max_body_bytes (100 bytes)"), "{}", r.body);
+    let chunks = futures_stream(vec![
+        Bytes::from(vec![b'x'; 60]),
+        Bytes::from(vec![b'y'; 60]),
+    ]);
+    let r = gw
+        .send(
+            Request::post(gw.url("/async-function/echo"))
+                .body(chunks)
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(store.pending_count("echo").unwrap(), 0);
+    assert!(calls.lock().unwrap().is_empty());
+
+    // The backlog bound: a function that is down keeps its invocations (retry in an hour).
+    let down = format!("http://127.0.0.1:{}", closed_port());
+    gw.shutdown().await;
+    let gw = Gw::start(&static_fn(
+        "down",
+        &down,
+        "async_max_backlog = 2\nasync_initial_retry_wait = \"1h\"",
+    ))
+    .await;
+    let store = store_of(&gw);
+    for _ in 0..2 {
+        assert_eq!(
+            gw.send(post_async(&gw, "/async-function/down", "x", &[]))
+                .await
+                .status,
+            202
+        );
+    }
+    let r = gw
+        .send(post_async(&gw, "/async-function/down", "x", &[]))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("x-sluicegate-reason"), Some("async_backlog_full"));
+    let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    assert!(r.body.contains("async_max_backlog"), "{}", r.body);
+    assert_eq!(store.pending_count("down").unwrap(), 2);
+    assert_eq!(backlog(&gw, "down"), 2);
+    let scrape = gw.metrics().await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "sluicegate_async_invocations_total{function_name=\"down\",outcome=\"rejected\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&scrape, "sluicegate_function_rejected_total{function_name=\"down\",reason=\"async_backlog_full\"}"),
+        Some(1.0)
+    );
+
+    // Draining for shutdown: 503, nothing stored.
+    gw.running.as_ref().unwrap().gateway().start_draining();
+    let r = gw
+        .send(post_async(&gw, "/async-function/down", "x", &[]))
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-sluicegate-reason"), Some("draining"));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(store.pending_count("down").unwrap(), 2);
+    gw.shutdown().await;
+}
+
+/// A request body sent as separate chunks, without a Content-Length.
+fn futures_stream(chunks: Vec<Bytes>) -> TestBody {
+    use http_body_util::StreamBody;
+    let frames = chunks
+        .into_iter()
+        .map(|c| Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(c)));
+    StreamBody::new(IterStream(frames.collect::<Vec<_>>().into_iter())).boxed()
+}
+
+struct IterStream<I>(I);
+
+impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
+    type Item = I::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_with_backoff_then_dead_lettered() {
+    // 429 with Retry-After: 1 first, then 503s.
+    let (function, calls) = recorder(|n| match n {
+        0 => (429, vec![("retry-after", "1".into())], "slow down\n".into()),
+        _ => (
+            503,
+            vec![("content-type", "text/plain".into())],
+            "still down\n".into(),
+        ),
+    })
+    .await;
+    let (receiver, callbacks) = recorder(ok_answer).await;
+    let gw = Gw::start(&static_fn(
+        "flaky",
+        &function.url(),
+        "async_max_attempts = 3\nasync_initial_retry_wait = \"150ms\"\nasync_max_retry_wait = \"10s\"",
+    ))
+    .await;
+    let hook = format!("{}/hook", receiver.url());
+    let r = gw
+        .send(post_async(
+            &gw,
+            "/async-function/flaky/job",
+            "payload",
+            &[("x-callback-url", &hook), ("x-call-id", "dl-1")],
+        ))
+        .await;
+    assert_eq!(r.status, 202);
+    until("the callback", Duration::from_secs(15), || {
+        !callbacks.lock().unwrap().is_empty()
+    })
+    .await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "async_max_attempts attempts, no more");
+    // The function's Retry-After (1 s) wins over the first backoff (150 ms); then 2 x 150 ms.
+    let first_wait = calls[1].at - calls[0].at;
+    let second_wait = calls[2].at - calls[1].at;
+    assert!(first_wait >= Duration::from_secs(1), "{first_wait:?}");
+    assert!(second_wait >= Duration::from_millis(300), "{second_wait:?}");
+    assert!(second_wait < Duration::from_millis(1000), "{second_wait:?}");
+    for c in &calls {
+        assert_eq!(c.body, "payload");
+        assert_eq!(c.headers["x-call-id"], "dl-1");
+    }
+
+    // The callback gets the final answer.
+    let cb = callbacks.lock().unwrap()[0].clone();
+    assert_eq!(cb.headers["x-function-status"], "503");
+    assert_eq!(cb.headers["x-sluicegate-attempts"], "3");
+    assert_eq!(cb.body, "still down\n");
+
+    // Kept in the dead-letter table, not lost; gone from the backlog.
+    let store = store_of(&gw);
+    until("dead-lettered in the store", Duration::from_secs(5), || {
+        store.dead_letters("flaky").unwrap().len() == 1
+    })
+    .await;
+    let dead = &store.dead_letters("flaky").unwrap()[0];
+    assert_eq!((dead.attempts, dead.status), (3, 503));
+    assert_eq!(dead.invocation.call_id, "dl-1");
+    assert_eq!(dead.invocation.path_and_query, "/job");
+    assert_eq!(dead.invocation.body, "payload");
+    assert_eq!(store.pending_count("flaky").unwrap(), 0);
+    assert_eq!(backlog(&gw, "flaky"), 0);
+    let f = gw.function("flaky");
+    use sluicegate::metrics::AsyncOutcome;
+    assert_eq!(f.metrics.async_outcome_count(AsyncOutcome::Retried), 2);
+    assert_eq!(f.metrics.async_outcome_count(AsyncOutcome::DeadLettered), 1);
+    assert_eq!(f.metrics.async_outcome_count(AsyncOutcome::Succeeded), 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_error_fails_at_once_and_a_dead_callback_does_not_block_the_queue() {
+    let (function, calls) = recorder(|n| {
+        if n == 0 {
+            (422, vec![], "bad input\n".into())
+        } else {
+            (200, vec![], "fine\n".into())
+        }
+    })
+    .await;
+    let gw = Gw::start(&static_fn(
+        "strict",
+        &function.url(),
+        "async_initial_retry_wait = \"50ms\"\nasync_max_retry_wait = \"100ms\"\nasync_concurrency = 1",
+    ))
+    .await;
+    // The first invocation's callback receiver is down: its deliveries are retried and given up,
+    // while the second invocation goes through meanwhile.
+    let dead_hook = format!("http://127.0.0.1:{}/hook", closed_port());
+    let r = gw
+        .send(post_async(
+            &gw,
+            "/async-function/strict",
+            "a",
+            &[("x-callback-url", &dead_hook)],
+        ))
+        .await;
+    assert_eq!(r.status, 202);
+    let r = gw
+        .send(post_async(&gw, "/async-function/strict", "b", &[]))
+        .await;
+    assert_eq!(r.status, 202);
+    until("both invocations ran", Duration::from_secs(10), || {
+        calls.lock().unwrap().len() == 2
+    })
+    .await;
+    let f = gw.function("strict");
+    use sluicegate::metrics::{AsyncOutcome, CallbackResult};
+    until("the callback is given up", Duration::from_secs(10), || {
+        f.metrics.callback_count(CallbackResult::Failed) == 1
+    })
+    .await;
+    assert_eq!(
+        f.metrics.callback_count(CallbackResult::Retried),
+        (sluicegate::queue::CALLBACK_ATTEMPTS - 1) as u64
+    );
+    assert_eq!(f.metrics.async_outcome_count(AsyncOutcome::Failed), 1);
+    assert_eq!(f.metrics.async_outcome_count(AsyncOutcome::Succeeded), 1);
+    assert_eq!(
+        f.metrics.async_outcome_count(AsyncOutcome::Retried),
+        0,
+        "422 is not retried"
+    );
+    let store = store_of(&gw);
+    until("the store is empty", Duration::from_secs(5), || {
+        store.pending_count("strict").unwrap() == 0
+    })
+    .await;
+    assert!(store.dead_letters("strict").unwrap().is_empty());
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_work_holds_one_queue_place_and_cannot_starve_sync_requests() {
+    let function = Backend::sleeping(Duration::from_millis(100)).await;
+    let gw = Gw::start(&static_fn(
+        "busy",
+        &function.url(),
+        "max_ongoing_requests = 1\nmax_queued_requests = 4",
+    ))
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            gw.send(post_async(&gw, "/async-function/busy", "", &[]))
+                .await
+                .status,
+            202
+        );
+    }
+    let f = gw.function("busy");
+    until(
+        "async work occupies the replica",
+        Duration::from_secs(5),
+        || f.figures(Instant::now()).ongoing == 1,
+    )
+    .await;
+    assert!(
+        f.figures(Instant::now()).queued <= 1,
+        "async holds at most one queue place"
+    );
+    // Three sync requests at once: they queue beside at most one async waiter, and none is shed.
+    let started = Instant::now();
+    let sync: Vec<_> = (0..3)
+        .map(|_| {
+            let client = gw.client.clone();
+            let url = gw.url("/function/busy/");
+            tokio::spawn(async move {
+                read_whole(
+                    client
+                        .request(Request::get(url).body(empty()).unwrap())
+                        .await
+                        .unwrap(),
+                )
+                .await
+                .status
+            })
+        })
+        .collect();
+    for s in sync {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    // Each waited for at most the async invocations ahead of it, one per sync request: well under
+    // the 20 x 100 ms the whole async backlog takes.
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        backlog(&gw, "busy") > 5,
+        "the async backlog is still being worked off"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_invocations_survive_a_restart_and_are_all_delivered() {
+    const N: usize = 20;
+    let store_path = temp_store_path();
+    let gateway = |upstream: &str, extra: &str| {
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}\"\n{}",
+            store_path.display(),
+            static_fn("job", upstream, extra)
+        )
+    };
+    // The function is down; its first attempts fail and wait an hour to be retried.
+    let down = format!("http://127.0.0.1:{}", closed_port());
+    let gw = Gw::start(&gateway(&down, "async_initial_retry_wait = \"1h\"")).await;
+    let mut ids = HashSet::new();
+    for i in 0..N {
+        let id = format!("restart-{i}");
+        let r = gw
+            .send(post_async(
+                &gw,
+                &format!("/async-function/job/{i}"),
+                "x",
+                &[("x-call-id", &id)],
+            ))
+            .await;
+        assert_eq!(r.status, 202);
+        ids.insert(id);
+    }
+    assert_eq!(backlog(&gw, "job"), N as i64);
+    gw.shutdown().await;
+
+    // A new gateway on the same store, its function still down for now: the backlog is all there.
+    let port = closed_port();
+    let gw = Gw::start(&gateway(
+        &format!("http://127.0.0.1:{port}"),
+        "async_initial_retry_wait = \"50ms\"\nasync_max_retry_wait = \"200ms\"\nasync_max_attempts = 1000",
+    ))
+    .await;
+    assert_eq!(
+        backlog(&gw, "job"),
+        N as i64,
+        "the backlog gauge starts from the store"
+    );
+    let scrape = gw.metrics().await;
+    assert_eq!(
+        sample(&scrape, "sluicegate_async_backlog{function_name=\"job\"}"),
+        Some(N as f64)
+    );
+    // The function comes up: every invocation is delivered, none lost.
+    let (_function, calls) =
+        recorder_on(format!("127.0.0.1:{port}").parse().unwrap(), ok_answer).await;
+    until(
+        "every invocation is delivered",
+        Duration::from_secs(20),
+        || {
+            let seen: HashSet<String> = calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|c| c.headers["x-call-id"].to_str().unwrap().to_owned())
+                .collect();
+            seen == ids
+        },
+    )
+    .await;
+    until("the backlog is empty", Duration::from_secs(5), || {
+        backlog(&gw, "job") == 0
+    })
+    .await;
+    for c in calls.lock().unwrap().iter() {
+        let id = c.headers["x-call-id"].to_str().unwrap();
+        let i = id.strip_prefix("restart-").unwrap();
+        assert_eq!(c.uri, format!("/{i}"), "the stored path comes back");
+    }
+    gw.shutdown().await;
+    let _ = std::fs::remove_file(store_path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invocations_acknowledged_by_a_sigkilled_gateway_are_delivered_after_restart() {
+    const N: usize = 10;
+    let dir = std::env::temp_dir().join(format!("sluicegate-sigkill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store_path = dir.join("async.redb");
+    let _ = std::fs::remove_file(&store_path);
+    let port = closed_port();
+    let config = dir.join("gw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nasync_store = \"{}\"\n{}",
+            store_path.display(),
+            static_fn(
+                "job",
+                &format!("http://127.0.0.1:{}", closed_port()),
+                "async_initial_retry_wait = \"1h\""
+            )
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let up = c
+            .request(
+                Request::get(format!("{base}/healthz"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway binary did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ids = HashSet::new();
+    for i in 0..N {
+        let id = format!("kill-{i}");
+        let r = read_whole(
+            c.request(
+                Request::post(format!("{base}/async-function/job"))
+                    .header("x-call-id", &id)
+                    .body(body(format!("payload-{i}")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 202);
+        ids.insert(id);
+    }
+    // No drain, no flush: SIGKILL right after the last 202.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (function, calls) = recorder(ok_answer).await;
+    let gw = Gw::start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}\"\n{}",
+        store_path.display(),
+        static_fn("job", &function.url(), "")
+    ))
+    .await;
+    until(
+        "every acknowledged invocation is delivered",
+        Duration::from_secs(20),
+        || {
+            let seen: HashSet<String> = calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|c| c.headers["x-call-id"].to_str().unwrap().to_owned())
+                .collect();
+            seen == ids
+        },
+    )
+    .await;
+    for c in calls.lock().unwrap().iter() {
+        let id = c.headers["x-call-id"].to_str().unwrap();
+        assert_eq!(
+            c.body,
+            format!("payload-{}", id.strip_prefix("kill-").unwrap())
+        );
+    }
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_scales_a_queue_mode_function_up_and_back_to_zero() {
+    let tag = format!("sgtest-asyncqueue-{}", std::process::id());
+    let gw = Gw::start(&format!(
+        "[functions.worker]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"]\n\
+         readiness_path = \"/healthz\"\nmax_ongoing_requests = 1\ntermination_grace = \"2s\"\n\
+         [functions.worker.autoscaler]\ntype = \"queue\"\nqueue_length = 4\nmin_replicas = 0\nmax_replicas = 3\n\
+         polling_interval = \"100ms\"\ncooldown_period = \"1s\"\nrate_seconds = \"2s\"\n"
+    ))
+    .await;
+    assert_eq!(count_processes(&tag), 0, "nothing runs before the backlog");
+    for _ in 0..24 {
+        let r = gw
+            .send(post_async(
+                &gw,
+                "/async-function/worker/?sleep=150ms",
+                "",
+                &[],
+            ))
+            .await;
+        assert_eq!(r.status, 202);
+    }
+    let f = gw.function("worker");
+    // 24 pending, 4 per replica: ceil(24 / 4) = 6, clamped to max_replicas = 3.
+    until("three replicas are ready", Duration::from_secs(15), || {
+        let now = f.figures(Instant::now());
+        now.replicas == 3 && now.ready == 3
+    })
+    .await;
+    assert_eq!(count_processes(&tag), 3);
+    assert!(f.metrics.scaled_up.get() >= 1);
+    until("the backlog is worked off", Duration::from_secs(30), || {
+        f.metrics.async_backlog.get() == 0
+    })
+    .await;
+    use sluicegate::metrics::AsyncOutcome;
+    assert_eq!(f.metrics.async_outcome_count(AsyncOutcome::Succeeded), 24);
+    // Nothing pending: back to zero after the cooldown.
+    until("scaled to zero", Duration::from_secs(15), || {
+        f.figures(Instant::now()).replicas == 0
+    })
+    .await;
+    gw.shutdown().await;
+    assert_eq!(count_processes(&tag), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_store_refuses_async_calls_and_keeps_serving_sync_ones() {
+    let (function, calls) = recorder(ok_answer).await;
+    // The store's directory cannot be created: a file is in the way.
+    let blocker = temp_store_path();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let gw = Gw::start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}/async.redb\"\n{}",
+        blocker.display(),
+        static_fn("echo", &function.url(), "")
+    ))
+    .await;
+    let r = gw
+        .send(post_async(&gw, "/async-function/echo", "x", &[]))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.header("x-sluicegate-reason"),
+        Some("async_store_unavailable")
+    );
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert!(r.body.contains("nothing was stored"), "{}", r.body);
+    assert_eq!(gw.get("/function/echo/").await.status, 200);
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "only the sync call reached the function"
+    );
+    gw.shutdown().await;
+
+    // A store another gateway holds open is unavailable too (redb locks the file).
+    let shared = temp_store_path();
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}\"\n{}",
+        shared.display(),
+        static_fn("echo", &function.url(), "")
+    );
+    let first = Gw::start(&config).await;
+    let second = Gw::start(&config).await;
+    let r = second
+        .send(post_async(&second, "/async-function/echo", "x", &[]))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.header("x-sluicegate-reason"),
+        Some("async_store_unavailable")
+    );
+    let r = first
+        .send(post_async(&first, "/async-function/echo", "x", &[]))
+        .await;
+    assert_eq!(r.status, 202);
+    second.shutdown().await;
+    first.shutdown().await;
+    let _ = std::fs::remove_file(blocker);
+    let _ = std::fs::remove_file(shared);
+}
