@@ -85,7 +85,9 @@ pub fn inputs(
 ) -> Inputs {
     let window = config.window;
     let burst_window = window / 10;
-    let in_flight = figures.ongoing + figures.queued;
+    // Work the function still owes: requests being served or waiting, and async invocations
+    // not yet final (some may be waiting for a retry). None of it may be scaled to zero.
+    let in_flight = figures.ongoing + figures.queued + figures.backlog;
     let (metric, burst_metric) = match config.mode {
         ScaleMode::Rps { .. } => (
             figures.window_requests as f64,
@@ -238,7 +240,7 @@ impl Autoscaler {
         if desired == 0 {
             // Re-read at the last moment: a request may have arrived since the figures were taken.
             let now = self.function.figures(Instant::now());
-            if now.ongoing + now.queued > 0 {
+            if now.ongoing + now.queued + now.backlog > 0 {
                 return;
             }
         }

@@ -291,3 +291,32 @@ async fn queue_mode_scales_on_the_async_backlog() {
     stop.send(true).unwrap();
     task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_async_backlog_keeps_the_function_alive_in_every_mode() {
+    let (mut a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 0\nmax_replicas = 3\ncooldown_period = 5"),
+        1,
+    );
+    // Three async invocations wait for a retry: no request arrives, nothing is in flight.
+    f.metrics.async_backlog.set(3);
+    for _ in 0..60 {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+        assert_eq!(
+            fake.replicas(),
+            1,
+            "owed async work must not be scaled to zero"
+        );
+    }
+    // Done: like a request, the owed work counts as demand for one more cooldown.
+    f.metrics.async_backlog.set(0);
+    for _ in 0..4 {
+        advance(Duration::from_secs(1)).await;
+        a.step(Instant::now(), true);
+        assert_eq!(fake.replicas(), 1);
+    }
+    advance(Duration::from_secs(2)).await;
+    a.step(Instant::now(), true);
+    assert_eq!(fake.replicas(), 0);
+}
