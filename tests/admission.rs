@@ -12,15 +12,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Waits until `check` holds, polling every 5 ms, for at most 5 s.
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 fn queued(gw: &Gw, name: &str) -> u64 {
     gw.function(name).figures(Instant::now()).queued
 }
@@ -55,7 +46,7 @@ async fn ray_serve_example_four_accepted_five_rejected_at_once() {
             .await
         }));
     }
-    until("2 ongoing and 2 queued", || {
+    until("2 ongoing and 2 queued", Duration::from_secs(5), || {
         ongoing(&gw, "model") == 2 && queued(&gw, "model") == 2
     })
     .await;
@@ -148,12 +139,17 @@ async fn queued_requests_are_served_in_arrival_order() {
             read_whole(client.request(req).await.unwrap()).await
         }));
         if i == 0 {
-            until("first request at the backend", || {
-                backend.stats.inflight.load(Ordering::SeqCst) == 1
-            })
+            until(
+                "first request at the backend",
+                Duration::from_secs(5),
+                || backend.stats.inflight.load(Ordering::SeqCst) == 1,
+            )
             .await;
         } else {
-            until("request queued", || queued(&gw, "fifo") == i as u64).await;
+            until("request queued", Duration::from_secs(5), || {
+                queued(&gw, "fifo") == i as u64
+            })
+            .await;
         }
     }
     for t in tasks {
@@ -224,7 +220,7 @@ async fn queue_timeout_answers_503_with_retry_after() {
         )
         .await
     });
-    until("slot taken", || {
+    until("slot taken", Duration::from_secs(5), || {
         backend.stats.inflight.load(Ordering::SeqCst) == 1
     })
     .await;
@@ -268,7 +264,7 @@ async fn client_disconnecting_while_queued_leaves_the_queue_and_sends_nothing_up
         )
         .await
     });
-    until("slot taken", || {
+    until("slot taken", Duration::from_secs(5), || {
         backend.stats.inflight.load(Ordering::SeqCst) == 1
     })
     .await;
@@ -276,11 +272,16 @@ async fn client_disconnecting_while_queued_leaves_the_queue_and_sends_nothing_up
     s.write_all(b"GET /function/busy/?queued=1 HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    until("second request queued", || queued(&gw, "busy") == 1).await;
-    drop(s);
-    until("queue empty after the disconnect", || {
-        queued(&gw, "busy") == 0
+    until("second request queued", Duration::from_secs(5), || {
+        queued(&gw, "busy") == 1
     })
+    .await;
+    drop(s);
+    until(
+        "queue empty after the disconnect",
+        Duration::from_secs(5),
+        || queued(&gw, "busy") == 0,
+    )
     .await;
     assert_eq!(holder.await.unwrap().status, 200);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -293,9 +294,7 @@ async fn client_disconnecting_while_queued_leaves_the_queue_and_sends_nothing_up
 async fn client_disconnecting_mid_response_frees_its_slot_at_once() {
     // A response whose body never ends, from a backend that streams forever.
     let forever = Backend::start(|_, _| async move {
-        let (tx, rx) = tokio::sync::mpsc::channel::<
-            Result<hyper::body::Frame<bytes::Bytes>, Box<dyn std::error::Error + Send + Sync>>,
-        >(1);
+        let (tx, streamed) = channel_body(1);
         tokio::spawn(async move {
             loop {
                 if tx
@@ -310,9 +309,7 @@ async fn client_disconnecting_mid_response_frees_its_slot_at_once() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
-        http::Response::new(http_body_util::BodyExt::boxed(
-            http_body_util::StreamBody::new(Rx(rx)),
-        ))
+        http::Response::new(streamed)
     })
     .await;
     let gw2 = Gw::start(&static_fn(
@@ -329,23 +326,13 @@ async fn client_disconnecting_mid_response_frees_its_slot_at_once() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(ongoing(&gw2, "stream"), 1);
     drop(s);
-    until("slot freed after the client left", || {
-        ongoing(&gw2, "stream") == 0
-    })
+    until(
+        "slot freed after the client left",
+        Duration::from_secs(5),
+        || ongoing(&gw2, "stream") == 0,
+    )
     .await;
     gw2.shutdown().await;
-}
-
-struct Rx<T>(tokio::sync::mpsc::Receiver<T>);
-
-impl<T> futures_core::Stream for Rx<T> {
-    type Item = T;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
-    }
 }
 
 #[tokio::test]

@@ -73,14 +73,6 @@ fn ok_answer(_: usize) -> (u16, Vec<(&'static str, String)>, String) {
     (200, vec![], "done\n".into())
 }
 
-async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn post_async(
     gw: &Gw,
     path: &str,
@@ -343,23 +335,12 @@ async fn refusals_store_nothing_and_say_why() {
 
 /// A request body sent as separate chunks, without a Content-Length.
 fn futures_stream(chunks: Vec<Bytes>) -> TestBody {
-    use http_body_util::StreamBody;
-    let frames = chunks
-        .into_iter()
-        .map(|c| Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(c)));
-    StreamBody::new(IterStream(frames.collect::<Vec<_>>().into_iter())).boxed()
-}
-
-struct IterStream<I>(I);
-
-impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
-    type Item = I::Item;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<I::Item>> {
-        std::task::Poll::Ready(self.0.next())
+    let (tx, body) = channel_body(chunks.len().max(1));
+    for chunk in chunks {
+        tx.try_send(Ok(hyper::body::Frame::data(chunk)))
+            .expect("the channel holds every chunk");
     }
+    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,14 +27,6 @@ fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn fire(gw: &Gw, path: &str, n: usize) -> Vec<Resp> {
     let tasks: Vec<_> = (0..n)
         .map(|_| {

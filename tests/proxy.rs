@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::BodyExt;
 use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -87,8 +87,7 @@ async fn chunked_body_over_the_limit_gets_413() {
     })
     .await;
     let gw = Gw::start(&static_fn("echo", &backend.url(), "max_body_bytes = 10000")).await;
-    let (tx, rx) =
-        mpsc::channel::<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>(32);
+    let (tx, streamed) = channel_body(32);
     for _ in 0..20 {
         tx.send(Ok(Frame::data(Bytes::from(vec![b'y'; 1000]))))
             .await
@@ -96,7 +95,7 @@ async fn chunked_body_over_the_limit_gets_413() {
     }
     drop(tx);
     let req = Request::post(gw.url("/function/echo/"))
-        .body(BodyExt::boxed(StreamBody::new(ReceiverStream(rx))))
+        .body(streamed)
         .unwrap();
     let r = gw.send(req).await;
     assert_eq!(r.status, 413, "{}", r.body);
@@ -170,8 +169,7 @@ async fn response_body_streams_before_it_is_complete() {
     let backend = Backend::start(move |_, _| {
         let seen_rx = seen_rx.clone();
         async move {
-            let (tx, rx) =
-                mpsc::channel::<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>(4);
+            let (tx, streamed) = channel_body(4);
             tokio::spawn(async move {
                 tx.send(Ok(Frame::data(Bytes::from_static(b"data: first\n\n"))))
                     .await
@@ -183,7 +181,7 @@ async fn response_body_streams_before_it_is_complete() {
             });
             Response::builder()
                 .header("content-type", "text/event-stream")
-                .body(BodyExt::boxed(StreamBody::new(ReceiverStream(rx))))
+                .body(streamed)
                 .unwrap()
         }
     })
@@ -211,18 +209,6 @@ async fn response_body_streams_before_it_is_complete() {
     gw.shutdown().await;
 }
 
-struct ReceiverStream<T>(mpsc::Receiver<T>);
-
-impl<T> futures_core::Stream for ReceiverStream<T> {
-    type Item = T;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
-    }
-}
-
 #[tokio::test]
 async fn request_body_streams_before_it_is_complete() {
     // The backend signals when it has read the first chunk; the client sends the rest only then.
@@ -248,10 +234,9 @@ async fn request_body_streams_before_it_is_complete() {
     })
     .await;
     let gw = Gw::start(&static_fn("upload", &backend.url(), "")).await;
-    let (tx, rx) =
-        mpsc::channel::<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>(4);
+    let (tx, streamed) = channel_body(4);
     let req = Request::post(gw.url("/function/upload/"))
-        .body(BodyExt::boxed(StreamBody::new(ReceiverStream(rx))))
+        .body(streamed)
         .unwrap();
     let pending = tokio::spawn({
         let client = gw.client.clone();
@@ -290,8 +275,7 @@ async fn large_upload_streams_with_flat_memory() {
     .await;
     let gw = Gw::start(&static_fn("upload", &backend.url(), "max_body_bytes = 0")).await;
     let before = rss_bytes();
-    let (tx, rx) =
-        mpsc::channel::<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>(2);
+    let (tx, streamed) = channel_body(2);
     let chunk = Bytes::from(vec![7u8; 256 * 1024]);
     tokio::spawn(async move {
         for _ in 0..TOTAL / chunk.len() {
@@ -301,7 +285,7 @@ async fn large_upload_streams_with_flat_memory() {
         }
     });
     let req = Request::post(gw.url("/function/upload/"))
-        .body(BodyExt::boxed(StreamBody::new(ReceiverStream(rx))))
+        .body(streamed)
         .unwrap();
     let r = gw.send(req).await;
     assert_eq!(r.status, 200);

@@ -368,3 +368,39 @@ pub fn count_processes(needle: &str) -> usize {
     }
     n
 }
+
+/// Waits until `check` holds, polling every 5 ms, failing the test after `limit`.
+pub async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One frame of a [`channel_body`].
+pub type FrameResult = Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A body streamed from a channel: what is sent on the returned sender arrives frame by frame,
+/// and dropping the sender ends the body.
+pub fn channel_body(capacity: usize) -> (tokio::sync::mpsc::Sender<FrameResult>, TestBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    (tx, ChannelBody(rx).boxed())
+}
+
+struct ChannelBody(tokio::sync::mpsc::Receiver<FrameResult>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<FrameResult>> {
+        self.0.poll_recv(cx)
+    }
+}
