@@ -209,17 +209,7 @@ async fn queue_timeout_answers_503_with_retry_after() {
         "max_ongoing_requests = 1\nqueue_timeout = \"200ms\"",
     ))
     .await;
-    let client = gw.client.clone();
-    let url = gw.url("/function/busy/?sleep=1500");
-    let holder = tokio::spawn(async move {
-        read_whole(
-            client
-                .request(Request::get(url).body(empty()).unwrap())
-                .await
-                .unwrap(),
-        )
-        .await
-    });
+    let holder = gw.spawn_get("/function/busy/?sleep=1500");
     until("slot taken", Duration::from_secs(5), || {
         backend.stats.inflight.load(Ordering::SeqCst) == 1
     })
@@ -253,17 +243,7 @@ async fn client_disconnecting_while_queued_leaves_the_queue_and_sends_nothing_up
         "max_ongoing_requests = 1",
     ))
     .await;
-    let client = gw.client.clone();
-    let url = gw.url("/function/busy/?sleep=700");
-    let holder = tokio::spawn(async move {
-        read_whole(
-            client
-                .request(Request::get(url).body(empty()).unwrap())
-                .await
-                .unwrap(),
-        )
-        .await
-    });
+    let holder = gw.spawn_get("/function/busy/?sleep=700");
     until("slot taken", Duration::from_secs(5), || {
         backend.stats.inflight.load(Ordering::SeqCst) == 1
     })

@@ -147,6 +147,19 @@ impl Gw {
             .await
     }
 
+    /// Starts a GET in the background; the handle yields the whole response.
+    pub fn spawn_get(&self, path: &str) -> JoinHandle<Resp> {
+        let client = self.client.clone();
+        let url = self.url(path);
+        tokio::spawn(async move {
+            let resp = client
+                .request(Request::get(url).body(empty()).unwrap())
+                .await
+                .expect("request reaches the gateway");
+            read_whole(resp).await
+        })
+    }
+
     pub async fn metrics(&self) -> String {
         self.get("/metrics").await.body
     }
