@@ -1,7 +1,7 @@
 //! The listener: accept loop, per-connection timeouts, graceful drain.
 //!
-//! Each connection is served by hyper-util's auto builder (HTTP/1.1 and h2c, with upgrades) and
-//! watched by its own task for two limits that hyper alone does not separate:
+//! Each connection is served by hyper-util's auto builder (HTTP/1.1 and h2c, with upgrades). One
+//! sweeper task enforces, for all connections, two limits that hyper alone does not separate:
 //!
 //! * `header_read_timeout`: from a connection's first byte of a request head (or from accept, for
 //!   a new connection) to the complete head. A client that trickles headers is cut off (slow loris).
@@ -16,18 +16,19 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -35,26 +36,47 @@ use crate::body::ResponseBody;
 use crate::gateway::Gateway;
 use crate::proxy::Peer;
 
-/// What one connection is doing, shared by its reader, its requests and its watchdog.
+/// Nothing asked of a connection.
+const RUN: u8 = 0;
+/// Finish what is in flight, then close (drain, idle timeout).
+const GRACEFUL: u8 = 1;
+/// Close now (header timeout, or still idle after a graceful request).
+const ABORT: u8 = 2;
+
+/// What one connection is doing, shared by its reader, its requests, its task and the sweeper.
 #[derive(Debug)]
 pub struct ConnState {
     origin: Instant,
+    peer: SocketAddr,
     inflight: AtomicU32,
     /// Nanoseconds since `origin` + 1 when the current request head began; 0 when none is pending.
     head_started: AtomicU64,
     /// Nanoseconds since `origin` when the connection last became idle.
     idle_since: AtomicU64,
+    /// What the sweeper or a drain asks: [`RUN`], [`GRACEFUL`] or [`ABORT`] (only ever raised).
+    signal: AtomicU8,
+    /// Wakes the connection's task when `signal` is raised.
+    waker: AtomicWaker,
 }
 
 impl ConnState {
-    fn new() -> ConnState {
+    fn new(peer: SocketAddr) -> ConnState {
         ConnState {
             origin: Instant::now(),
+            peer,
             inflight: AtomicU32::new(0),
             // A new connection must send its first head within header_read_timeout.
             head_started: AtomicU64::new(1),
             idle_since: AtomicU64::new(0),
+            signal: AtomicU8::new(RUN),
+            waker: AtomicWaker::new(),
         }
+    }
+
+    /// Raises the request made of the connection and wakes its task.
+    fn raise(&self, signal: u8) {
+        self.signal.fetch_max(signal, Ordering::AcqRel);
+        self.waker.wake();
     }
 
     fn nanos(&self, now: Instant) -> u64 {
@@ -74,10 +96,10 @@ impl ConnState {
         }
     }
 
-    /// When the watchdog should look again, or what it must do now.
+    /// Whether the connection is within its limits at `now`.
     fn check(&self, now: Instant, header_timeout: Duration, idle_timeout: Duration) -> Verdict {
         if self.inflight.load(Ordering::Relaxed) > 0 {
-            return Verdict::Later(now + idle_timeout.max(header_timeout));
+            return Verdict::Fine;
         }
         let head = self.head_started.load(Ordering::Relaxed);
         if head != 0 {
@@ -85,7 +107,7 @@ impl ConnState {
             return if now >= deadline {
                 Verdict::HeaderTimeout
             } else {
-                Verdict::Later(deadline)
+                Verdict::Fine
             };
         }
         let deadline = self.origin
@@ -94,13 +116,14 @@ impl ConnState {
         if now >= deadline {
             Verdict::Idle
         } else {
-            Verdict::Later(deadline)
+            Verdict::Fine
         }
     }
 }
 
 enum Verdict {
-    Later(Instant),
+    /// Within its limits.
+    Fine,
     HeaderTimeout,
     Idle,
 }
@@ -203,6 +226,66 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     }
 }
 
+/// Every open connection, for the sweeper and for a drain. Touched on accept and close only.
+#[derive(Debug, Default)]
+struct Registry {
+    next: AtomicU64,
+    conns: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
+}
+
+impl Registry {
+    fn insert(self: &Arc<Self>, state: Arc<ConnState>) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().unwrap().insert(id, state);
+        Registered(self.clone(), id)
+    }
+
+    fn snapshot(&self) -> Vec<Arc<ConnState>> {
+        self.conns.lock().unwrap().values().cloned().collect()
+    }
+}
+
+/// Removes a connection from the registry when its task ends.
+struct Registered(Arc<Registry>, u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.conns.lock().unwrap().remove(&self.1);
+    }
+}
+
+/// Enforces `header_read_timeout` and `idle_timeout` for every connection from one task, every
+/// quarter of the shorter of the two (the limits hold within that slack). Connections are told
+/// through their [`ConnState`], so their own tasks poll no timer.
+async fn sweep(registry: Arc<Registry>, header_timeout: Duration, idle_timeout: Duration) {
+    let period = header_timeout.min(idle_timeout) / 4;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        for conn in registry.snapshot() {
+            match conn.check(now, header_timeout, idle_timeout) {
+                Verdict::Fine => {}
+                Verdict::HeaderTimeout => {
+                    info!(peer = %conn.peer, timeout = ?header_timeout, "closing connection: request head not received within header_read_timeout");
+                    conn.raise(ABORT);
+                }
+                Verdict::Idle => {
+                    // Asked once to close gracefully; still idle a period later: close now.
+                    let signal = if conn.signal.load(Ordering::Acquire) >= GRACEFUL {
+                        ABORT
+                    } else {
+                        debug!(peer = %conn.peer, "closing idle keep-alive connection");
+                        GRACEFUL
+                    };
+                    conn.raise(signal);
+                }
+            }
+        }
+    }
+}
+
 /// Counts the connections that must finish before a drain completes.
 #[derive(Debug, Default)]
 struct Tracker {
@@ -223,23 +306,39 @@ impl Drop for Tracked {
 /// The accept loop and its connections.
 pub struct Server {
     local_addr: SocketAddr,
-    drain: watch::Sender<bool>,
+    draining: Arc<AtomicBool>,
+    registry: Arc<Registry>,
     tracker: Arc<Tracker>,
     accept: tokio::task::JoinHandle<()>,
+    sweeper: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
     /// Starts accepting on `listener`.
     pub fn start(listener: TcpListener, gateway: Arc<Gateway>) -> io::Result<Server> {
         let local_addr = listener.local_addr()?;
-        let (drain, drain_rx) = watch::channel(false);
+        let draining = Arc::new(AtomicBool::new(false));
+        let registry = Arc::new(Registry::default());
         let tracker = Arc::new(Tracker::default());
-        let accept = tokio::spawn(accept_loop(listener, gateway, drain_rx, tracker.clone()));
+        let sweeper = tokio::spawn(sweep(
+            registry.clone(),
+            gateway.config.header_read_timeout,
+            gateway.config.idle_timeout,
+        ));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            gateway,
+            draining.clone(),
+            registry.clone(),
+            tracker.clone(),
+        ));
         Ok(Server {
             local_addr,
-            drain,
+            draining,
+            registry,
             tracker,
             accept,
+            sweeper,
         })
     }
 
@@ -251,7 +350,12 @@ impl Server {
     /// Asks every connection to finish gracefully and waits (at most `timeout`) until the
     /// connections open at that moment have closed. New connections keep getting `503`s.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let _ = self.drain.send(true);
+        // Connections accepted from now on are served (their requests get 503) but not asked to
+        // close before their first request, or the client would see a reset instead of the 503.
+        self.draining.store(true, Ordering::Release);
+        for conn in self.registry.snapshot() {
+            conn.raise(GRACEFUL);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let closed = self.tracker.closed.notified();
@@ -271,9 +375,10 @@ impl Server {
         }
     }
 
-    /// Stops accepting.
+    /// Stops accepting and sweeping.
     pub fn close(&self) {
         self.accept.abort();
+        self.sweeper.abort();
     }
 }
 
@@ -299,7 +404,8 @@ fn http_builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
 async fn accept_loop(
     listener: TcpListener,
     gateway: Arc<Gateway>,
-    drain: watch::Receiver<bool>,
+    draining: Arc<AtomicBool>,
+    registry: Arc<Registry>,
     tracker: Arc<Tracker>,
 ) {
     let builder = Arc::new(http_builder(&gateway));
@@ -314,83 +420,60 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let tracked = (!*drain.borrow()).then(|| {
+        let tracked = (!draining.load(Ordering::Acquire)).then(|| {
             tracker.open.fetch_add(1, Ordering::AcqRel);
             Tracked(tracker.clone())
         });
+        let state = Arc::new(ConnState::new(peer));
+        let registered = registry.insert(state.clone());
         tokio::spawn(serve_connection(
             stream,
-            peer,
+            state,
             gateway.clone(),
             builder.clone(),
-            drain.clone(),
-            tracked,
+            (registered, tracked),
         ));
     }
 }
 
 async fn serve_connection(
     stream: TcpStream,
-    peer: SocketAddr,
+    state: Arc<ConnState>,
     gateway: Arc<Gateway>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut drain: watch::Receiver<bool>,
-    _tracked: Option<Tracked>,
+    _guards: (Registered, Option<Tracked>),
 ) {
-    let state = Arc::new(ConnState::new());
-    let header_timeout = gateway.config.header_read_timeout;
-    let idle_timeout = gateway.config.idle_timeout;
+    let peer = state.peer;
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         state: state.clone(),
     });
     let service = ConnService {
-        gateway: gateway.clone(),
+        gateway,
         state: state.clone(),
         peer: Arc::new(Peer::new(peer)),
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    // State changes (a request finishing, a head starting) do not wake the watchdog, so it never
-    // sleeps longer than a quarter of the shorter timeout: limits are enforced within that slack.
-    let period = header_timeout.min(idle_timeout) / 4;
-    let watchdog = tokio::time::sleep(period);
-    tokio::pin!(watchdog);
-    let mut closing_idle = false;
-    // Connections accepted during a drain are served (their requests get 503) but not asked to
-    // close before their first request, or the client would see a reset instead of the 503.
-    let mut draining = *drain.borrow();
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    debug!(%peer, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            changed = drain.changed(), if !draining => {
-                draining = true;
-                if changed.is_ok() {
+    // The hot path: one atomic load per poll to see whether the sweeper or a drain asked
+    // something of this connection; no timer or channel is polled here.
+    let mut shutting_down = false;
+    let ended = std::future::poll_fn(|cx| {
+        state.waker.register(cx.waker());
+        match state.signal.load(Ordering::Acquire) {
+            RUN => {}
+            GRACEFUL => {
+                if !shutting_down {
+                    shutting_down = true;
                     conn.as_mut().graceful_shutdown();
                 }
             }
-            _ = &mut watchdog => {
-                let now = Instant::now();
-                match state.check(now, header_timeout, idle_timeout) {
-                    Verdict::Later(at) => watchdog.as_mut().reset(at.min(now + period)),
-                    Verdict::HeaderTimeout => {
-                        info!(%peer, timeout = ?header_timeout, "closing connection: request head not received within header_read_timeout");
-                        return;
-                    }
-                    Verdict::Idle if closing_idle => return,
-                    Verdict::Idle => {
-                        debug!(%peer, "closing idle keep-alive connection");
-                        closing_idle = true;
-                        conn.as_mut().graceful_shutdown();
-                        watchdog.as_mut().reset(now + period);
-                    }
-                }
-            }
+            _ => return Poll::Ready(None),
         }
+        conn.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    if let Some(Err(e)) = ended {
+        debug!(%peer, error = %e, "connection ended with an error");
     }
 }
