@@ -103,6 +103,8 @@ enum Kind {
 
 /// The body sent to the client.
 pub struct ResponseBody {
+    // Field order matters: `kind` drops before `permit`, so a replica's connection is back in its
+    // pool (see `PooledBody`) before the permit's release admits the next queued request.
     kind: Kind,
     permit: Option<Permit>,
     guard: Option<RequestGuard>,
@@ -149,25 +151,11 @@ impl ResponseBody {
         self.guard = Some(guard);
     }
 
-    /// The body has ended: the connection (if it can be reused) goes back to the pool first, so
-    /// that the request the permit's release admits next can take it.
+    /// The body has ended (its connection, if any, is already back in the pool: `PooledBody`
+    /// returns it when it yields its end): release the slot and the connection guard now.
     fn finish(&mut self) {
-        self.pool_connection();
         self.permit = None;
         self.guard = None;
-    }
-
-    fn pool_connection(&mut self) {
-        if let Kind::Upstream(inner) = &mut self.kind {
-            inner.release();
-        }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        // Before the permit (a field, dropped after this): the connection first, as in `finish`.
-        self.pool_connection();
     }
 }
 

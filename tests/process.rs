@@ -28,21 +28,7 @@ fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
 }
 
 async fn fire(gw: &Gw, path: &str, n: usize) -> Vec<Resp> {
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let client = gw.client.clone();
-            let url = gw.url(path);
-            tokio::spawn(async move {
-                read_whole(
-                    client
-                        .request(Request::get(url).body(empty()).unwrap())
-                        .await
-                        .unwrap(),
-                )
-                .await
-            })
-        })
-        .collect();
+    let tasks: Vec<_> = (0..n).map(|_| gw.spawn_get(path)).collect();
     let mut out = Vec::with_capacity(n);
     for t in tasks {
         out.push(t.await.unwrap());
@@ -119,32 +105,9 @@ async fn replicas_starting_one_by_one_never_get_two_requests_at_once() {
     .await;
     // Requests arrive at zero; a manual scale asks for three replicas, which become ready at
     // different times.
-    let load = {
-        let client = gw.client.clone();
-        let url = gw.url("/function/single/?sleep=60ms");
-        tokio::spawn(async move {
-            let tasks: Vec<_> = (0..40)
-                .map(|_| {
-                    let client = client.clone();
-                    let url = url.clone();
-                    tokio::spawn(async move {
-                        read_whole(
-                            client
-                                .request(Request::get(url).body(empty()).unwrap())
-                                .await
-                                .unwrap(),
-                        )
-                        .await
-                    })
-                })
-                .collect();
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await.unwrap());
-            }
-            out
-        })
-    };
+    let load: Vec<_> = (0..40)
+        .map(|_| gw.spawn_get("/function/single/?sleep=60ms"))
+        .collect();
     until("requests held", Duration::from_secs(5), || {
         gw.function("single").figures(Instant::now()).queued > 0
     })
@@ -157,7 +120,10 @@ async fn replicas_starting_one_by_one_never_get_two_requests_at_once() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let responses = load.await.unwrap();
+    let mut responses = Vec::new();
+    for r in load {
+        responses.push(r.await.unwrap());
+    }
     let mut per_pid: HashMap<String, usize> = HashMap::new();
     for r in &responses {
         assert_eq!(r.status, 200, "{}", r.body);
