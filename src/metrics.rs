@@ -351,11 +351,24 @@ impl Metrics {
     }
 
     /// Encodes every family in the Prometheus text format.
+    ///
+    /// The two OpenFaaS names that break the naming rules of their types
+    /// (`gateway_function_invocation_started` is a counter without `_total`,
+    /// `gateway_service_count` a gauge ending in `_count`) are exported as `untyped`: the names stay
+    /// (PromQL and dashboards only see names), and `promtool check metrics` stays clean.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
+        let (compat, typed): (Vec<_>, Vec<_>) = self
+            .registry
+            .gather()
+            .into_iter()
+            .partition(|mf| UNTYPED_FOR_COMPATIBILITY.contains(&mf.name()));
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
+            .encode(&typed, &mut out)
             .expect("encoding to a Vec cannot fail");
+        for family in &compat {
+            encode_untyped(family, &mut out);
+        }
         out
     }
 }
@@ -482,6 +495,45 @@ impl FunctionMetrics {
     }
 }
 
+/// OpenFaaS-compatible families whose names break the Prometheus naming rules for their types.
+const UNTYPED_FOR_COMPATIBILITY: [&str; 2] = [
+    "gateway_function_invocation_started",
+    "gateway_service_count",
+];
+
+/// Writes a counter or gauge family as `untyped` (prometheus' `TextEncoder` cannot).
+fn encode_untyped(family: &prometheus::proto::MetricFamily, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let name = family.name();
+    let help = family.help().replace('\\', "\\\\").replace('\n', "\\n");
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} untyped");
+    for metric in family.get_metric() {
+        let value = match family.get_field_type() {
+            prometheus::proto::MetricType::COUNTER => metric.get_counter().get_value(),
+            _ => metric.get_gauge().get_value(),
+        };
+        out.extend_from_slice(name.as_bytes());
+        let labels = metric.get_label();
+        if !labels.is_empty() {
+            out.push(b'{');
+            for (i, label) in labels.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let value = label
+                    .value()
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(out, "{}=\"{value}\"", label.name());
+            }
+            out.push(b'}');
+        }
+        let _ = writeln!(out, " {value}");
+    }
+}
+
 fn itoa_status(status: u16) -> [u8; 3] {
     let s = status.clamp(100, 999);
     [
@@ -517,6 +569,9 @@ mod tests {
             "gateway_functions_seconds_bucket{code=\"200\",function_name=\"echo\",le=\"0.025\"} 1"
         ));
         assert!(text.contains("gateway_function_invocation_started{function_name=\"echo\"} 1"));
+        assert!(text.contains("# TYPE gateway_function_invocation_started untyped\n"));
+        assert!(text.contains("# TYPE gateway_service_count untyped\n"));
+        assert!(text.contains("gateway_service_count{function_name=\"echo\"} 0\n"));
         assert!(text.contains(
             "sluicegate_function_rejected_total{function_name=\"echo\",reason=\"queue_full\"} 1"
         ));
