@@ -19,6 +19,7 @@ pub mod demo;
 pub mod error;
 pub mod function;
 pub mod gateway;
+pub mod h1;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;

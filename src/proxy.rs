@@ -90,8 +90,6 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     let forwarded_host = forwarded_host(&parts);
     let replica = permit.replica().clone();
-    parts.uri = origin_form(replica_path_and_query(&parts.uri, name_end))?;
-    parts.version = http::Version::HTTP_11;
     rewrite_request_headers(
         &mut parts.headers,
         peer,
@@ -99,13 +97,16 @@ pub async fn forward(
         call_id,
         upgrade.is_some(),
     );
-    parts
-        .headers
-        .insert(header::HOST, replica.upstream.host_header.clone());
-    let upstream_req = Request::from_parts(parts, UpstreamBody::stream(body, limit));
+    let body = UpstreamBody::stream(body, limit);
 
     // 4. Send, bounded by the function's timeout on the response head.
     let mut resp = if upgrade.is_some() {
+        parts.uri = origin_form(replica_path_and_query(&parts.uri, name_end))?;
+        parts.version = http::Version::HTTP_11;
+        parts
+            .headers
+            .insert(header::HOST, replica.upstream.host_header.clone());
+        let upstream_req = Request::from_parts(parts, body);
         send(
             config.timeout,
             limit,
@@ -113,10 +114,18 @@ pub async fn forward(
         )
         .await?
     } else {
+        let path = replica_path(&parts.uri, name_end);
         send(
             config.timeout,
             limit,
-            upstream::send(&replica, upstream_req),
+            upstream::send(
+                &replica,
+                &parts.method,
+                path,
+                parts.uri.query(),
+                &parts.headers,
+                body,
+            ),
         )
         .await?
     };
@@ -187,12 +196,19 @@ pub async fn send_stored(
     body: Bytes,
 ) -> Result<Response<PooledBody>, GatewayError> {
     let replica = permit.replica();
-    headers.insert(header::HOST, replica.upstream.host_header.clone());
-    let mut req = Request::new(UpstreamBody::Full((!body.is_empty()).then_some(body)));
-    *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = origin_form(path_and_query.to_owned())?;
-    *req.headers_mut() = headers;
-    let mut resp = send(function.config.timeout, 0, upstream::send(replica, req)).await?;
+    // Stored data goes on the request line: make sure it is a valid origin-form target.
+    let target = origin_form(path_and_query.to_owned())?;
+    headers.remove(header::HOST);
+    let body = UpstreamBody::Full((!body.is_empty()).then_some(body));
+    let exchange = upstream::send(
+        replica,
+        &http::Method::POST,
+        target.path(),
+        target.query(),
+        &headers,
+        body,
+    );
+    let mut resp = send(function.config.timeout, 0, exchange).await?;
     strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp)
 }
@@ -208,11 +224,17 @@ pub fn forwarded_host(parts: &http::request::Parts) -> Option<HeaderValue> {
     })
 }
 
-/// What the replica's request line carries: the request path after byte `name_end` (`/` when
-/// nothing follows) plus the original query.
+/// The replica's path: the request path after byte `name_end`, `/` when nothing follows.
+pub fn replica_path(uri: &Uri, name_end: usize) -> &str {
+    match uri.path().get(name_end..) {
+        None | Some("") => "/",
+        Some(path) => path,
+    }
+}
+
+/// What the replica's request line carries: [`replica_path`] plus the original query.
 pub fn replica_path_and_query(uri: &Uri, name_end: usize) -> String {
-    let path = uri.path().get(name_end..).unwrap_or("");
-    let path = if path.is_empty() { "/" } else { path };
+    let path = replica_path(uri, name_end);
     match uri.query() {
         Some(q) => {
             let mut s = String::with_capacity(path.len() + q.len() + 1);
@@ -364,10 +386,20 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
 }
 
 /// Maps an upstream failure to the gateway's status: body limit → 413, client body → 400,
-/// refused → 502, anything else before a response → 502.
+/// refused → 502, a response that breaks HTTP → 502, anything else before a response → 502.
 fn classify(e: &UpstreamError, limit: u64) -> GatewayError {
     let e = match e {
         UpstreamError::Connect(reason) => return GatewayError::UpstreamConnect(reason.clone()),
+        UpstreamError::Protocol(p) => return GatewayError::UpstreamInvalid(p.to_string()),
+        UpstreamError::Closed | UpstreamError::Io(_) => {
+            return GatewayError::UpstreamReset(e.to_string())
+        }
+        UpstreamError::RequestBody(body) => {
+            if body.downcast_ref::<BodyLimitExceeded>().is_some() {
+                return GatewayError::BodyTooLarge(limit);
+            }
+            return GatewayError::ClientBody(body.to_string());
+        }
         UpstreamError::Http(e) => e,
     };
     let mut source: Option<&(dyn StdError + 'static)> = e.source();

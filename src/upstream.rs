@@ -1,33 +1,44 @@
-//! Connections to replicas: HTTP/1.1, pooled per replica, driven inside the request's own task.
+//! Connections to replicas: HTTP/1.1 over our own codec (`h1`), pooled per replica, driven
+//! inside the request's own task.
 //!
-//! hyper-util's pooled client drives every connection from a task of its own, so each request
-//! crosses tasks twice (a channel to the connection task, a oneshot back). Here the connection's
-//! driver is polled by the request that uses it: while sending, by [`send`]; while the response
-//! body streams, by the response body (see `body::ResponseBody`), which puts the connection back
-//! into its replica's pool when the body ends. A connection idle in the pool is not polled; one
-//! that the replica closed meanwhile is noticed at checkout, and a request that was never written
-//! to it is sent again on a fresh connection.
+//! A request takes an idle connection from its replica's pool (or opens one), writes its head and
+//! body, and reads the response head; the response body then owns the connection and reads the
+//! rest of the response from it as the client takes it. When the body has ended cleanly the
+//! connection goes back to the pool; dropped early or broken, it is closed. No task, channel or
+//! lock is involved beyond the pool's short critical section.
 //!
-//! Requests that ask for a protocol upgrade get a connection of their own, driven by a spawned
+//! A connection idle in the pool is not polled. One that the replica closed meanwhile is noticed
+//! at checkout (its socket is readable), and a request that failed on a reused connection before
+//! any response byte arrived is sent again on a fresh one when that is safe: nothing of it was
+//! written, or it is idempotent and its body was not touched.
+//!
+//! The request body keeps streaming after the response head arrives (full duplex), so a replica
+//! that answers while still reading the upload works; the connection is reused only if the request
+//! was sent completely.
+//!
+//! Requests that ask for a protocol upgrade use hyper's client connection, driven by a spawned
 //! task, so the upgraded stream can outlive the exchange.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::UpstreamBody;
 use crate::config::Upstream;
+use crate::h1::{self, Decoder, Parsed, ProtocolError, RequestFraming};
 use crate::provider::Replica;
 
 /// Idle connections kept per replica.
@@ -37,27 +48,246 @@ const MAX_IDLE: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Time allowed to establish a connection (the function's `timeout` bounds the whole exchange).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read buffer growth step, and the least free space a read is attempted with.
+const READ_CHUNK: usize = 16 * 1024;
+const MIN_READ_SPACE: usize = 2 * 1024;
 
-/// One HTTP/1.1 connection to a replica: the request handle and its driver.
+/// A final response head, how its body is framed, and whether it allows reusing the connection.
+type Head = (Response<()>, Decoder, bool);
+
+/// Errors from a body, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One HTTP/1.1 connection to a replica.
+#[derive(Debug)]
 pub struct Conn {
-    sender: SendRequest<UpstreamBody>,
-    driver: Connection<TokioIo<TcpStream>, UpstreamBody>,
-}
-
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn")
-            .field("closed", &self.sender.is_closed())
-            .finish()
-    }
+    io: TcpStream,
+    /// Bytes read and not consumed yet.
+    buf: BytesMut,
+    /// The buffer request heads are encoded into, kept between requests.
+    scratch: Vec<u8>,
 }
 
 impl Conn {
-    /// Drives the connection (reads and writes on the socket). Returns `true` while it is usable.
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        match Pin::new(&mut self.driver).poll_without_shutdown(cx) {
-            Poll::Pending => !self.sender.is_closed(),
-            Poll::Ready(_) => false,
+    fn new(io: TcpStream) -> Box<Conn> {
+        // Boxed once per connection: it moves between pool, request and body each time.
+        Box::new(Conn {
+            io,
+            buf: BytesMut::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// An idle connection can take a request: nothing arrived on it and the replica has not
+    /// closed it. Costs no system call while the socket has not become readable.
+    fn is_open(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < MIN_READ_SPACE {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    /// Sends what `sending` has left and reads until a final response head has arrived.
+    fn poll_response(
+        &mut self,
+        cx: &mut Context<'_>,
+        sending: &mut Sending,
+        head_request: bool,
+    ) -> Poll<Result<Head, UpstreamError>> {
+        loop {
+            if !sending.done {
+                if let Poll::Ready(Err(e)) = sending.poll_send(&mut self.io, cx) {
+                    match e {
+                        // The replica may have answered before it stopped reading (a 413, say):
+                        // look for its response before reporting the failed write.
+                        UpstreamError::Io(e) => sending.fail(e),
+                        e => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+            while let Some(parsed) = h1::parse_response(&mut self.buf, head_request)? {
+                if let Parsed::Final {
+                    head,
+                    body,
+                    keep_alive,
+                } = parsed
+                {
+                    return Poll::Ready(Ok((head, body, keep_alive)));
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(Err(match sending.write_error.take() {
+                        Some(e) => UpstreamError::Io(e),
+                        None => UpstreamError::Closed,
+                    }))
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(UpstreamError::Io(e))),
+            }
+        }
+    }
+}
+
+/// A request on its way out: the encoded head, then the body, framed.
+struct Sending {
+    head: Vec<u8>,
+    /// Bytes of `head` written.
+    written: usize,
+    /// Body bytes staged for writing: chunk-size line, data, CRLF (empty when unused).
+    staged: [Bytes; 3],
+    body: UpstreamBody,
+    /// For `Length`, the bytes still to come.
+    framing: RequestFraming,
+    body_ended: bool,
+    /// The body was polled (it cannot be replayed on another connection).
+    body_polled: bool,
+    /// Everything has been written (or writing failed: `write_error`).
+    done: bool,
+    write_error: Option<io::Error>,
+}
+
+impl Sending {
+    fn new(head: Vec<u8>, body: UpstreamBody, framing: RequestFraming) -> Sending {
+        Sending {
+            head,
+            written: 0,
+            staged: Default::default(),
+            body,
+            framing,
+            body_ended: framing == RequestFraming::Empty,
+            body_polled: false,
+            done: false,
+            write_error: None,
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        self.done = true;
+        self.write_error = Some(e);
+    }
+
+    /// Sent completely: the connection can carry another request.
+    fn complete(&self) -> bool {
+        self.done && self.write_error.is_none()
+    }
+
+    fn has_staged(&self) -> bool {
+        self.written < self.head.len() || self.staged.iter().any(|b| !b.is_empty())
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        let head_left = self.head.len() - self.written;
+        let from_head = n.min(head_left);
+        self.written += from_head;
+        n -= from_head;
+        for part in &mut self.staged {
+            let k = n.min(part.len());
+            part.advance(k);
+            n -= k;
+        }
+    }
+
+    /// Polls the body once and stages what it yields.
+    fn poll_stage(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        self.body_polled = true;
+        loop {
+            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.body_ended = true;
+                    return Poll::Ready(match self.framing {
+                        RequestFraming::Chunked => {
+                            self.staged[0] = Bytes::from_static(b"0\r\n\r\n");
+                            Ok(())
+                        }
+                        RequestFraming::Length(n) if n > 0 => Err(UpstreamError::RequestBody(
+                            format!("request body ended {n} bytes before its Content-Length")
+                                .into(),
+                        )),
+                        _ => Ok(()),
+                    });
+                }
+                Some(Err(e)) => return Poll::Ready(Err(UpstreamError::RequestBody(e))),
+                Some(Ok(frame)) => frame,
+            };
+            // Trailers are not forwarded (neither does nginx); data is.
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            match &mut self.framing {
+                RequestFraming::Length(left) => {
+                    if data.len() as u64 > *left {
+                        return Poll::Ready(Err(UpstreamError::RequestBody(
+                            "request body longer than its Content-Length".into(),
+                        )));
+                    }
+                    *left -= data.len() as u64;
+                    self.staged[1] = data;
+                    if *left == 0 && self.body.is_end_stream() {
+                        self.body_ended = true;
+                    }
+                }
+                RequestFraming::Chunked => {
+                    self.staged = [
+                        h1::chunk_prefix(data.len()),
+                        data,
+                        Bytes::from_static(b"\r\n"),
+                    ];
+                }
+                RequestFraming::Empty => {
+                    return Poll::Ready(Err(UpstreamError::RequestBody(
+                        "request body where none was declared".into(),
+                    )))
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+    }
+
+    /// Writes the head and the body until everything is sent (`Ready(Ok)`), the socket or the
+    /// body has nothing more for now (`Pending`), or something fails.
+    fn poll_send(
+        &mut self,
+        io: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), UpstreamError>> {
+        // The head goes out together with the body's first bytes when they are already here.
+        if self.written == 0 && !self.body_polled && !self.body_ended {
+            if let Poll::Ready(Err(e)) = self.poll_stage(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        loop {
+            while self.has_staged() {
+                let mut slices = [IoSlice::new(&[]); 4];
+                let mut n = 0;
+                if self.written < self.head.len() {
+                    slices[0] = IoSlice::new(&self.head[self.written..]);
+                    n = 1;
+                }
+                for part in self.staged.iter().filter(|b| !b.is_empty()) {
+                    slices[n] = IoSlice::new(part);
+                    n += 1;
+                }
+                let wrote = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+                if wrote == 0 {
+                    return Poll::Ready(Err(UpstreamError::Io(io::ErrorKind::WriteZero.into())));
+                }
+                self.advance(wrote);
+            }
+            if self.body_ended {
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.poll_stage(cx))?;
         }
     }
 }
@@ -76,10 +306,7 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// Returns a connection whose last exchange ended cleanly.
-    pub fn put(&self, conn: Box<Conn>) {
-        if conn.sender.is_closed() {
-            return;
-        }
+    fn put(&self, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap();
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
@@ -105,26 +332,38 @@ impl Pool {
     }
 }
 
-/// Why a request got no response from the replica.
+/// Why a request got no (complete) response from the replica.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No connection could be established.
     #[error("{0}")]
     Connect(String),
-    /// The connection failed before a response head arrived.
+    /// The replica closed the connection before a response head.
+    #[error("replica closed the connection before sending a response")]
+    Closed,
+    /// Reading or writing the connection failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The replica's response breaks HTTP/1.1.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The client's request body failed or broke its limit or framing.
+    #[error("{0}")]
+    RequestBody(BoxError),
+    /// hyper's client connection failed (upgrade requests).
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
 
-async fn connect(
-    upstream: &Upstream,
-) -> Result<
-    (
-        SendRequest<UpstreamBody>,
-        Connection<TokioIo<TcpStream>, UpstreamBody>,
-    ),
-    UpstreamError,
-> {
+impl UpstreamError {
+    /// The connection failed (as a stale pooled connection does), rather than the request or the
+    /// response being wrong.
+    fn is_connection_failure(&self) -> bool {
+        matches!(self, UpstreamError::Closed | UpstreamError::Io(_))
+    }
+}
+
+async fn connect_tcp(upstream: &Upstream) -> Result<TcpStream, UpstreamError> {
     let addr = upstream.authority.as_str();
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -136,52 +375,168 @@ async fn connect(
         }
     };
     let _ = stream.set_nodelay(true);
-    let (sender, driver) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await?;
-    Ok((sender, driver))
+    Ok(stream)
 }
 
-/// A pooled connection whose driver has processed everything pending and that can take a request.
-async fn checkout(pool: &Pool) -> Option<Box<Conn>> {
+/// An open idle connection from the pool.
+fn checkout(pool: &Pool) -> Option<Box<Conn>> {
     while let Some(mut conn) = pool.take() {
-        let ready = poll_fn(|cx| {
-            if !conn.drive(cx) {
-                return Poll::Ready(false);
-            }
-            Poll::Ready(matches!(conn.sender.poll_ready(cx), Poll::Ready(Ok(()))))
-        })
-        .await;
-        if ready {
+        if conn.is_open() {
             return Some(conn);
         }
     }
     None
 }
 
-/// A replica's response body together with the connection it arrives on. Polling it drives the
-/// connection; when the body has ended (seen by polling, or on drop) the connection goes back to
-/// the replica's pool; dropped before the end, the connection is closed.
+/// The request's `Content-Length`, validated.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, UpstreamError> {
+    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| UpstreamError::RequestBody("invalid Content-Length".into()))
+}
+
+/// Sends a request to `replica` on a pooled (or new) connection and waits for the response head.
+/// `path` and `query` form the request target; `headers` go as they are (hop-by-hop headers
+/// already removed, no `Host`: the replica's is added). The response body carries the connection
+/// (see [`PooledBody`]).
+pub async fn send(
+    replica: &Arc<Replica>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: UpstreamBody,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let head_request = *method == Method::HEAD;
+    let (framing, add_framing) = h1::request_framing(
+        method,
+        declared_length(headers)?,
+        body.is_end_stream(),
+        body.size_hint().exact(),
+    );
+    let (mut conn, mut reused) = match checkout(&replica.pool) {
+        Some(conn) => (conn, true),
+        None => (Conn::new(connect_tcp(&replica.upstream).await?), false),
+    };
+    let mut head = std::mem::take(&mut conn.scratch);
+    head.clear();
+    h1::encode_request_head(
+        &mut head,
+        method,
+        path,
+        query,
+        &replica.upstream.host_header,
+        headers,
+        framing,
+        add_framing,
+    );
+    let mut sending = Sending::new(head, body, framing);
+    loop {
+        match poll_fn(|cx| conn.poll_response(cx, &mut sending, head_request)).await {
+            Ok((head, decoder, keep_alive)) => {
+                // A request still being sent (or whose sending failed after the replica
+                // answered) stays with the body; the connection is reused only if it completes.
+                let sending = if sending.complete() {
+                    conn.scratch = std::mem::take(&mut sending.head);
+                    None
+                } else {
+                    Some(Box::new(sending))
+                };
+                let body = PooledBody {
+                    kind: Kind::Native {
+                        conn: Some(conn),
+                        decoder,
+                        keep_alive,
+                        sending,
+                        replica: replica.clone(),
+                    },
+                };
+                let (parts, ()) = head.into_parts();
+                return Ok(Response::from_parts(parts, body));
+            }
+            Err(e)
+                if reused
+                    && e.is_connection_failure()
+                    && conn.buf.is_empty()
+                    && (sending.written == 0
+                        || (is_idempotent(method) && !sending.body_polled)) =>
+            {
+                // A stale pooled connection: send the request again on a fresh one.
+                sending.written = 0;
+                sending.done = false;
+                sending.write_error = None;
+                conn = Conn::new(connect_tcp(&replica.upstream).await?);
+                reused = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A replica's response body together with the connection it arrives on. Polling it reads the
+/// connection (and keeps sending a request body that is still streaming); when the body has ended
+/// (seen by polling, or on drop) the connection goes back to the replica's pool; dropped before
+/// the end, the connection is closed.
 pub struct PooledBody {
-    inner: Incoming,
-    conn: Option<Box<Conn>>,
-    replica: Arc<Replica>,
+    kind: Kind,
+}
+
+enum Kind {
+    Native {
+        conn: Option<Box<Conn>>,
+        decoder: Decoder,
+        keep_alive: bool,
+        /// The request, while it is still being sent.
+        sending: Option<Box<Sending>>,
+        replica: Arc<Replica>,
+    },
+    /// The response to an upgrade request, over hyper's connection.
+    Hyper(Incoming),
 }
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBody")
-            .field("replica", &self.replica.id)
-            .finish_non_exhaustive()
+        match &self.kind {
+            Kind::Native {
+                decoder, replica, ..
+            } => f
+                .debug_struct("PooledBody")
+                .field("replica", &replica.id)
+                .field("decoder", decoder)
+                .finish_non_exhaustive(),
+            Kind::Hyper(_) => f.debug_struct("PooledBody").finish_non_exhaustive(),
+        }
     }
 }
 
 impl PooledBody {
-    /// Returns the connection to the pool if the body has ended (else closes it). Idempotent.
-    pub fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            if self.inner.is_end_stream() {
-                self.replica.pool.put(conn);
+    /// Hands the connection back to the pool if the exchange ended cleanly, else closes it.
+    fn release(&mut self) {
+        if let Kind::Native {
+            conn,
+            decoder,
+            keep_alive,
+            sending,
+            replica,
+        } = &mut self.kind
+        {
+            if let Some(conn) = conn.take() {
+                if decoder.is_done() && *keep_alive && sending.is_none() && conn.buf.is_empty() {
+                    replica.pool.put(conn);
+                }
             }
         }
     }
@@ -196,104 +551,114 @@ impl Drop for PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(conn) = &mut this.conn {
-            if !conn.drive(cx) {
-                this.conn = None;
+        let (conn_slot, decoder, sending) = match &mut this.kind {
+            Kind::Hyper(inner) => {
+                return Pin::new(inner)
+                    .poll_frame(cx)
+                    .map_err(|e| Box::new(e) as BoxError)
+            }
+            Kind::Native {
+                conn,
+                decoder,
+                sending,
+                ..
+            } => (conn, decoder, sending),
+        };
+        let Some(conn) = conn_slot.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // Keep sending a request body the replica reads while it answers.
+        if let Some(s) = sending.as_mut().filter(|s| !s.done) {
+            match s.poll_send(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => {
+                    conn.scratch = std::mem::take(&mut s.head);
+                    *sending = None;
+                }
+                Poll::Ready(Err(UpstreamError::Io(e))) => s.fail(e),
+                Poll::Ready(Err(e)) => {
+                    *conn_slot = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Pending => {}
             }
         }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.release();
+        loop {
+            match decoder.decode(&mut conn.buf) {
+                Err(e) => {
+                    *conn_slot = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Ok(Some(data)) => {
+                    if decoder.is_done() {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if decoder.is_done() => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    let ended = decoder.eof();
+                    *conn_slot = None;
+                    return Poll::Ready(match ended {
+                        Ok(()) => None,
+                        Err(e) => Some(Err(Box::new(e))),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    *conn_slot = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            Kind::Native { decoder, .. } => decoder.is_done(),
+            Kind::Hyper(inner) => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Sends `req` to `replica` on a pooled (or new) connection and waits for the response head,
-/// driving the connection meanwhile. The response body carries the connection (see [`PooledBody`]).
-pub async fn send(
-    replica: &Arc<Replica>,
-    req: Request<UpstreamBody>,
-) -> Result<Response<PooledBody>, UpstreamError> {
-    let (resp, conn) = exchange(&replica.pool, &replica.upstream, req).await?;
-    Ok(resp.map(|inner| PooledBody {
-        inner,
-        conn: Some(conn),
-        replica: replica.clone(),
-    }))
-}
-
-async fn exchange(
-    pool: &Pool,
-    upstream: &Upstream,
-    mut req: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Box<Conn>), UpstreamError> {
-    // A stale pooled connection may fail the request before it is written; then it is retried
-    // once on a fresh connection. A request that was written is never sent twice.
-    for attempt in 0..2 {
-        let mut conn = match if attempt == 0 {
-            checkout(pool).await
-        } else {
-            None
-        } {
-            Some(conn) => conn,
-            None => {
-                let (sender, driver) = connect(upstream).await?;
-                // Boxed once per connection: it moves between pool, request and body each time.
-                Box::new(Conn { sender, driver })
-            }
-        };
-        let sending = conn.sender.try_send_request(req);
-        tokio::pin!(sending);
-        let result = poll_fn(|cx| {
-            if let Poll::Ready(r) = sending.as_mut().poll(cx) {
-                return Poll::Ready(r);
-            }
-            conn.drive(cx);
-            sending.as_mut().poll(cx)
-        })
-        .await;
-        match result {
-            Ok(resp) => return Ok((resp, conn)),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if attempt == 0 => req = unsent,
-                _ => return Err(e.into_error().into()),
+        match &self.kind {
+            Kind::Native { decoder, .. } => match decoder.remaining() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
             },
+            Kind::Hyper(inner) => inner.size_hint(),
         }
     }
-    unreachable!("the second attempt returns")
 }
 
-/// Sends an upgrade request on a connection of its own, driven by a spawned task that keeps
-/// running for the upgraded stream (`hyper::upgrade::on` works on the response; its body, if the
-/// replica did not switch, is not pooled).
+/// Sends an upgrade request on a connection of its own over hyper's client, driven by a spawned
+/// task that keeps running for the upgraded stream (`hyper::upgrade::on` works on the response;
+/// its body, if the replica did not switch, is not pooled).
 pub async fn send_upgrade(
     replica: &Arc<Replica>,
     req: Request<UpstreamBody>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
-    let (mut sender, driver) = connect(&replica.upstream).await?;
+    let stream = connect_tcp(&replica.upstream).await?;
+    let (mut sender, driver) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await?;
     tokio::spawn(async move {
         let _ = driver.with_upgrades().await;
     });
     let resp = sender.send_request(req).await?;
     Ok(resp.map(|inner| PooledBody {
-        inner,
-        conn: None,
-        replica: replica.clone(),
+        kind: Kind::Hyper(inner),
     }))
 }

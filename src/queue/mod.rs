@@ -757,7 +757,7 @@ async fn call(ctx: &Ctx, pending: &Pending, permit: Permit) -> Result<Answer, At
             while let Some(frame) = body.frame().await {
                 frame?;
             }
-            Ok::<(), hyper::Error>(())
+            Ok::<(), crate::upstream::BoxError>(())
         })
         .await;
         match drained {
