@@ -69,45 +69,45 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Decides the request's framing. `declared` is the request's `Content-Length` header (already
+/// Decides the request's framing. `declared` is the request's `Content-Length` (already
 /// validated when it came from a client), `ended` whether the body has nothing more, `exact` the
-/// body's exact size when known. Returns the framing and whether a framing header must be added.
+/// body's exact size when known. The flag says, for an empty body, whether to send
+/// `content-length: 0` (RFC 9110 §8.6: for methods whose requests normally carry content, and
+/// when the client declared it).
 pub fn request_framing(
     method: &Method,
     declared: Option<u64>,
     ended: bool,
     exact: Option<u64>,
 ) -> (RequestFraming, bool) {
+    let carries_content =
+        *method == Method::POST || *method == Method::PUT || *method == Method::PATCH;
     match declared {
-        Some(0) => (RequestFraming::Empty, false),
-        Some(n) => (RequestFraming::Length(n), false),
-        None if ended => (
-            RequestFraming::Empty,
-            // RFC 9110 §8.6: a user agent should send `Content-Length: 0` for methods whose
-            // requests normally carry content.
-            *method == Method::POST || *method == Method::PUT || *method == Method::PATCH,
-        ),
+        Some(0) => (RequestFraming::Empty, true),
+        Some(n) => (RequestFraming::Length(n), true),
+        None if ended => (RequestFraming::Empty, carries_content),
         None => match exact {
-            Some(0) => (RequestFraming::Empty, true),
+            Some(0) => (RequestFraming::Empty, carries_content),
             Some(n) => (RequestFraming::Length(n), true),
             None => (RequestFraming::Chunked, true),
         },
     }
 }
 
-/// Appends a request head to `out`: request line with `path` and `query` (origin form), `Host`,
-/// `headers` as they are (hop-by-hop headers already removed), and the framing header when
-/// `add_framing`.
+/// Appends a request head to `out`: the request line with `path` and `query` (origin form),
+/// `Host`, the framing header, then `headers` except `Host` and `Content-Length` (hop-by-hop
+/// headers are already removed) and except those `skip` names, then `extra`.
 #[allow(clippy::too_many_arguments)]
-pub fn encode_request_head(
+pub fn encode_request_head<'a>(
     out: &mut Vec<u8>,
     method: &Method,
     path: &str,
     query: Option<&str>,
     host: &HeaderValue,
     headers: &HeaderMap,
-    framing: RequestFraming,
-    add_framing: bool,
+    skip: impl Fn(&HeaderName) -> bool,
+    extra: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    (framing, declare_empty): (RequestFraming, bool),
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -119,22 +119,30 @@ pub fn encode_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
+    match framing {
+        RequestFraming::Empty if declare_empty => out.extend_from_slice(b"content-length: 0\r\n"),
+        RequestFraming::Empty => {}
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    let mut line = |name: &HeaderName, value: &HeaderValue| {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
-    }
-    if add_framing {
-        match framing {
-            RequestFraming::Empty => out.extend_from_slice(b"content-length: 0\r\n"),
-            RequestFraming::Length(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa(n, &mut [0; 20]));
-                out.extend_from_slice(b"\r\n");
-            }
-            RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    };
+    for (name, value) in headers {
+        if name == header::HOST || name == header::CONTENT_LENGTH || skip(name) {
+            continue;
         }
+        line(name, value);
+    }
+    for (name, value) in extra {
+        line(name, value);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -243,7 +251,8 @@ pub fn parse_response(
         return Ok(Some(Parsed::Informational(status)));
     }
 
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the headers the gateway adds to responses (`X-Call-Id`, a cold-start note).
+    let mut headers = HeaderMap::with_capacity(count + 2);
     let mut chunked = None;
     let mut length: Option<Option<u64>> = None;
     let mut close = false;
@@ -573,13 +582,18 @@ mod tests {
     }
 
     #[test]
-    fn request_heads_carry_host_headers_and_framing() {
+    fn request_heads_carry_host_framing_and_headers() {
         let mut headers = HeaderMap::new();
-        headers.insert("x-call-id", HeaderValue::from_static("abc"));
+        headers.insert("host", HeaderValue::from_static("client.example"));
+        headers.insert("content-length", HeaderValue::from_static("5, 5"));
+        headers.insert("x-skipped", HeaderValue::from_static("no"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
         let mut out = Vec::new();
         let host = HeaderValue::from_static("127.0.0.1:9000");
-        let (framing, add) = request_framing(&Method::POST, None, false, None);
-        assert_eq!((framing, add), (RequestFraming::Chunked, true));
+        let call_id = (
+            HeaderName::from_static("x-call-id"),
+            HeaderValue::from_static("abc"),
+        );
         encode_request_head(
             &mut out,
             &Method::POST,
@@ -587,30 +601,15 @@ mod tests {
             Some("b=1"),
             &host,
             &headers,
-            framing,
-            add,
+            |n| n == "x-skipped",
+            [(&call_id.0, &call_id.1)].into_iter(),
+            (RequestFraming::Length(5), true),
         );
         assert_eq!(
-            out,
-            b"POST /a?b=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\nx-call-id: abc\r\ntransfer-encoding: chunked\r\n\r\n"
+            String::from_utf8(out).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\nhost: 127.0.0.1:9000\r\ncontent-length: 5\r\nx-kept: yes\r\nx-call-id: abc\r\n\r\n"
         );
-        assert_eq!(
-            request_framing(&Method::POST, None, true, Some(0)),
-            (RequestFraming::Empty, true)
-        );
-        assert_eq!(
-            request_framing(&Method::GET, None, true, Some(0)),
-            (RequestFraming::Empty, false)
-        );
-        assert_eq!(
-            request_framing(&Method::PUT, Some(5), false, Some(5)),
-            (RequestFraming::Length(5), false)
-        );
-        assert_eq!(
-            request_framing(&Method::PUT, None, false, Some(12345)),
-            (RequestFraming::Length(12345), true)
-        );
-        out.clear();
+        let mut out = Vec::new();
         encode_request_head(
             &mut out,
             &Method::PUT,
@@ -618,10 +617,65 @@ mod tests {
             None,
             &host,
             &HeaderMap::new(),
-            RequestFraming::Length(12345),
-            true,
+            |_| false,
+            std::iter::empty(),
+            request_framing(&Method::PUT, None, false, None),
         );
-        assert!(out.ends_with(b"content-length: 12345\r\n\r\n"));
+        assert_eq!(
+            out,
+            b"PUT / HTTP/1.1\r\nhost: 127.0.0.1:9000\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let cases = [
+            (
+                Method::POST,
+                None,
+                true,
+                Some(0),
+                (RequestFraming::Empty, true),
+            ),
+            (
+                Method::GET,
+                None,
+                true,
+                Some(0),
+                (RequestFraming::Empty, false),
+            ),
+            (
+                Method::GET,
+                Some(0),
+                true,
+                Some(0),
+                (RequestFraming::Empty, true),
+            ),
+            (
+                Method::PUT,
+                Some(5),
+                false,
+                Some(5),
+                (RequestFraming::Length(5), true),
+            ),
+            (
+                Method::PUT,
+                None,
+                false,
+                Some(12345),
+                (RequestFraming::Length(12345), true),
+            ),
+            (
+                Method::POST,
+                None,
+                false,
+                None,
+                (RequestFraming::Chunked, true),
+            ),
+        ];
+        for (method, declared, ended, exact, want) in cases {
+            assert_eq!(
+                request_framing(&method, declared, ended, exact),
+                want,
+                "{method} {declared:?}"
+            );
+        }
         assert_eq!(&chunk_prefix(0x1a2b)[..], b"1a2b\r\n");
         assert_eq!(&chunk_prefix(0)[..], b"0\r\n");
     }

@@ -74,35 +74,32 @@ pub async fn forward(
 
     // 1. A declared body over the limit is refused before it takes any capacity.
     let limit = config.max_body_bytes;
-    if limit > 0 {
-        if let Some(len) = content_length(req.headers()) {
-            if len > limit {
-                return Err(GatewayError::BodyTooLarge(limit));
-            }
+    let declared = content_length(req.headers());
+    if let Some(len) = declared {
+        if limit > 0 && len > limit {
+            return Err(GatewayError::BodyTooLarge(limit));
         }
     }
 
     // 2. Admission: a slot, a place in the queue, or a 503.
     let permit = function.admit(arrived).await?;
 
-    // 3. The upstream request.
+    // 3. The upstream request. The sync path applies the header rules while encoding the head
+    //    (no insertions into the client's header map); upgrades go through hyper with the map
+    //    rewritten.
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let forwarded_host = forwarded_host(&parts);
     let replica = permit.replica().clone();
-    rewrite_request_headers(
-        &mut parts.headers,
-        peer,
-        forwarded_host,
-        call_id,
-        upgrade.is_some(),
-    );
+    strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    let forwarded = Forwarded::new(&parts.headers, peer, forwarded_host, call_id);
     let body = UpstreamBody::stream(body, limit);
 
     // 4. Send, bounded by the function's timeout on the response head.
     let mut resp = if upgrade.is_some() {
         parts.uri = origin_form(replica_path_and_query(&parts.uri, name_end))?;
         parts.version = http::Version::HTTP_11;
+        forwarded.apply(&mut parts.headers);
         parts
             .headers
             .insert(header::HOST, replica.upstream.host_header.clone());
@@ -114,18 +111,18 @@ pub async fn forward(
         )
         .await?
     } else {
-        let path = replica_path(&parts.uri, name_end);
+        let outgoing = upstream::Outgoing {
+            method: &parts.method,
+            path: replica_path(&parts.uri, name_end),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            forwarded: Some(&forwarded),
+            content_length: declared,
+        };
         send(
             config.timeout,
             limit,
-            upstream::send(
-                &replica,
-                &parts.method,
-                path,
-                parts.uri.query(),
-                &parts.headers,
-                body,
-            ),
+            upstream::send(&replica, outgoing, body),
         )
         .await?
     };
@@ -192,22 +189,22 @@ pub async fn send_stored(
     function: &Function,
     permit: &Permit,
     path_and_query: &str,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response<PooledBody>, GatewayError> {
     let replica = permit.replica();
     // Stored data goes on the request line: make sure it is a valid origin-form target.
     let target = origin_form(path_and_query.to_owned())?;
-    headers.remove(header::HOST);
     let body = UpstreamBody::Full((!body.is_empty()).then_some(body));
-    let exchange = upstream::send(
-        replica,
-        &http::Method::POST,
-        target.path(),
-        target.query(),
-        &headers,
-        body,
-    );
+    let outgoing = upstream::Outgoing {
+        method: &http::Method::POST,
+        path: target.path(),
+        query: target.query(),
+        headers: &headers,
+        forwarded: None,
+        content_length: content_length(&headers),
+    };
+    let exchange = upstream::send(replica, outgoing, body);
     let mut resp = send(function.config.timeout, 0, exchange).await?;
     strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp)
@@ -253,8 +250,8 @@ fn origin_form(path_and_query: String) -> Result<Uri, GatewayError> {
 }
 
 /// The header rules for a request on its way to a replica: hop-by-hop headers and `Host` out
-/// (the upgrade pair kept with `upgrade`), the client's address appended to `X-Forwarded-For`,
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` set, `X-Call-Id` set.
+/// (the upgrade pair kept with `upgrade`), then [`Forwarded`] applied. Async invocations store
+/// the result; the sync path applies the same rules while encoding (see [`forward`]).
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     peer: &Peer,
@@ -264,12 +261,69 @@ pub fn rewrite_request_headers(
 ) {
     strip_hop_by_hop(headers, upgrade);
     headers.remove(header::HOST);
-    append_forwarded_for(headers, peer);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(host) = forwarded_host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    Forwarded::new(headers, peer, forwarded_host, call_id).apply(headers);
+}
+
+/// The headers the gateway sets on every request it forwards: the client's address appended to
+/// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` (the host the client addressed) and
+/// `X-Call-Id`. They replace any the client sent.
+#[derive(Debug)]
+pub struct Forwarded {
+    values: [Option<HeaderValue>; 4],
+}
+
+const FORWARDED_NAMES: [&HeaderName; 4] = [
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_PROTO,
+    &X_FORWARDED_HOST,
+    &CALL_ID,
+];
+
+impl Forwarded {
+    /// The values for a request with `headers` from `peer`.
+    pub fn new(
+        headers: &HeaderMap,
+        peer: &Peer,
+        forwarded_host: Option<HeaderValue>,
+        call_id: &HeaderValue,
+    ) -> Forwarded {
+        Forwarded {
+            values: [
+                Some(forwarded_for(headers, peer)),
+                Some(HeaderValue::from_static("http")),
+                forwarded_host,
+                Some(call_id.clone()),
+            ],
+        }
     }
-    headers.insert(CALL_ID.clone(), call_id.clone());
+
+    /// Whether the client's header `name` is one of these (and is replaced).
+    pub fn replaces(name: &HeaderName) -> bool {
+        // Custom names compare as bytes: look at the prefix first.
+        name.as_str().starts_with("x-") && FORWARDED_NAMES.contains(&name)
+    }
+
+    /// The headers, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        FORWARDED_NAMES
+            .into_iter()
+            .zip(&self.values)
+            .filter_map(|(n, v)| Some((n, v.as_ref()?)))
+    }
+
+    /// Sets them in `headers`.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        for (name, value) in FORWARDED_NAMES.into_iter().zip(self.values) {
+            match value {
+                Some(v) => {
+                    headers.insert(name.clone(), v);
+                }
+                None => {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
 }
 
 /// The declared `Content-Length`, if any and valid.
@@ -368,21 +422,19 @@ impl Peer {
     }
 }
 
-/// Appends the client's address to `X-Forwarded-For`.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(X_FORWARDED_FOR.clone(), peer.forwarded_for.clone());
-        return;
+/// `X-Forwarded-For` with the client's address appended.
+fn forwarded_for(headers: &HeaderMap, peer: &Peer) -> HeaderValue {
+    let mut sent = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if sent.peek().is_none() {
+        return peer.forwarded_for.clone();
     }
     let mut buf = BytesMut::with_capacity(64);
-    for part in headers.get_all(&X_FORWARDED_FOR) {
+    for part in sent {
         buf.put_slice(part.as_bytes());
         buf.put_slice(b", ");
     }
     buf.put_slice(peer.forwarded_for.as_bytes());
-    if let Ok(v) = HeaderValue::from_maybe_shared(buf.freeze()) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or_else(|_| peer.forwarded_for.clone())
 }
 
 /// Maps an upstream failure to the gateway's status: body limit → 413, client body → 400,
@@ -454,13 +506,48 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_is_appended() {
+    fn forwarded_headers_replace_the_clients_and_append_to_x_forwarded_for() {
         let mut h = HeaderMap::new();
-        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        append_forwarded_for(&mut h, &Peer::new("127.0.0.9:1234".parse().unwrap()));
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.9");
-        let mut fresh = HeaderMap::new();
-        append_forwarded_for(&mut fresh, &Peer::new("[::1]:80".parse().unwrap()));
-        assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("spoofed"));
+        h.insert("x-other", HeaderValue::from_static("kept"));
+        let peer = Peer::new("127.0.0.9:1234".parse().unwrap());
+        let call_id = HeaderValue::from_static("id-1");
+        let fw = Forwarded::new(&h, &peer, None, &call_id);
+        let set: Vec<_> = fw
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            set,
+            [
+                ("x-forwarded-for", "10.0.0.1, 10.0.0.2, 127.0.0.9"),
+                ("x-forwarded-proto", "http"),
+                ("x-call-id", "id-1"),
+            ]
+        );
+        let replaced: Vec<_> = h
+            .keys()
+            .filter(|n| Forwarded::replaces(n))
+            .map(|n| n.as_str())
+            .collect();
+        assert_eq!(
+            replaced,
+            ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]
+        );
+        // Applied to a map (as async invocations store it), the result is the same.
+        fw.apply(&mut h);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.9");
+        assert!(h.get(&X_FORWARDED_HOST).is_none());
+        assert_eq!(h["x-other"], "kept");
+        let fresh = Forwarded::new(
+            &HeaderMap::new(),
+            &Peer::new("[::1]:80".parse().unwrap()),
+            None,
+            &call_id,
+        );
+        assert_eq!(fresh.iter().next().unwrap().1, "::1");
     }
 }

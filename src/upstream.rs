@@ -27,7 +27,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::HeaderMap;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -40,6 +40,7 @@ use crate::body::UpstreamBody;
 use crate::config::Upstream;
 use crate::h1::{self, Decoder, Parsed, ProtocolError, RequestFraming};
 use crate::provider::Replica;
+use crate::proxy::Forwarded;
 
 /// Idle connections kept per replica.
 const MAX_IDLE: usize = 1024;
@@ -388,35 +389,36 @@ fn checkout(pool: &Pool) -> Option<Box<Conn>> {
     None
 }
 
-/// The request's `Content-Length`, validated.
-fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, UpstreamError> {
-    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
-        return Ok(None);
-    };
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .map(Some)
-        .ok_or_else(|| UpstreamError::RequestBody("invalid Content-Length".into()))
+/// What goes on the wire before the body.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The request target's path (origin form).
+    pub path: &'a str,
+    /// The request target's query, if any.
+    pub query: Option<&'a str>,
+    /// Headers, hop-by-hop ones already removed; `Host` and `Content-Length` are ignored (the
+    /// replica's host and the body's framing are written instead).
+    pub headers: &'a HeaderMap,
+    /// Headers the gateway sets, replacing the client's of the same names.
+    pub forwarded: Option<&'a Forwarded>,
+    /// The request's declared `Content-Length`, validated.
+    pub content_length: Option<u64>,
 }
 
 /// Sends a request to `replica` on a pooled (or new) connection and waits for the response head.
-/// `path` and `query` form the request target; `headers` go as they are (hop-by-hop headers
-/// already removed, no `Host`: the replica's is added). The response body carries the connection
-/// (see [`PooledBody`]).
+/// The response body carries the connection (see [`PooledBody`]).
 pub async fn send(
     replica: &Arc<Replica>,
-    method: &Method,
-    path: &str,
-    query: Option<&str>,
-    headers: &HeaderMap,
+    outgoing: Outgoing<'_>,
     body: UpstreamBody,
 ) -> Result<Response<PooledBody>, UpstreamError> {
+    let method = outgoing.method;
     let head_request = *method == Method::HEAD;
-    let (framing, add_framing) = h1::request_framing(
+    let framing = h1::request_framing(
         method,
-        declared_length(headers)?,
+        outgoing.content_length,
         body.is_end_stream(),
         body.size_hint().exact(),
     );
@@ -426,17 +428,19 @@ pub async fn send(
     };
     let mut head = std::mem::take(&mut conn.scratch);
     head.clear();
+    let forwarded = outgoing.forwarded;
     h1::encode_request_head(
         &mut head,
         method,
-        path,
-        query,
+        outgoing.path,
+        outgoing.query,
         &replica.upstream.host_header,
-        headers,
+        outgoing.headers,
+        |name| forwarded.is_some() && Forwarded::replaces(name),
+        forwarded.into_iter().flat_map(Forwarded::iter),
         framing,
-        add_framing,
     );
-    let mut sending = Sending::new(head, body, framing);
+    let mut sending = Sending::new(head, body, framing.0);
     loop {
         match poll_fn(|cx| conn.poll_response(cx, &mut sending, head_request)).await {
             Ok((head, decoder, keep_alive)) => {

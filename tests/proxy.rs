@@ -121,6 +121,7 @@ async fn headers_forwarded_and_hop_by_hop_removed_both_ways() {
         .header("x-hop", "drop me")
         .header("proxy-authorization", "Basic abc")
         .header("x-end-to-end", "keep me")
+        .header("x-forwarded-proto", "https")
         .header("host", "gateway.example")
         .body(empty())
         .unwrap();
@@ -147,6 +148,14 @@ async fn headers_forwarded_and_hop_by_hop_removed_both_ways() {
     assert!(h("x-hop").is_none());
     assert!(h("proxy-authorization").is_none());
     assert_eq!(h("host"), Some(backend.addr.to_string()));
+    for replaced in [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ] {
+        assert_eq!(seen.get_all(replaced).iter().count(), 1, "{replaced} once");
+    }
 
     // A client's own call id is kept and returned.
     let req = Request::get(gw.url("/function/echo/"))
