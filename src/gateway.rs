@@ -8,6 +8,9 @@
 //! [`invoke`]: Gateway::invoke
 //! [`invoke_async`]: Gateway::invoke_async
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -28,7 +31,11 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, Peer, UpstreamClient, CALL_ID, START_TIME};
 use crate::queue::{self, AsyncQueue};
 use crate::router::{route, Route, ASYNC_FUNCTION_PREFIX, FUNCTION_PREFIX};
+use crate::server::RequestGuard;
 use crate::system;
+
+/// The answer to one request on its way: the one boxed future per request.
+pub type Serving = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
 
 /// State shared by every connection.
 pub struct Gateway {
@@ -96,13 +103,54 @@ impl Gateway {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Answers one request from a connection; the response body carries `guard`.
+    ///
+    /// The hot path, a sync invocation of a known function, is routed before any future exists,
+    /// so that the one boxed future per request is the invocation itself: every async layer
+    /// between the connection and the replica costs a copy of everything below it (measured with
+    /// callgrind: ~0.9k instructions per request for two layers).
+    pub fn serve(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: &Peer,
+        guard: RequestGuard,
+    ) -> Serving {
+        if let Route::Invoke { name, .. } = route(req.method(), req.uri().path()) {
+            if let Some(function) = self.function(name) {
+                let name_end = FUNCTION_PREFIX.len() + name.len();
+                let draining = self.is_draining();
+                return Box::pin(invoke(
+                    function,
+                    req,
+                    name_end,
+                    peer.clone(),
+                    draining,
+                    Some(guard),
+                ));
+            }
+        }
+        let gateway = self.clone();
+        let peer = peer.clone();
+        Box::pin(async move {
+            let mut resp = gateway.handle(req, &peer).await;
+            resp.body_mut().set_guard(guard);
+            Ok(resp)
+        })
+    }
+
     /// Answers one request.
     pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
-        // The hot path first: a sync invocation, with the function found once.
         if let Route::Invoke { name, .. } = route(req.method(), req.uri().path()) {
             let name_end = FUNCTION_PREFIX.len() + name.len();
             return match self.function(name) {
-                Some(function) => self.invoke(req, function, name_end, peer).await,
+                Some(function) => {
+                    let draining = self.is_draining();
+                    let invoked = invoke(function, req, name_end, peer.clone(), draining, None);
+                    match invoked.await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    }
+                }
                 None => {
                     let name = name.to_owned();
                     self.unknown(&name).into_response()
@@ -143,34 +191,6 @@ impl Gateway {
         // No per-name series: a scan of random names must not grow the metrics.
         self.metrics.unknown_function();
         GatewayError::UnknownFunction(name.to_owned())
-    }
-
-    /// A sync invocation, from arrival to response head.
-    async fn invoke(
-        &self,
-        req: Request<Incoming>,
-        function: Arc<Function>,
-        name_end: usize,
-        peer: &Peer,
-    ) -> Response<ResponseBody> {
-        let arrived = Instant::now();
-        function.arrived(arrived);
-        let call_id = call_id(&req);
-
-        let result = if self.is_draining() {
-            Err(GatewayError::Draining)
-        } else {
-            proxy::forward(&function, req, name_end, peer, &call_id, arrived).await
-        };
-        let mut resp = match result {
-            Ok(resp) => resp,
-            Err(e) => error_response(&function, e, call_id),
-        };
-        resp.headers_mut().insert(&START_TIME, start_time());
-        function
-            .metrics
-            .observe(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
-        resp
     }
 
     /// An async invocation: `202` once stored (see `queue`), or the reason it was not. Counted in
@@ -265,6 +285,37 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
 
 /// The gateway's answer for a known function's request: counted by reason, with `X-Call-Id`, and
 /// `Connection: close` while draining.
+/// A sync invocation, from arrival to response head (the body carries `guard`).
+async fn invoke(
+    function: Arc<Function>,
+    req: Request<Incoming>,
+    name_end: usize,
+    peer: Peer,
+    draining: bool,
+    guard: Option<RequestGuard>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let arrived = Instant::now();
+    function.arrived(arrived);
+    let call_id = call_id(&req);
+    let result = if draining {
+        Err(GatewayError::Draining)
+    } else {
+        proxy::forward(&function, req, name_end, &peer, &call_id, arrived).await
+    };
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => error_response(&function, e, call_id),
+    };
+    resp.headers_mut().insert(&START_TIME, start_time());
+    function
+        .metrics
+        .observe(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
+    if let Some(guard) = guard {
+        resp.body_mut().set_guard(guard);
+    }
+    Ok(resp)
+}
+
 fn error_response(
     function: &Function,
     e: GatewayError,

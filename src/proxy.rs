@@ -104,12 +104,13 @@ pub async fn forward(
             .headers
             .insert(header::HOST, replica.upstream.host_header.clone());
         let upstream_req = Request::from_parts(parts, body);
-        send(
+        // Boxed: hyper's client handshake is large, and upgrades are rare.
+        let exchange = Box::pin(upstream::send_upgrade(&replica, upstream_req));
+        settle(
+            tokio::time::timeout(config.timeout, exchange).await,
             config.timeout,
             limit,
-            upstream::send_upgrade(&replica, upstream_req),
-        )
-        .await?
+        )?
     } else {
         let outgoing = upstream::Outgoing {
             method: &parts.method,
@@ -119,12 +120,12 @@ pub async fn forward(
             forwarded: Some(&forwarded),
             content_length: declared,
         };
-        send(
+        let exchange = upstream::send(&replica, outgoing, body);
+        settle(
+            tokio::time::timeout(config.timeout, exchange).await,
             config.timeout,
             limit,
-            upstream::send(&replica, outgoing, body),
-        )
-        .await?
+        )?
     };
 
     // 5. The response, streamed back; the permit rides in the body (or the tunnel).
@@ -167,14 +168,15 @@ pub async fn forward(
     ))
 }
 
-/// Waits for a response head at most `timeout`: `504` past it, `502` when the replica refuses or
-/// resets, `413`/`400` when the client's body fails (`limit` names the body limit).
-async fn send(
+/// The outcome of an exchange bounded by `timeout` (a plain function, not an async wrapper: a
+/// wrapper would hold the exchange future twice): `504` past the timeout, `502` when the replica
+/// refuses or resets, `413`/`400` when the client's body fails (`limit` names the body limit).
+fn settle(
+    outcome: Result<Result<Response<PooledBody>, UpstreamError>, tokio::time::error::Elapsed>,
     timeout: std::time::Duration,
     limit: u64,
-    exchange: impl std::future::Future<Output = Result<Response<PooledBody>, UpstreamError>>,
 ) -> Result<Response<PooledBody>, GatewayError> {
-    match tokio::time::timeout(timeout, exchange).await {
+    match outcome {
         Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
         Ok(Err(e)) => Err(classify(&e, limit)),
         Ok(Ok(resp)) => Ok(resp),
@@ -205,7 +207,8 @@ pub async fn send_stored(
         content_length: content_length(&headers),
     };
     let exchange = upstream::send(replica, outgoing, body);
-    let mut resp = send(function.config.timeout, 0, exchange).await?;
+    let timeout = function.config.timeout;
+    let mut resp = settle(tokio::time::timeout(timeout, exchange).await, timeout, 0)?;
     strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp)
 }

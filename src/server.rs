@@ -212,17 +212,11 @@ struct ConnService {
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = crate::gateway::Serving;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = RequestGuard::new(self.state.clone());
-        let gateway = self.gateway.clone();
-        let peer = self.peer.clone();
-        Box::pin(async move {
-            let mut resp = gateway.handle(req, &peer).await;
-            resp.body_mut().set_guard(guard);
-            Ok(resp)
-        })
+        self.gateway.serve(req, &self.peer, guard)
     }
 }
 

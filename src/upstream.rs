@@ -424,7 +424,11 @@ pub async fn send(
     );
     let (mut conn, mut reused) = match checkout(&replica.pool) {
         Some(conn) => (conn, true),
-        None => (Conn::new(connect_tcp(&replica.upstream).await?), false),
+        // Connecting is boxed: it is the rare case, and its future would double this one's size.
+        None => (
+            Conn::new(Box::pin(connect_tcp(&replica.upstream)).await?),
+            false,
+        ),
     };
     let mut head = std::mem::take(&mut conn.scratch);
     head.clear();
@@ -475,7 +479,7 @@ pub async fn send(
                 sending.written = 0;
                 sending.done = false;
                 sending.write_error = None;
-                conn = Conn::new(connect_tcp(&replica.upstream).await?);
+                conn = Conn::new(Box::pin(connect_tcp(&replica.upstream)).await?);
                 reused = false;
             }
             Err(e) => return Err(e),
