@@ -119,6 +119,7 @@ pub async fn forward(
             headers: &parts.headers,
             forwarded: Some(&forwarded),
             content_length: declared,
+            now: permit.granted(),
         };
         let exchange = upstream::send(&replica, outgoing, body);
         settle(
@@ -205,6 +206,7 @@ pub async fn send_stored(
         headers: &headers,
         forwarded: None,
         content_length: content_length(&headers),
+        now: permit.granted(),
     };
     let exchange = upstream::send(replica, outgoing, body);
     let timeout = function.config.timeout;

@@ -314,8 +314,7 @@ impl Pool {
         }
     }
 
-    fn take(&self) -> Option<Box<Conn>> {
-        let now = Instant::now();
+    fn take(&self, now: Instant) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap();
         while let Some((conn, since)) = idle.pop() {
             if now.saturating_duration_since(since) < IDLE_TIMEOUT {
@@ -380,8 +379,8 @@ async fn connect_tcp(upstream: &Upstream) -> Result<TcpStream, UpstreamError> {
 }
 
 /// An open idle connection from the pool.
-fn checkout(pool: &Pool) -> Option<Box<Conn>> {
-    while let Some(mut conn) = pool.take() {
+fn checkout(pool: &Pool, now: Instant) -> Option<Box<Conn>> {
+    while let Some(mut conn) = pool.take(now) {
         if conn.is_open() {
             return Some(conn);
         }
@@ -405,6 +404,9 @@ pub struct Outgoing<'a> {
     pub forwarded: Option<&'a Forwarded>,
     /// The request's declared `Content-Length`, validated.
     pub content_length: Option<u64>,
+    /// A recent reading of the clock (when the request got its slot), to age pooled connections
+    /// without reading it again.
+    pub now: Instant,
 }
 
 /// Sends a request to `replica` on a pooled (or new) connection and waits for the response head.
@@ -422,7 +424,7 @@ pub async fn send(
         body.is_end_stream(),
         body.size_hint().exact(),
     );
-    let (mut conn, mut reused) = match checkout(&replica.pool) {
+    let (mut conn, mut reused) = match checkout(&replica.pool, outgoing.now) {
         Some(conn) => (conn, true),
         // Connecting is boxed: it is the rare case, and its future would double this one's size.
         None => (

@@ -109,6 +109,11 @@ impl Permit {
     pub fn waited(&self) -> Waited {
         self.waited
     }
+
+    /// When the slot was granted.
+    pub fn granted(&self) -> Instant {
+        self.granted
+    }
 }
 
 impl Drop for Permit {
