@@ -120,13 +120,12 @@ pub async fn forward(
             forwarded: Some(&forwarded),
             content_length: declared,
             now: permit.granted(),
+            deadline: Instant::now() + config.timeout,
         };
-        let exchange = upstream::send(&replica, outgoing, body);
-        settle(
-            tokio::time::timeout(config.timeout, exchange).await,
-            config.timeout,
-            limit,
-        )?
+        // The deadline is enforced by the connection's own reusable timer (see `upstream`).
+        upstream::send(&replica, outgoing, body)
+            .await
+            .map_err(|e| classify(&e, limit, config.timeout))?
     };
 
     // 5. The response, streamed back; the permit rides in the body (or the tunnel).
@@ -179,7 +178,7 @@ fn settle(
 ) -> Result<Response<PooledBody>, GatewayError> {
     match outcome {
         Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
-        Ok(Err(e)) => Err(classify(&e, limit)),
+        Ok(Err(e)) => Err(classify(&e, limit, timeout)),
         Ok(Ok(resp)) => Ok(resp),
     }
 }
@@ -196,6 +195,7 @@ pub async fn send_stored(
     body: Bytes,
 ) -> Result<Response<PooledBody>, GatewayError> {
     let replica = permit.replica();
+    let timeout = function.config.timeout;
     // Stored data goes on the request line: make sure it is a valid origin-form target.
     let target = origin_form(path_and_query.to_owned())?;
     let body = UpstreamBody::Full((!body.is_empty()).then_some(body));
@@ -207,10 +207,11 @@ pub async fn send_stored(
         forwarded: None,
         content_length: content_length(&headers),
         now: permit.granted(),
+        deadline: Instant::now() + timeout,
     };
-    let exchange = upstream::send(replica, outgoing, body);
-    let timeout = function.config.timeout;
-    let mut resp = settle(tokio::time::timeout(timeout, exchange).await, timeout, 0)?;
+    let mut resp = upstream::send(replica, outgoing, body)
+        .await
+        .map_err(|e| classify(&e, 0, timeout))?;
     strip_hop_by_hop(resp.headers_mut(), false);
     Ok(resp)
 }
@@ -444,8 +445,9 @@ fn forwarded_for(headers: &HeaderMap, peer: &Peer) -> HeaderValue {
 
 /// Maps an upstream failure to the gateway's status: body limit → 413, client body → 400,
 /// refused → 502, a response that breaks HTTP → 502, anything else before a response → 502.
-fn classify(e: &UpstreamError, limit: u64) -> GatewayError {
+fn classify(e: &UpstreamError, limit: u64, timeout: std::time::Duration) -> GatewayError {
     let e = match e {
+        UpstreamError::Timeout => return GatewayError::UpstreamTimeout(timeout),
         UpstreamError::Connect(reason) => return GatewayError::UpstreamConnect(reason.clone()),
         UpstreamError::Protocol(p) => return GatewayError::UpstreamInvalid(p.to_string()),
         UpstreamError::Closed | UpstreamError::Io(_) => {

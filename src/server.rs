@@ -43,15 +43,21 @@ const GRACEFUL: u8 = 1;
 /// Close now (header timeout, or still idle after a graceful request).
 const ABORT: u8 = 2;
 
+/// Event times in [`ConnState`] are `nanoseconds since origin + STAMP_BASE`, or [`UNSTAMPED`]: the
+/// request path only marks that something happened (no clock read per request); the sweeper
+/// stamps the time when it first sees the mark, at most one sweep period late.
+const UNSTAMPED: u64 = 1;
+const STAMP_BASE: u64 = 2;
+
 /// What one connection is doing, shared by its reader, its requests, its task and the sweeper.
 #[derive(Debug)]
 pub struct ConnState {
     origin: Instant,
     peer: SocketAddr,
     inflight: AtomicU32,
-    /// Nanoseconds since `origin` + 1 when the current request head began; 0 when none is pending.
+    /// When the current request head began (see [`UNSTAMPED`]); 0 when none is pending.
     head_started: AtomicU64,
-    /// Nanoseconds since `origin` when the connection last became idle.
+    /// When the connection last became idle (see [`UNSTAMPED`]).
     idle_since: AtomicU64,
     /// What the sweeper or a drain asks: [`RUN`], [`GRACEFUL`] or [`ABORT`] (only ever raised).
     signal: AtomicU8,
@@ -66,8 +72,8 @@ impl ConnState {
             peer,
             inflight: AtomicU32::new(0),
             // A new connection must send its first head within header_read_timeout.
-            head_started: AtomicU64::new(1),
-            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(STAMP_BASE),
+            idle_since: AtomicU64::new(STAMP_BASE),
             signal: AtomicU8::new(RUN),
             waker: AtomicWaker::new(),
         }
@@ -79,8 +85,21 @@ impl ConnState {
         self.waker.wake();
     }
 
-    fn nanos(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin).as_nanos() as u64
+    /// The time recorded in `slot` (see [`UNSTAMPED`]); an unstamped event is stamped `now`, the
+    /// first time the sweeper sees it.
+    fn stamped(&self, slot: &AtomicU64, value: u64, now: Instant) -> Instant {
+        if value != UNSTAMPED {
+            return self.origin + Duration::from_nanos(value - STAMP_BASE);
+        }
+        let nanos = now.saturating_duration_since(self.origin).as_nanos() as u64;
+        // Lost races are harmless: a request began (0) or the event was stamped already.
+        let _ = slot.compare_exchange(
+            UNSTAMPED,
+            nanos + STAMP_BASE,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        now
     }
 
     fn on_read(&self) {
@@ -89,7 +108,7 @@ impl ConnState {
         {
             let _ = self.head_started.compare_exchange(
                 0,
-                self.nanos(Instant::now()) + 1,
+                UNSTAMPED,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
@@ -103,17 +122,16 @@ impl ConnState {
         }
         let head = self.head_started.load(Ordering::Relaxed);
         if head != 0 {
-            let deadline = self.origin + Duration::from_nanos(head - 1) + header_timeout;
-            return if now >= deadline {
+            let started = self.stamped(&self.head_started, head, now);
+            return if now >= started + header_timeout {
                 Verdict::HeaderTimeout
             } else {
                 Verdict::Fine
             };
         }
-        let deadline = self.origin
-            + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed))
-            + idle_timeout;
-        if now >= deadline {
+        let idle = self.idle_since.load(Ordering::Relaxed);
+        let since = self.stamped(&self.idle_since, idle, now);
+        if now >= since + idle_timeout {
             Verdict::Idle
         } else {
             Verdict::Fine
@@ -144,8 +162,7 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let s = &self.0;
         if s.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            s.idle_since
-                .store(s.nanos(Instant::now()), Ordering::Relaxed);
+            s.idle_since.store(UNSTAMPED, Ordering::Relaxed);
         }
     }
 }
@@ -249,10 +266,12 @@ impl Drop for Registered {
 }
 
 /// Enforces `header_read_timeout` and `idle_timeout` for every connection from one task, every
-/// quarter of the shorter of the two (the limits hold within that slack). Connections are told
+/// eighth of the shorter of the two (the limits hold within a quarter of it). Connections are told
 /// through their [`ConnState`], so their own tasks poll no timer.
 async fn sweep(registry: Arc<Registry>, header_timeout: Duration, idle_timeout: Duration) {
-    let period = header_timeout.min(idle_timeout) / 4;
+    // Events are stamped up to one period late and checked up to one period late: the limits
+    // hold within a quarter of the shorter one.
+    let period = header_timeout.min(idle_timeout) / 8;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -348,3 +348,26 @@ async fn full_duplex_streaming_echoes_while_the_upload_continues() {
     assert_eq!(echoed, b"one two three");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_response_timeout_holds_on_reused_connections() {
+    // Each connection keeps one timer and moves its deadline per request: a request on a reused
+    // connection must still time out, and a timed-out exchange leaves the others unaffected.
+    let backend = Backend::ok().await;
+    let gw = Gw::start(&static_fn("echo", &backend.url(), "timeout = \"300ms\"")).await;
+    for round in 0..3 {
+        for _ in 0..3 {
+            assert_eq!(gw.get("/function/echo/").await.status, 200, "round {round}");
+        }
+        let started = tokio::time::Instant::now();
+        let r = gw.get("/function/echo/?sleep=3000").await;
+        assert_eq!(r.status, 504, "round {round}: {}", r.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "round {round}: timed out after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(gw.get("/function/echo/").await.status, 200);
+    gw.shutdown().await;
+}
