@@ -371,3 +371,94 @@ async fn the_response_timeout_holds_on_reused_connections() {
     assert_eq!(gw.get("/function/echo/").await.status, 200);
     gw.shutdown().await;
 }
+
+/// A replica that answers with how the request body was framed and how long it was.
+async fn framing_reporter() -> Backend {
+    Backend::start(|req, _| async move {
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned())
+        };
+        let framing = format!("cl={} te={}", h("content-length"), h("transfer-encoding"));
+        let got = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(body(format!("{framing} len={}", got.len())))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn request_bodies_are_framed_as_their_clients_sent_them() {
+    let replica = framing_reporter().await;
+    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    // A declared length is kept.
+    let r = gw.post("/function/f/", vec![b'x'; 1234]).await;
+    assert_eq!(r.body, "cl=1234 te=- len=1234");
+    // An empty POST declares it.
+    let r = gw.post("/function/f/", Vec::new()).await;
+    assert_eq!(r.body, "cl=0 te=- len=0");
+    // A GET without a body declares nothing.
+    assert_eq!(gw.get("/function/f/").await.body, "cl=- te=- len=0");
+    // A streamed HTTP/1.1 upload without a length goes chunked.
+    let (tx, streamed) = channel_body(4);
+    let req = Request::post(gw.url("/function/f/"))
+        .body(streamed)
+        .unwrap();
+    let pending = tokio::spawn({
+        let client = gw.client.clone();
+        async move { read_whole(client.request(req).await.unwrap()).await }
+    });
+    for piece in [&b"abc"[..], b"defgh", b"i"] {
+        tx.send(Ok(Frame::data(Bytes::from_static(piece))))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    assert_eq!(pending.await.unwrap().body, "cl=- te=chunked len=9");
+    // So does an h2c upload without content-length.
+    let h2: hyper_util::client::legacy::Client<_, TestBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let (tx, streamed) = channel_body(4);
+    let req = Request::post(gw.url("/function/f/"))
+        .body(streamed)
+        .unwrap();
+    let pending = tokio::spawn(async move { read_whole(h2.request(req).await.unwrap()).await });
+    tx.send(Ok(Frame::data(Bytes::from(vec![7u8; 70_000]))))
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(pending.await.unwrap().body, "cl=- te=chunked len=70000");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_uploads_go_through() {
+    // The client waits for `100 Continue` before sending its body; the replica (hyper) sends its
+    // own `100 Continue` to the gateway, which the gateway drops.
+    let replica = framing_reporter().await;
+    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /function/f/ HTTP/1.1\r\nhost: gw\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let interim = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
+        .await
+        .expect("the gateway asks for the body");
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    s.write_all(b"hello").await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut rest = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&rest[..n], b"cl=5 te=- len=5");
+    gw.shutdown().await;
+}
