@@ -40,6 +40,9 @@ pub const DEFAULT_MAX_ONGOING_REQUESTS: u32 = 5;
 pub const DEFAULT_MAX_QUEUED_REQUESTS: i64 = 100;
 /// Upstream timeout: how long a replica has to start its response (OpenFaaS's default).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest silence inside a response body before it is aborted. nginx's `proxy_read_timeout` is
+/// 60 s; long enough here for event streams with the usual 15-30 s heartbeats.
+pub const DEFAULT_RESPONSE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Path probed on a process replica until it answers 2xx.
 pub const DEFAULT_READINESS_PATH: &str = "/";
 /// Time between SIGTERM and SIGKILL when a process replica is stopped.
@@ -161,6 +164,9 @@ pub struct FunctionConfig {
     pub max_queued_requests: Option<u32>,
     /// Time a replica has to start its response before the client gets `504`.
     pub timeout: Duration,
+    /// Longest a replica may send nothing in the middle of a response body before the response
+    /// is aborted and its slot freed; `None` (`0` in the file) never.
+    pub response_idle_timeout: Option<Duration>,
     /// Longest a request is held waiting for the function's first ready replica (then `503`).
     pub cold_start_timeout: Duration,
     /// Longest a request waits in the queue while the function has ready replicas (then `503`).
@@ -440,6 +446,7 @@ struct RawFunction {
     max_ongoing_requests: Option<i64>,
     max_queued_requests: Option<i64>,
     timeout: Option<Dur>,
+    response_idle_timeout: Option<Dur>,
     cold_start_timeout: Option<Dur>,
     queue_timeout: Option<Dur>,
     max_body_bytes: Option<u64>,
@@ -509,6 +516,7 @@ fn merge(f: &RawFunction, d: &RawFunction) -> RawFunction {
         max_ongoing_requests: or(&f.max_ongoing_requests, &d.max_ongoing_requests),
         max_queued_requests: or(&f.max_queued_requests, &d.max_queued_requests),
         timeout: or(&f.timeout, &d.timeout),
+        response_idle_timeout: or(&f.response_idle_timeout, &d.response_idle_timeout),
         cold_start_timeout: or(&f.cold_start_timeout, &d.cold_start_timeout),
         queue_timeout: or(&f.queue_timeout, &d.queue_timeout),
         max_body_bytes: or(&f.max_body_bytes, &d.max_body_bytes),
@@ -815,6 +823,11 @@ impl Config {
                     max_ongoing_requests: max_ongoing as u32,
                     max_queued_requests: max_queued,
                     timeout: positive(&key("timeout"), f.timeout, DEFAULT_TIMEOUT)?,
+                    response_idle_timeout: Some(
+                        f.response_idle_timeout
+                            .map_or(DEFAULT_RESPONSE_IDLE_TIMEOUT, |d| d.0),
+                    )
+                    .filter(|d| !d.is_zero()),
                     cold_start_timeout: positive(
                         &key("cold_start_timeout"),
                         f.cold_start_timeout,
@@ -899,6 +912,12 @@ impl Config {
             );
             let _ = writeln!(out, "  max_queued_requests  = {queued}");
             let _ = writeln!(out, "  timeout              = {:?}", f.timeout);
+            let _ = writeln!(
+                out,
+                "  response_idle_timeout = {}",
+                f.response_idle_timeout
+                    .map_or("none".to_owned(), |d| format!("{d:?}"))
+            );
             let _ = writeln!(out, "  cold_start_timeout   = {:?}", f.cold_start_timeout);
             let _ = writeln!(out, "  queue_timeout        = {:?}", f.queue_timeout);
             let _ = writeln!(out, "  max_body_bytes       = {body}");
@@ -1139,6 +1158,23 @@ mod tests {
         let legacy = &cfg.functions["legacy"];
         assert_eq!(legacy.max_ongoing_requests, 5, "[defaults] applies");
         assert_eq!(legacy.autoscaler.mode, ScaleMode::None);
+        assert_eq!(
+            legacy.response_idle_timeout,
+            Some(DEFAULT_RESPONSE_IDLE_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn response_idle_timeout_zero_means_never() {
+        let cfg = parse(
+            "[defaults]\nresponse_idle_timeout = \"2s\"\n[functions.a]\nprovider = \"static\"\nupstreams = [\"http://127.0.0.1:1\"]\n[functions.b]\nprovider = \"static\"\nupstreams = [\"http://127.0.0.1:1\"]\nresponse_idle_timeout = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.functions["a"].response_idle_timeout,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(cfg.functions["b"].response_idle_timeout, None);
     }
 
     #[test]

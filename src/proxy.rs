@@ -121,6 +121,7 @@ pub async fn forward(
             content_length: declared,
             now: permit.granted(),
             deadline: Instant::now() + config.timeout,
+            body_idle: config.response_idle_timeout,
         };
         // The deadline is enforced by the connection's own reusable timer (see `upstream`).
         upstream::send(&replica, outgoing, body)
@@ -208,6 +209,7 @@ pub async fn send_stored(
         content_length: content_length(&headers),
         now: permit.granted(),
         deadline: Instant::now() + timeout,
+        body_idle: function.config.response_idle_timeout,
     };
     let mut resp = upstream::send(replica, outgoing, body)
         .await

@@ -438,6 +438,8 @@ pub struct Outgoing<'a> {
     pub now: Instant,
     /// When to give up waiting for the response head ([`UpstreamError::Timeout`]).
     pub deadline: Instant,
+    /// Longest silence allowed inside the response body (then the body fails).
+    pub body_idle: Option<Duration>,
 }
 
 /// Sends a request to `replica` on a pooled (or new) connection and waits for the response head.
@@ -456,6 +458,7 @@ pub async fn send(
         body.size_hint().exact(),
     );
     let deadline = outgoing.deadline;
+    let body_idle = outgoing.body_idle;
     let (mut conn, mut reused) = match checkout(&replica.pool, outgoing.now) {
         Some(conn) => (conn, true),
         None => (connect(&replica.upstream, deadline).await?, false),
@@ -501,6 +504,10 @@ pub async fn send(
                         keep_alive,
                         sending,
                         replica: replica.clone(),
+                        idle: body_idle.map(|limit| Idle {
+                            limit,
+                            deadline: None,
+                        }),
                     },
                 };
                 let (parts, ()) = head.into_parts();
@@ -548,10 +555,24 @@ enum Kind {
         /// The request, while it is still being sent.
         sending: Option<Box<Sending>>,
         replica: Arc<Replica>,
+        /// The limit on silence inside the body, if any.
+        idle: Option<Idle>,
     },
     /// The response to an upgrade request, over hyper's connection.
     Hyper(Incoming),
 }
+
+/// A limit on silence inside a response body. The deadline is set when a read first finds
+/// nothing (no clock read while data keeps coming) and cleared when data arrives.
+struct Idle {
+    limit: Duration,
+    deadline: Option<Instant>,
+}
+
+/// A replica sent nothing inside a response body for longer than its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("replica sent nothing for {0:?} in the middle of a response body (response_idle_timeout)")]
+pub struct BodyIdle(pub Duration);
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -577,6 +598,7 @@ impl PooledBody {
             keep_alive,
             sending,
             replica,
+            ..
         } = &mut self.kind
         {
             if let Some(conn) = conn.take() {
@@ -604,7 +626,7 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let (conn_slot, decoder, sending) = match &mut this.kind {
+        let (conn_slot, decoder, sending, idle) = match &mut this.kind {
             Kind::Hyper(inner) => {
                 return Pin::new(inner)
                     .poll_frame(cx)
@@ -614,8 +636,9 @@ impl Body for PooledBody {
                 conn,
                 decoder,
                 sending,
+                idle,
                 ..
-            } => (conn, decoder, sending),
+            } => (conn, decoder, sending, idle),
         };
         let Some(conn) = conn_slot.as_mut() else {
             return Poll::Ready(None);
@@ -653,7 +676,25 @@ impl Body for PooledBody {
                 }
                 Ok(None) => {}
             }
-            match ready!(conn.poll_fill(cx)) {
+            let filled = match conn.poll_fill(cx) {
+                Poll::Ready(filled) => filled,
+                Poll::Pending => {
+                    if let Some(idle) = idle {
+                        let deadline = *idle
+                            .deadline
+                            .get_or_insert_with(|| Instant::now() + idle.limit);
+                        if conn.poll_deadline(cx, deadline).is_ready() {
+                            *conn_slot = None;
+                            return Poll::Ready(Some(Err(Box::new(BodyIdle(idle.limit)))));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if let (Some(idle), Ok(1..)) = (idle.as_mut(), &filled) {
+                idle.deadline = None;
+            }
+            match filled {
                 Ok(0) => {
                     let ended = decoder.eof();
                     *conn_slot = None;

@@ -462,3 +462,41 @@ async fn expect_100_continue_uploads_go_through() {
     assert_eq!(&rest[..n], b"cl=5 te=- len=5");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_replica_stalling_mid_body_is_cut_off_and_its_slot_freed() {
+    let replica = Scripted::start(|_, path| match path {
+        // Sends part of the body, then nothing, keeping the connection open.
+        "/stall" => reply(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial"),
+        _ => reply(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"),
+    })
+    .await;
+    let gw = Gw::start(&static_fn(
+        "f",
+        &replica.url(),
+        "max_ongoing_requests = 1\nmax_queued_requests = 0\nresponse_idle_timeout = \"300ms\"",
+    ))
+    .await;
+    let req = Request::get(gw.url("/function/f/stall"))
+        .body(empty())
+        .unwrap();
+    let client = gw.client.clone();
+    let started = tokio::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async move {
+        let resp = client.request(req).await?;
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await
+    .expect("the stalled response is cut off");
+    assert!(outcome.is_err(), "a cut-off body is not a success");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+    // The only slot is free again.
+    assert_eq!(gw.get("/function/f/").await.body, "ok\n");
+    gw.shutdown().await;
+}
