@@ -283,8 +283,6 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     resp
 }
 
-/// The gateway's answer for a known function's request: counted by reason, with `X-Call-Id`, and
-/// `Connection: close` while draining.
 /// A sync invocation, from arrival to response head (the body carries `guard`).
 async fn invoke(
     function: Arc<Function>,
@@ -316,6 +314,8 @@ async fn invoke(
     Ok(resp)
 }
 
+/// The gateway's answer for a known function's request: counted by reason, with `X-Call-Id`, and
+/// `Connection: close` while draining.
 fn error_response(
     function: &Function,
     e: GatewayError,

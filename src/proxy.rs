@@ -106,11 +106,10 @@ pub async fn forward(
         let upstream_req = Request::from_parts(parts, body);
         // Boxed: hyper's client handshake is large, and upgrades are rare.
         let exchange = Box::pin(upstream::send_upgrade(&replica, upstream_req));
-        settle(
-            tokio::time::timeout(config.timeout, exchange).await,
-            config.timeout,
-            limit,
-        )?
+        tokio::time::timeout(config.timeout, exchange)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+            .map_err(|e| classify(&e, limit, config.timeout))?
     } else {
         let outgoing = upstream::Outgoing {
             method: &parts.method,
@@ -167,21 +166,6 @@ pub async fn forward(
         parts,
         ResponseBody::upstream(body, permit),
     ))
-}
-
-/// The outcome of an exchange bounded by `timeout` (a plain function, not an async wrapper: a
-/// wrapper would hold the exchange future twice): `504` past the timeout, `502` when the replica
-/// refuses or resets, `413`/`400` when the client's body fails (`limit` names the body limit).
-fn settle(
-    outcome: Result<Result<Response<PooledBody>, UpstreamError>, tokio::time::error::Elapsed>,
-    timeout: std::time::Duration,
-    limit: u64,
-) -> Result<Response<PooledBody>, GatewayError> {
-    match outcome {
-        Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
-        Ok(Err(e)) => Err(classify(&e, limit, timeout)),
-        Ok(Ok(resp)) => Ok(resp),
-    }
 }
 
 /// Sends a stored async invocation (headers already rewritten by [`rewrite_request_headers`],
@@ -445,8 +429,9 @@ fn forwarded_for(headers: &HeaderMap, peer: &Peer) -> HeaderValue {
     HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or_else(|_| peer.forwarded_for.clone())
 }
 
-/// Maps an upstream failure to the gateway's status: body limit → 413, client body → 400,
-/// refused → 502, a response that breaks HTTP → 502, anything else before a response → 502.
+/// Maps an upstream failure to the gateway's status: no response head within `timeout` → 504,
+/// body limit → 413, client body → 400, refused → 502, a response that breaks HTTP → 502,
+/// anything else before a response → 502.
 fn classify(e: &UpstreamError, limit: u64, timeout: std::time::Duration) -> GatewayError {
     let e = match e {
         UpstreamError::Timeout => return GatewayError::UpstreamTimeout(timeout),

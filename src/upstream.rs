@@ -185,6 +185,13 @@ impl Sending {
         }
     }
 
+    /// Starts over on another connection (nothing was written yet, or the body was not polled).
+    fn rewind(&mut self) {
+        self.written = 0;
+        self.done = false;
+        self.write_error = None;
+    }
+
     fn fail(&mut self, e: io::Error) {
         self.done = true;
         self.write_error = Some(e);
@@ -398,8 +405,8 @@ async fn connect_tcp(upstream: &Upstream) -> Result<TcpStream, UpstreamError> {
     Ok(stream)
 }
 
-/// A new connection, bounded by `deadline` as well as the connect timeout. Boxed: it is the rare
-/// case, and its future would double the exchange's size.
+/// A new connection, bounded by `deadline` as well as the connect timeout. The connect future
+/// is boxed: it is the rare case, and inline it would double the exchange's size.
 async fn connect(upstream: &Upstream, deadline: Instant) -> Result<Box<Conn>, UpstreamError> {
     match tokio::time::timeout_at(deadline, Box::pin(connect_tcp(upstream))).await {
         Ok(stream) => Ok(Conn::new(stream?)),
@@ -521,9 +528,7 @@ pub async fn send(
                         || (is_idempotent(method) && !sending.body_polled)) =>
             {
                 // A stale pooled connection: send the request again on a fresh one.
-                sending.written = 0;
-                sending.done = false;
-                sending.write_error = None;
+                sending.rewind();
                 conn = connect(&replica.upstream, deadline).await?;
                 reused = false;
             }

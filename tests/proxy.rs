@@ -247,10 +247,7 @@ async fn request_body_streams_before_it_is_complete() {
     let req = Request::post(gw.url("/function/upload/"))
         .body(streamed)
         .unwrap();
-    let pending = tokio::spawn({
-        let client = gw.client.clone();
-        async move { read_whole(client.request(req).await.unwrap()).await }
-    });
+    let pending = gw.spawn_send(req);
     tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1000]))))
         .await
         .unwrap();
@@ -340,11 +337,7 @@ async fn upstream_reset_before_response_is_502() {
 async fn h2c_clients_are_served() {
     let backend = Backend::ok().await;
     let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
-    let h2: hyper_util::client::legacy::Client<_, TestBody> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
-    let resp = h2
+    let resp = h2c_client()
         .request(
             Request::get(gw.url("/function/echo/x"))
                 .body(empty())

@@ -102,6 +102,25 @@ async fn serve_scripted(mut s: TcpStream, script: fn(&str, &str) -> Reply) {
     }
 }
 
+/// GETs `path` and reads the whole response, which must start `200`; `Err` when the request or
+/// the body fails. Panics if that takes longer than `limit` (the client was left waiting).
+async fn get_whole(
+    gw: &Gw,
+    path: &str,
+    limit: Duration,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let req = Request::get(gw.url(path)).body(empty()).unwrap();
+    let client = gw.client.clone();
+    tokio::time::timeout(limit, async move {
+        let resp = client.request(req).await?;
+        assert_eq!(resp.status(), 200, "{path}");
+        resp.into_body().collect().await?;
+        Ok(())
+    })
+    .await
+    .expect("the client is not left waiting")
+}
+
 fn framing_script(method: &str, path: &str) -> Reply {
     match (method, path) {
         (_, "/chunked") => reply(
@@ -252,19 +271,8 @@ async fn a_body_cut_short_aborts_the_client_response_and_frees_the_slot() {
     ))
     .await;
     for path in ["/cut", "/cut-chunked"] {
-        let req = Request::get(gw.url(&format!("/function/f{path}")))
-            .body(empty())
-            .unwrap();
-        let client = gw.client.clone();
-        let outcome = tokio::time::timeout(Duration::from_secs(5), async move {
-            // The head may or may not have left the gateway before the body broke.
-            let resp = client.request(req).await?;
-            assert_eq!(resp.status(), 200, "{path}");
-            resp.into_body().collect().await?;
-            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-        })
-        .await
-        .expect("the client is not left waiting");
+        // The head may or may not have left the gateway before the body broke.
+        let outcome = get_whole(&gw, &format!("/function/f{path}"), Duration::from_secs(5)).await;
         assert!(
             outcome.is_err(),
             "{path}: the client sees the response fail, not a short success"
@@ -287,10 +295,7 @@ async fn a_replica_answering_before_reading_an_upload_is_heard() {
     let req = Request::post(gw.url("/function/f/"))
         .body(streamed)
         .unwrap();
-    let pending = tokio::spawn({
-        let client = gw.client.clone();
-        async move { read_whole(client.request(req).await.unwrap()).await }
-    });
+    let pending = gw.spawn_send(req);
     tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1000]))))
         .await
         .unwrap();
@@ -404,10 +409,7 @@ async fn request_bodies_are_framed_as_their_clients_sent_them() {
     let req = Request::post(gw.url("/function/f/"))
         .body(streamed)
         .unwrap();
-    let pending = tokio::spawn({
-        let client = gw.client.clone();
-        async move { read_whole(client.request(req).await.unwrap()).await }
-    });
+    let pending = gw.spawn_send(req);
     for piece in [&b"abc"[..], b"defgh", b"i"] {
         tx.send(Ok(Frame::data(Bytes::from_static(piece))))
             .await
@@ -416,10 +418,7 @@ async fn request_bodies_are_framed_as_their_clients_sent_them() {
     drop(tx);
     assert_eq!(pending.await.unwrap().body, "cl=- te=chunked len=9");
     // So does an h2c upload without content-length.
-    let h2: hyper_util::client::legacy::Client<_, TestBody> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = h2c_client();
     let (tx, streamed) = channel_body(4);
     let req = Request::post(gw.url("/function/f/"))
         .body(streamed)
@@ -477,19 +476,8 @@ async fn a_replica_stalling_mid_body_is_cut_off_and_its_slot_freed() {
         "max_ongoing_requests = 1\nmax_queued_requests = 0\nresponse_idle_timeout = \"300ms\"",
     ))
     .await;
-    let req = Request::get(gw.url("/function/f/stall"))
-        .body(empty())
-        .unwrap();
-    let client = gw.client.clone();
     let started = tokio::time::Instant::now();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), async move {
-        let resp = client.request(req).await?;
-        assert_eq!(resp.status(), 200);
-        resp.into_body().collect().await?;
-        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-    })
-    .await
-    .expect("the stalled response is cut off");
+    let outcome = get_whole(&gw, "/function/f/stall", Duration::from_secs(10)).await;
     assert!(outcome.is_err(), "a cut-off body is not a success");
     assert!(
         started.elapsed() < Duration::from_secs(5),

@@ -65,6 +65,13 @@ pub fn client() -> Client<HttpConnector, TestBody> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
+/// A client that speaks HTTP/2 without TLS (h2c, prior knowledge).
+pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 /// An in-process gateway.
 pub struct Gw {
     pub running: Option<Running>,
@@ -149,11 +156,16 @@ impl Gw {
 
     /// Starts a GET in the background; the handle yields the whole response.
     pub fn spawn_get(&self, path: &str) -> JoinHandle<Resp> {
+        self.spawn_send(Request::get(self.url(path)).body(empty()).unwrap())
+    }
+
+    /// Sends `req` in the background (its body may still be streaming); the handle yields the
+    /// whole response.
+    pub fn spawn_send(&self, req: Request<TestBody>) -> JoinHandle<Resp> {
         let client = self.client.clone();
-        let url = self.url(path);
         tokio::spawn(async move {
             let resp = client
-                .request(Request::get(url).body(empty()).unwrap())
+                .request(req)
                 .await
                 .expect("request reaches the gateway");
             read_whole(resp).await
