@@ -1,22 +1,32 @@
-//! The gateway's shared state and its request entry point.
+//! The gateway's shared state and a request's phases, in one place.
 //!
-//! [`Gateway::handle`] routes each request: function invocations go through [`invoke`], which
-//! finds the function once, counts the arrival, forwards (see `proxy`) and records the outcome;
-//! async invocations through [`invoke_async`], which hands them to the [`AsyncQueue`] and answers
-//! `202` once they are stored; everything else is answered here or in `system`.
+//! [`Gateway::serve`] routes each request once. A sync invocation of a known function (the hot
+//! path) is routed before any future exists, so that the one boxed future per request is
+//! [`invoke`] itself; everything else is answered by [`Gateway::answer`].
 //!
-//! [`invoke`]: Gateway::invoke
-//! [`invoke_async`]: Gateway::invoke_async
+//! A request's phases, in order, for both kinds of invocation:
+//!
+//! | phase | sync ([`invoke`]) | async ([`Gateway::invoke_async`], then the queue's dispatcher) |
+//! |---|---|---|
+//! | route | `router::route`, once, in `serve` | the same |
+//! | count | `Function::arrived` (window, started) | `started` now; the window counts the dispatch |
+//! | limits | [`limits`]: draining, declared body size | the same at accept; then `AsyncQueue::accept` (backlog, body, store) |
+//! | admit | `Function::admit` | the dispatcher's `Function::admit` |
+//! | forward with the permit | `proxy::forward` | `proxy::send_stored` |
+//! | respond | [`respond`]: status counted, `X-Start-Time`, `X-Call-Id` | `202` via [`respond`]; the function's answer goes to the callback |
+//!
+//! [`invoke`]: invoke
+//! [`limits`]: limits
+//! [`respond`]: respond
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use dashmap::DashMap;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -24,32 +34,29 @@ use tracing::debug;
 
 use crate::body::ResponseBody;
 use crate::config::GatewayConfig;
+use crate::conn::RequestGuard;
 use crate::error::GatewayError;
-use crate::function::Function;
-use crate::metrics::AsyncOutcome;
-use crate::metrics::Metrics;
-use crate::proxy::{self, Peer, UpstreamClient, CALL_ID, START_TIME};
+use crate::forwarding::{self, content_length, Peer, CALL_ID, START_TIME};
+use crate::function::{Function, Functions};
+use crate::metrics::{AsyncOutcome, Metrics};
+use crate::proxy;
 use crate::queue::{self, AsyncQueue};
 use crate::router::{route, Route, ASYNC_FUNCTION_PREFIX, FUNCTION_PREFIX};
-use crate::server::RequestGuard;
-use crate::system;
+use crate::system::{self, Admin};
 
 /// The answer to one request on its way: the one boxed future per request.
 pub type Serving = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
 
-/// State shared by every connection.
+/// State shared by every connection, built once at start.
 pub struct Gateway {
     /// Listener and connection settings.
     pub config: GatewayConfig,
-    /// Every configured function, by name.
-    pub functions: DashMap<String, Arc<Function>, NameHasher>,
+    /// Every function, by name.
+    pub functions: Functions,
     /// Every metric family.
     pub metrics: Metrics,
-    /// A pooled general-purpose HTTP client, for async callbacks (replicas are reached through
-    /// `upstream`'s per-replica pools instead).
-    client: UpstreamClient,
     draining: AtomicBool,
-    queue: OnceLock<AsyncQueue>,
+    queue: Option<AsyncQueue>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -60,37 +67,47 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// A request's route, owned, for the answers that are not the hot path (the request moves into
+/// the answer's future, so the borrowed [`Route`] cannot).
+enum Target {
+    InvokeAsync(Arc<Function>, usize),
+    Unknown(String),
+    Metrics,
+    Healthz,
+    Readyz,
+    ListFunctions,
+    GetFunction(String),
+    ScaleFunction(String),
+    MalformedName,
+    MethodNotAllowed(&'static str),
+    NotFound,
+}
+
 impl Gateway {
-    /// A gateway with no functions yet.
-    pub fn new(config: GatewayConfig, metrics: Metrics) -> Gateway {
+    /// A gateway serving `functions`, with the async `queue` if one is running.
+    pub fn new(
+        config: GatewayConfig,
+        metrics: Metrics,
+        functions: Functions,
+        queue: Option<AsyncQueue>,
+    ) -> Gateway {
         Gateway {
             config,
-            functions: DashMap::with_hasher(NameHasher::default()),
+            functions,
             metrics,
-            client: proxy::upstream_client(),
             draining: AtomicBool::new(false),
-            queue: OnceLock::new(),
+            queue,
         }
     }
 
-    /// The client used for async callbacks.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
-    }
-
-    /// Attaches the async queue (once, at start).
-    pub fn set_queue(&self, queue: AsyncQueue) {
-        let _ = self.queue.set(queue);
-    }
-
-    /// The async queue, once started.
+    /// The async queue, if it is running.
     pub fn queue(&self) -> Option<&AsyncQueue> {
-        self.queue.get()
+        self.queue.as_ref()
     }
 
     /// Finds a function by name (one lookup; the map's shard lock is released at once).
     pub fn function(&self, name: &str) -> Option<Arc<Function>> {
-        self.functions.get(name).map(|f| f.value().clone())
+        self.functions.get(name)
     }
 
     /// Whether the gateway is draining for shutdown.
@@ -103,7 +120,15 @@ impl Gateway {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Answers one request from a connection; the response body carries `guard`.
+    fn admin(&self) -> Admin<'_> {
+        Admin {
+            functions: &self.functions,
+            token: self.config.admin_token.as_deref(),
+        }
+    }
+
+    /// Answers one request from a connection; the response body carries `guard`. The request is
+    /// routed here, once.
     ///
     /// The hot path, a sync invocation of a known function, is routed before any future exists,
     /// so that the one boxed future per request is the invocation itself: every async layer
@@ -115,70 +140,70 @@ impl Gateway {
         peer: &Peer,
         guard: RequestGuard,
     ) -> Serving {
-        if let Route::Invoke { name, .. } = route(req.method(), req.uri().path()) {
-            if let Some(function) = self.function(name) {
-                let name_end = FUNCTION_PREFIX.len() + name.len();
-                let draining = self.is_draining();
-                return Box::pin(invoke(
-                    function,
-                    req,
-                    name_end,
-                    peer.clone(),
-                    draining,
-                    Some(guard),
-                ));
-            }
-        }
+        let target = match route(req.method(), req.uri().path()) {
+            Route::Invoke { name, .. } => match self.function(name) {
+                Some(function) => {
+                    let name_end = FUNCTION_PREFIX.len() + name.len();
+                    let draining = self.is_draining();
+                    return Box::pin(invoke(
+                        function,
+                        req,
+                        name_end,
+                        peer.clone(),
+                        draining,
+                        guard,
+                    ));
+                }
+                None => Target::Unknown(name.to_owned()),
+            },
+            Route::InvokeAsync { name, .. } => match self.function(name) {
+                Some(function) => {
+                    Target::InvokeAsync(function, ASYNC_FUNCTION_PREFIX.len() + name.len())
+                }
+                None => Target::Unknown(name.to_owned()),
+            },
+            Route::Metrics => Target::Metrics,
+            Route::Healthz => Target::Healthz,
+            Route::Readyz => Target::Readyz,
+            Route::ListFunctions => Target::ListFunctions,
+            Route::GetFunction(name) => Target::GetFunction(name.to_owned()),
+            Route::ScaleFunction(name) => Target::ScaleFunction(name.to_owned()),
+            Route::MalformedName => Target::MalformedName,
+            Route::MethodNotAllowed(allow) => Target::MethodNotAllowed(allow),
+            Route::NotFound => Target::NotFound,
+        };
         let gateway = self.clone();
         let peer = peer.clone();
         Box::pin(async move {
-            let mut resp = gateway.handle(req, &peer).await;
+            let mut resp = gateway.answer(target, req, &peer).await;
             resp.body_mut().set_guard(guard);
             Ok(resp)
         })
     }
 
-    /// Answers one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
-        if let Route::Invoke { name, .. } = route(req.method(), req.uri().path()) {
-            let name_end = FUNCTION_PREFIX.len() + name.len();
-            return match self.function(name) {
-                Some(function) => {
-                    let draining = self.is_draining();
-                    let invoked = invoke(function, req, name_end, peer.clone(), draining, None);
-                    match invoked.await {
-                        Ok(resp) => resp,
-                        Err(never) => match never {},
-                    }
-                }
-                None => {
-                    let name = name.to_owned();
-                    self.unknown(&name).into_response()
-                }
-            };
-        }
-        let uri = req.uri().clone();
-        let route = route(req.method(), uri.path());
+    /// Answers a request that is not a sync invocation of a known function.
+    async fn answer(
+        &self,
+        target: Target,
+        req: Request<Incoming>,
+        peer: &Peer,
+    ) -> Response<ResponseBody> {
         let head = req.method() == Method::HEAD;
-        let mut resp = match route {
-            Route::Invoke { .. } => unreachable!("handled above"),
-            Route::InvokeAsync { name, .. } => match self.function(name) {
-                None => Err(self.unknown(name)),
-                Some(function) => {
-                    let name_end = ASYNC_FUNCTION_PREFIX.len() + name.len();
-                    Ok(Box::pin(self.invoke_async(req, function, name_end, peer)).await)
-                }
-            },
-            Route::Metrics => Ok(self.metrics_response()),
-            Route::Healthz => Ok(text(StatusCode::OK, "ok\n")),
-            Route::Readyz if self.is_draining() => Err(GatewayError::Draining),
-            Route::Readyz => Ok(text(StatusCode::OK, "ready\n")),
-            Route::ListFunctions => system::list(self, &req),
-            Route::GetFunction(name) => system::get(self, &req, name),
-            Route::ScaleFunction(name) => Box::pin(system::scale(self, req, name)).await,
-            Route::MalformedName => Err(GatewayError::MalformedName),
-            Route::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed(allow)),
-            Route::NotFound => Err(GatewayError::NoRoute(uri.path().to_owned())),
+        let mut resp = match target {
+            Target::InvokeAsync(function, name_end) => {
+                Ok(Box::pin(self.invoke_async(function, req, name_end, peer)).await)
+            }
+            Target::Unknown(name) => Err(self.unknown(name)),
+            Target::Metrics => Ok(self.metrics_response()),
+            Target::Healthz => Ok(text(StatusCode::OK, "ok\n")),
+            Target::Readyz if self.is_draining() => Err(GatewayError::Draining),
+            Target::Readyz => Ok(text(StatusCode::OK, "ready\n")),
+            Target::ListFunctions => system::list(self.admin(), &req),
+            Target::GetFunction(name) => system::get(self.admin(), &req, &name),
+            Target::ScaleFunction(name) => Box::pin(system::scale(self.admin(), req, &name)).await,
+            Target::MalformedName => Err(GatewayError::MalformedName),
+            Target::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed(allow)),
+            Target::NotFound => Err(GatewayError::NoRoute(req.uri().path().to_owned())),
         }
         .unwrap_or_else(GatewayError::into_response);
         if head {
@@ -187,88 +212,57 @@ impl Gateway {
         resp
     }
 
-    fn unknown(&self, name: &str) -> GatewayError {
+    fn unknown(&self, name: String) -> GatewayError {
         // No per-name series: a scan of random names must not grow the metrics.
         self.metrics.unknown_function();
-        GatewayError::UnknownFunction(name.to_owned())
+        GatewayError::UnknownFunction(name)
     }
 
-    /// An async invocation: `202` once stored (see `queue`), or the reason it was not. Counted in
-    /// `gateway_function_invocation_total` with that status; the window counts the dispatch, not
-    /// this.
+    /// An async invocation, accepted: `202` once stored (see `queue`), or the reason it was not.
+    /// Counted in `gateway_function_invocation_total` with that status; the window counts the
+    /// dispatch, not this.
     async fn invoke_async(
         &self,
-        req: Request<Incoming>,
         function: Arc<Function>,
+        req: Request<Incoming>,
         name_end: usize,
         peer: &Peer,
     ) -> Response<ResponseBody> {
         let arrived = Instant::now();
         function.metrics.started.inc();
-        let call_id = call_id(&req);
-        let result = match self.queue.get() {
+        let call_id = forwarding::call_id(&req);
+        let result = match &self.queue {
             _ if self.is_draining() => Err(GatewayError::Draining),
-            Some(queue) => queue.accept(&function, req, name_end, peer, &call_id).await,
+            Some(queue) => queue
+                .accept(&function, req, name_end, peer, &call_id)
+                .await
+                .map(|()| {
+                    let mut resp = queue::accepted();
+                    resp.headers_mut().insert(&CALL_ID, call_id.clone());
+                    resp
+                }),
             None => Err(GatewayError::AsyncStoreUnavailable(
                 "the async queue is not running".into(),
             )),
         };
-        let mut resp = match result {
-            Ok(()) => {
-                function.metrics.async_outcome(AsyncOutcome::Accepted);
-                let mut resp = queue::accepted();
-                resp.headers_mut().insert(&CALL_ID, call_id);
-                resp
-            }
-            Err(e) => {
-                function.metrics.async_outcome(AsyncOutcome::Rejected);
-                error_response(&function, e, call_id)
-            }
-        };
-        resp.headers_mut().insert(&START_TIME, start_time());
-        function
-            .metrics
-            .observe(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
-        resp
+        function.metrics.async_outcome(match result {
+            Ok(_) => AsyncOutcome::Accepted,
+            Err(_) => AsyncOutcome::Rejected,
+        });
+        respond(&function, result, call_id, arrived)
     }
 
     fn metrics_response(&self) -> Response<ResponseBody> {
         let now = Instant::now();
-        for f in self.functions.iter() {
+        self.functions.for_each(|f| {
             f.metrics.window_requests.set(f.window.sum(now) as i64);
-        }
+        });
         let mut resp = Response::new(ResponseBody::full(Bytes::from(self.metrics.encode())));
         resp.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         resp
-    }
-}
-
-/// FNV-1a for the function map: its keys come from the config, never from clients, so a keyed
-/// (HashDoS-resistant) hash buys nothing on a lookup-only path and SipHash costs more.
-pub type NameHasher = std::hash::BuildHasherDefault<Fnv>;
-
-/// FNV-1a, 64 bits.
-#[derive(Debug)]
-pub struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
     }
 }
 
@@ -283,35 +277,69 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     resp
 }
 
-/// A sync invocation, from arrival to response head (the body carries `guard`).
+/// A sync invocation, phase by phase: count → limits → admit → forward with the permit →
+/// respond. The response body carries `guard`.
 async fn invoke(
     function: Arc<Function>,
     req: Request<Incoming>,
     name_end: usize,
     peer: Peer,
     draining: bool,
-    guard: Option<RequestGuard>,
+    guard: RequestGuard,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let arrived = Instant::now();
     function.arrived(arrived);
-    let call_id = call_id(&req);
-    let result = if draining {
-        Err(GatewayError::Draining)
-    } else {
-        proxy::forward(&function, req, name_end, &peer, &call_id, arrived).await
+    let call_id = forwarding::call_id(&req);
+    let result = match limits(&function, req.headers(), draining) {
+        Err(e) => Err(e),
+        Ok(declared) => match function.admit(arrived).await {
+            Err(rejection) => Err(rejection.into()),
+            Ok(permit) => {
+                proxy::forward(&function, permit, req, name_end, &peer, &call_id, declared).await
+            }
+        },
     };
+    let mut resp = respond(&function, result, call_id, arrived);
+    resp.body_mut().set_guard(guard);
+    Ok(resp)
+}
+
+/// What a request must pass before it takes any capacity: the gateway is not draining, and a
+/// declared body is within `max_body_bytes`. Returns the declared length.
+fn limits(
+    function: &Function,
+    headers: &HeaderMap,
+    draining: bool,
+) -> Result<Option<u64>, GatewayError> {
+    if draining {
+        return Err(GatewayError::Draining);
+    }
+    let limit = function.config.max_body_bytes;
+    let declared = content_length(headers);
+    match declared {
+        Some(len) if limit > 0 && len > limit => Err(GatewayError::BodyTooLarge(limit)),
+        _ => Ok(declared),
+    }
+}
+
+/// The last phase: the function's response or the gateway's own answer, with `X-Start-Time`,
+/// counted in `gateway_function_invocation_total` and the duration histogram.
+fn respond(
+    function: &Function,
+    result: Result<Response<ResponseBody>, GatewayError>,
+    call_id: HeaderValue,
+    arrived: Instant,
+) -> Response<ResponseBody> {
     let mut resp = match result {
         Ok(resp) => resp,
-        Err(e) => error_response(&function, e, call_id),
+        Err(e) => error_response(function, e, call_id),
     };
-    resp.headers_mut().insert(&START_TIME, start_time());
+    resp.headers_mut()
+        .insert(&START_TIME, forwarding::start_time());
     function
         .metrics
         .observe(resp.status().as_u16(), arrived.elapsed().as_secs_f64());
-    if let Some(guard) = guard {
-        resp.body_mut().set_guard(guard);
-    }
-    Ok(resp)
+    resp
 }
 
 /// The gateway's answer for a known function's request: counted by reason, with `X-Call-Id`, and
@@ -333,26 +361,4 @@ fn error_response(
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     resp
-}
-
-/// The client's `X-Call-Id` (non-empty, at most 128 bytes), else a new one.
-fn call_id<B>(req: &Request<B>) -> HeaderValue {
-    req.headers()
-        .get(&CALL_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .cloned()
-        .unwrap_or_else(new_call_id)
-}
-
-fn new_call_id() -> HeaderValue {
-    let mut buf = uuid::Uuid::encode_buffer();
-    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(id).expect("a uuid is a valid header value")
-}
-
-fn start_time() -> HeaderValue {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    HeaderValue::from(nanos)
 }

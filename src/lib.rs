@@ -15,8 +15,10 @@
 pub mod autoscaler;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod error;
+pub mod forwarding;
 pub mod function;
 pub mod gateway;
 pub mod h1;
@@ -43,7 +45,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
-use crate::function::Function;
+use crate::function::{Function, Functions};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::server::Server;
@@ -68,30 +70,30 @@ impl std::fmt::Debug for Running {
 pub async fn start(config: Config) -> io::Result<Running> {
     let listener = TcpListener::bind(config.gateway.listen).await?;
     let metrics = Metrics::new();
-    let gateway = Arc::new(Gateway::new(config.gateway.clone(), metrics));
+    let functions = Functions::default();
     for fc in config.functions.values() {
-        let function = Function::new(fc.clone(), &gateway.metrics);
+        let function = Function::new(fc.clone(), &metrics);
         let backend = provider::start(fc, function.publisher());
         function.attach(backend);
-        gateway.functions.insert(fc.name.clone(), function);
+        functions.insert(function);
     }
     // The async queue before the autoscalers, so that their first look sees the stored backlog.
-    let functions = gateway
-        .functions
-        .iter()
-        .map(|f| f.value().clone())
-        .collect();
     let queue = queue::AsyncQueue::start(
         &config.gateway.async_store,
-        functions,
-        gateway.client().clone(),
+        functions.all(),
+        upstream::http_client(),
     )
     .await;
-    gateway.set_queue(queue);
+    let gateway = Arc::new(Gateway::new(
+        config.gateway.clone(),
+        metrics,
+        functions,
+        Some(queue),
+    ));
     let (stop_loops, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
-    for f in gateway.functions.iter() {
-        if let Some(scaler) = autoscaler::Autoscaler::new(f.value().clone()) {
+    for f in gateway.functions.all() {
+        if let Some(scaler) = autoscaler::Autoscaler::new(f) {
             loops.push(tokio::spawn(scaler.run(stop_rx.clone())));
         }
     }
@@ -143,8 +145,8 @@ impl Running {
         }
         // Every function's replicas stop in parallel.
         let mut stops = tokio::task::JoinSet::new();
-        for f in self.gateway.functions.iter() {
-            let backend = f.value().backend().clone();
+        for f in self.gateway.functions.all() {
+            let backend = f.backend().clone();
             stops.spawn(async move { backend.shutdown().await });
         }
         while stops.join_next().await.is_some() {}

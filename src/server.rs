@@ -16,12 +16,11 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use atomic_waker::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,139 +32,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::body::ResponseBody;
+use crate::conn::{ConnState, RequestGuard, Verdict, ABORT, GRACEFUL, RUN};
+use crate::forwarding::Peer;
 use crate::gateway::Gateway;
-use crate::proxy::Peer;
-
-/// Nothing asked of a connection.
-const RUN: u8 = 0;
-/// Finish what is in flight, then close (drain, idle timeout).
-const GRACEFUL: u8 = 1;
-/// Close now (header timeout, or still idle after a graceful request).
-const ABORT: u8 = 2;
-
-/// Event times in [`ConnState`] are `nanoseconds since origin + STAMP_BASE`, or [`UNSTAMPED`]: the
-/// request path only marks that something happened (no clock read per request); the sweeper
-/// stamps the time when it first sees the mark, at most one sweep period late.
-const UNSTAMPED: u64 = 1;
-const STAMP_BASE: u64 = 2;
-
-/// What one connection is doing, shared by its reader, its requests, its task and the sweeper.
-#[derive(Debug)]
-pub struct ConnState {
-    origin: Instant,
-    peer: SocketAddr,
-    inflight: AtomicU32,
-    /// When the current request head began (see [`UNSTAMPED`]); 0 when none is pending.
-    head_started: AtomicU64,
-    /// When the connection last became idle (see [`UNSTAMPED`]).
-    idle_since: AtomicU64,
-    /// What the sweeper or a drain asks: [`RUN`], [`GRACEFUL`] or [`ABORT`] (only ever raised).
-    signal: AtomicU8,
-    /// Wakes the connection's task when `signal` is raised.
-    waker: AtomicWaker,
-}
-
-impl ConnState {
-    fn new(peer: SocketAddr) -> ConnState {
-        ConnState {
-            origin: Instant::now(),
-            peer,
-            inflight: AtomicU32::new(0),
-            // A new connection must send its first head within header_read_timeout.
-            head_started: AtomicU64::new(STAMP_BASE),
-            idle_since: AtomicU64::new(STAMP_BASE),
-            signal: AtomicU8::new(RUN),
-            waker: AtomicWaker::new(),
-        }
-    }
-
-    /// Raises the request made of the connection and wakes its task.
-    fn raise(&self, signal: u8) {
-        self.signal.fetch_max(signal, Ordering::AcqRel);
-        self.waker.wake();
-    }
-
-    /// The time recorded in `slot` (see [`UNSTAMPED`]); an unstamped event is stamped `now`, the
-    /// first time the sweeper sees it.
-    fn stamped(&self, slot: &AtomicU64, value: u64, now: Instant) -> Instant {
-        if value != UNSTAMPED {
-            return self.origin + Duration::from_nanos(value - STAMP_BASE);
-        }
-        let nanos = now.saturating_duration_since(self.origin).as_nanos() as u64;
-        // Lost races are harmless: a request began (0) or the event was stamped already.
-        let _ = slot.compare_exchange(
-            UNSTAMPED,
-            nanos + STAMP_BASE,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        now
-    }
-
-    fn on_read(&self) {
-        if self.inflight.load(Ordering::Relaxed) == 0
-            && self.head_started.load(Ordering::Relaxed) == 0
-        {
-            let _ = self.head_started.compare_exchange(
-                0,
-                UNSTAMPED,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
-    }
-
-    /// Whether the connection is within its limits at `now`.
-    fn check(&self, now: Instant, header_timeout: Duration, idle_timeout: Duration) -> Verdict {
-        if self.inflight.load(Ordering::Relaxed) > 0 {
-            return Verdict::Fine;
-        }
-        let head = self.head_started.load(Ordering::Relaxed);
-        if head != 0 {
-            let started = self.stamped(&self.head_started, head, now);
-            return if now >= started + header_timeout {
-                Verdict::HeaderTimeout
-            } else {
-                Verdict::Fine
-            };
-        }
-        let idle = self.idle_since.load(Ordering::Relaxed);
-        let since = self.stamped(&self.idle_since, idle, now);
-        if now >= since + idle_timeout {
-            Verdict::Idle
-        } else {
-            Verdict::Fine
-        }
-    }
-}
-
-enum Verdict {
-    /// Within its limits.
-    Fine,
-    HeaderTimeout,
-    Idle,
-}
-
-/// Marks one request in flight on its connection; dropped with the response body.
-#[derive(Debug)]
-pub struct RequestGuard(Arc<ConnState>);
-
-impl RequestGuard {
-    fn new(state: Arc<ConnState>) -> RequestGuard {
-        state.inflight.fetch_add(1, Ordering::Relaxed);
-        state.head_started.store(0, Ordering::Relaxed);
-        RequestGuard(state)
-    }
-}
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        let s = &self.0;
-        if s.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            s.idle_since.store(UNSTAMPED, Ordering::Relaxed);
-        }
-    }
-}
 
 /// A socket that tells its connection's state when request bytes arrive.
 struct TrackedIo {
@@ -281,15 +150,15 @@ async fn sweep(registry: Arc<Registry>, header_timeout: Duration, idle_timeout: 
             match conn.check(now, header_timeout, idle_timeout) {
                 Verdict::Fine => {}
                 Verdict::HeaderTimeout => {
-                    info!(peer = %conn.peer, timeout = ?header_timeout, "closing connection: request head not received within header_read_timeout");
+                    info!(peer = %conn.peer(), timeout = ?header_timeout, "closing connection: request head not received within header_read_timeout");
                     conn.raise(ABORT);
                 }
                 Verdict::Idle => {
                     // Asked once to close gracefully; still idle a period later: close now.
-                    let signal = if conn.signal.load(Ordering::Acquire) >= GRACEFUL {
+                    let signal = if conn.signal() >= GRACEFUL {
                         ABORT
                     } else {
-                        debug!(peer = %conn.peer, "closing idle keep-alive connection");
+                        debug!(peer = %conn.peer(), "closing idle keep-alive connection");
                         GRACEFUL
                     };
                     conn.raise(signal);
@@ -456,7 +325,7 @@ async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     _guards: (Registered, Option<Tracked>),
 ) {
-    let peer = state.peer;
+    let peer = state.peer();
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         state: state.clone(),
@@ -472,8 +341,8 @@ async fn serve_connection(
     // something of this connection; no timer or channel is polled here.
     let mut shutting_down = false;
     let ended = std::future::poll_fn(|cx| {
-        state.waker.register(cx.waker());
-        match state.signal.load(Ordering::Acquire) {
+        state.register(cx.waker());
+        match state.signal() {
             RUN => {}
             GRACEFUL => {
                 if !shutting_down {

@@ -1144,7 +1144,7 @@ cooldown_period = 5
 
         use super::*;
         use crate::config::Upstream;
-        use crate::function::Publisher;
+        use crate::provider::Publisher;
         use crate::provider::{Backend, BoxFuture, Endpoints, Replica};
 
         #[derive(Debug)]

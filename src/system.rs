@@ -14,8 +14,7 @@ use tracing::info;
 
 use crate::body::ResponseBody;
 use crate::error::GatewayError;
-use crate::function::Function;
-use crate::gateway::Gateway;
+use crate::function::{Function, Functions};
 
 /// Largest `/system/scale-function` body accepted.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -69,8 +68,17 @@ pub fn status(f: &Function) -> FunctionStatus {
     }
 }
 
-fn authorize<B>(gateway: &Gateway, req: &Request<B>) -> Result<(), GatewayError> {
-    let Some(token) = &gateway.config.admin_token else {
+/// What the admin API works on: the functions, and the bearer token `/system` requires (if any).
+#[derive(Clone, Copy, Debug)]
+pub struct Admin<'a> {
+    /// Every function.
+    pub functions: &'a Functions,
+    /// `Authorization: Bearer TOKEN` is required when set.
+    pub token: Option<&'a str>,
+}
+
+fn authorize<B>(admin: Admin<'_>, req: &Request<B>) -> Result<(), GatewayError> {
+    let Some(token) = admin.token else {
         return Ok(());
     };
     let given = req
@@ -103,29 +111,24 @@ fn json<T: Serialize>(value: &T) -> Response<ResponseBody> {
 }
 
 /// `GET /system/functions`.
-pub fn list<B>(
-    gateway: &Gateway,
-    req: &Request<B>,
-) -> Result<Response<ResponseBody>, GatewayError> {
-    authorize(gateway, req)?;
-    let mut all: Vec<FunctionStatus> = gateway
-        .functions
-        .iter()
-        .map(|f| status(f.value()))
-        .collect();
+pub fn list<B>(admin: Admin<'_>, req: &Request<B>) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(admin, req)?;
+    let mut all: Vec<FunctionStatus> = Vec::with_capacity(admin.functions.len());
+    admin.functions.for_each(|f| all.push(status(f)));
     all.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(json(&all))
 }
 
 /// `GET /system/function/{name}`.
 pub fn get<B>(
-    gateway: &Gateway,
+    admin: Admin<'_>,
     req: &Request<B>,
     name: &str,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    authorize(gateway, req)?;
-    let f = gateway
-        .function(name)
+    authorize(admin, req)?;
+    let f = admin
+        .functions
+        .get(name)
         .ok_or_else(|| GatewayError::UnknownFunction(name.to_owned()))?;
     Ok(json(&status(&f)))
 }
@@ -142,13 +145,14 @@ struct ScaleRequest {
 
 /// `POST /system/scale-function/{name}` with `{"replicas": N}`, clamped to the function's bounds.
 pub async fn scale(
-    gateway: &Gateway,
+    admin: Admin<'_>,
     req: Request<Incoming>,
     name: &str,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    authorize(gateway, &req)?;
-    let f = gateway
-        .function(name)
+    authorize(admin, &req)?;
+    let f = admin
+        .functions
+        .get(name)
         .ok_or_else(|| GatewayError::UnknownFunction(name.to_owned()))?;
     let body = Limited::new(req.into_body(), MAX_ADMIN_BODY)
         .collect()

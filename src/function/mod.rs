@@ -13,12 +13,15 @@
 //! Slots are [`Permit`]s: dropping one frees the replica slot, decrements the gauge and hands the
 //! slot to the head of the queue. Nothing is ever decremented by hand.
 
+mod registry;
 pub mod window;
+
+pub use registry::{Fnv, Functions, NameHasher};
 
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -28,7 +31,8 @@ use tracing::{info, warn};
 
 use crate::config::FunctionConfig;
 use crate::metrics::{FunctionMetrics, Metrics, RejectReason};
-use crate::provider::{Backend, Endpoints, Replica};
+use crate::provider::{Backend, Endpoints, Publisher, Replica, Subscriber};
+use crate::upstream::Endpoint;
 use window::Window;
 
 /// Why admission turned a request away. Each maps to a `503` with `Retry-After`.
@@ -93,7 +97,7 @@ impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Permit")
             .field("function", &self.function.name)
-            .field("replica", &self.replica.id)
+            .field("replica", &self.replica.id())
             .field("waited", &self.waited)
             .finish()
     }
@@ -103,6 +107,11 @@ impl Permit {
     /// The replica this request goes to.
     pub fn replica(&self) -> &Arc<Replica> {
         &self.replica
+    }
+
+    /// Where this request goes: the replica's address and connection pool.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        self.replica.endpoint()
     }
 
     /// Whether and how long the request waited.
@@ -179,27 +188,6 @@ impl std::fmt::Debug for Function {
     }
 }
 
-/// Hands a provider's endpoint updates to its function.
-#[derive(Clone, Debug)]
-pub struct Publisher(Weak<Function>);
-
-impl Publisher {
-    /// Replaces the function's ready set (and failure state) and wakes requests waiting for it.
-    pub fn publish(&self, endpoints: Endpoints) {
-        if let Some(f) = self.0.upgrade() {
-            f.set_endpoints(endpoints);
-        }
-    }
-
-    /// The function's name, for log fields (empty once the function is gone).
-    pub fn function_name(&self) -> Arc<str> {
-        self.0
-            .upgrade()
-            .map(|f| f.name.clone())
-            .unwrap_or_else(|| Arc::from(""))
-    }
-}
-
 /// The figures the autoscaler and `/system` read: the same ones `/metrics` exports.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Figures {
@@ -265,7 +253,8 @@ impl Function {
 
     /// A publisher for this function's provider.
     pub fn publisher(self: &Arc<Self>) -> Publisher {
-        Publisher(Arc::downgrade(self))
+        let subscriber: Arc<dyn Subscriber> = self.clone();
+        Publisher::new(Arc::downgrade(&subscriber))
     }
 
     /// Connects the function to its backend (once).
@@ -607,6 +596,16 @@ impl Function {
     /// The manual scale not yet seen by the autoscaler, if any.
     pub fn take_manual(&self) -> Option<u32> {
         self.manual.lock().unwrap().take()
+    }
+}
+
+impl Subscriber for Function {
+    fn publish(self: Arc<Self>, endpoints: Endpoints) {
+        self.set_endpoints(endpoints);
+    }
+
+    fn name(&self) -> Arc<str> {
+        self.name.clone()
     }
 }
 

@@ -3,6 +3,10 @@
 //! A provider starts one [`Backend`] per function. The backend is told how many replicas to run
 //! ([`Backend::set_replicas`]) and publishes the set of *ready* replicas through a [`Publisher`]
 //! whenever it changes, so that requests waiting for capacity wake at once instead of polling.
+//!
+//! This module defines both sides of that seam and knows nothing of what is above it: a backend
+//! publishes [`Endpoints`] to whatever implements [`Subscriber`] (the function, in the gateway; a
+//! recorder, in tests), and each [`Replica`] wraps the `upstream` [`Endpoint`] requests are sent to.
 
 pub mod fixed;
 pub mod process;
@@ -10,14 +14,14 @@ pub mod process;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{FunctionConfig, ProviderConfig, Upstream};
-pub use crate::function::Publisher;
+use crate::upstream::Endpoint;
 
 /// A boxed future, for the one async method of the object-safe [`Backend`] trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -27,12 +31,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// `inflight` is the exact number of requests this replica is serving; admission control raises it
 /// with a compare-and-swap that never passes `max_ongoing_requests`.
 pub struct Replica {
-    /// Unique within the gateway process.
-    pub id: u64,
-    /// Where requests for this replica go.
-    pub upstream: Upstream,
-    /// Idle keep-alive connections to it.
-    pub pool: crate::upstream::Pool,
+    /// Where requests for this replica go, and its idle connections.
+    endpoint: Arc<Endpoint>,
     inflight: AtomicU32,
     draining: AtomicBool,
     idle: Notify,
@@ -41,26 +41,37 @@ pub struct Replica {
 impl fmt::Debug for Replica {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Replica")
-            .field("id", &self.id)
-            .field("upstream", &self.upstream.to_string())
+            .field("id", &self.endpoint.id)
+            .field("upstream", &self.endpoint.upstream.to_string())
             .field("inflight", &self.inflight())
             .finish()
     }
 }
 
-static NEXT_REPLICA_ID: AtomicU64 = AtomicU64::new(1);
-
 impl Replica {
     /// A new replica serving at `upstream`, with a fresh id.
     pub fn new(upstream: Upstream) -> Arc<Replica> {
         Arc::new(Replica {
-            id: NEXT_REPLICA_ID.fetch_add(1, Ordering::Relaxed),
-            upstream,
-            pool: crate::upstream::Pool::default(),
+            endpoint: Arc::new(Endpoint::new(upstream)),
             inflight: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
         })
+    }
+
+    /// Unique within the gateway process.
+    pub fn id(&self) -> u64 {
+        self.endpoint.id
+    }
+
+    /// Where requests for this replica go.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// The replica's address.
+    pub fn upstream(&self) -> &Upstream {
+        &self.endpoint.upstream
     }
 
     /// Requests this replica is serving now.
@@ -127,6 +138,49 @@ pub struct Endpoints {
     pub replicas: Vec<Arc<Replica>>,
     /// Set while the function's replicas fail to start; cleared when a new attempt begins.
     pub failure: Option<StartFailure>,
+}
+
+/// What a backend publishes to: the function it serves (or a test's recorder).
+pub trait Subscriber: Send + Sync {
+    /// Replaces the ready set (and failure state) and wakes requests waiting for it.
+    fn publish(self: Arc<Self>, endpoints: Endpoints);
+    /// The function's name, for log fields.
+    fn name(&self) -> Arc<str>;
+}
+
+/// Hands a backend's endpoint updates to its [`Subscriber`]; holds it weakly, so a backend never
+/// keeps its function alive.
+#[derive(Clone)]
+pub struct Publisher(Weak<dyn Subscriber>);
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Publisher")
+            .field(&self.function_name())
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// A publisher to `subscriber`.
+    pub fn new(subscriber: Weak<dyn Subscriber>) -> Publisher {
+        Publisher(subscriber)
+    }
+
+    /// Replaces the subscriber's ready set (and failure state) and wakes requests waiting for it.
+    pub fn publish(&self, endpoints: Endpoints) {
+        if let Some(s) = self.0.upgrade() {
+            s.publish(endpoints);
+        }
+    }
+
+    /// The function's name, for log fields (empty once the function is gone).
+    pub fn function_name(&self) -> Arc<str> {
+        self.0
+            .upgrade()
+            .map(|s| s.name())
+            .unwrap_or_else(|| Arc::from(""))
+    }
 }
 
 /// One function's replica source.

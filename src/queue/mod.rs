@@ -37,11 +37,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::body::UpstreamBody;
 use crate::error::{GatewayError, REASON_HEADER};
+use crate::forwarding::{self, Peer, CALL_ID};
 use crate::function::{retry_seconds, Function, Permit, Rejection};
 use crate::metrics::{AsyncOutcome, CallbackResult};
-use crate::proxy::{self, UpstreamClient, CALL_ID};
+use crate::proxy;
+use crate::upstream::{HttpClient, UpstreamBody};
 pub use store::{DeadLetter, Invocation, Pending, Store, StoreError};
 
 /// Request header naming where to POST the outcome.
@@ -164,7 +165,7 @@ impl AsyncQueue {
     pub async fn start(
         path: &std::path::Path,
         functions: Vec<Arc<Function>>,
-        client: UpstreamClient,
+        client: HttpClient,
     ) -> AsyncQueue {
         let owned = path.to_owned();
         let opened = tokio::task::spawn_blocking(move || Store::open(&owned))
@@ -241,7 +242,7 @@ impl AsyncQueue {
         function: &Arc<Function>,
         req: Request<Incoming>,
         name_end: usize,
-        peer: &proxy::Peer,
+        peer: &Peer,
         call_id: &HeaderValue,
     ) -> Result<(), GatewayError> {
         let store = self
@@ -260,7 +261,7 @@ impl AsyncQueue {
 
         // 2. A declared body over the limit is refused before anything is reserved or read.
         let limit = function.config.async_max_body_bytes();
-        if proxy::content_length(req.headers()).is_some_and(|len| len > limit) {
+        if forwarding::content_length(req.headers()).is_some_and(|len| len > limit) {
             return Err(GatewayError::BodyTooLarge(limit));
         }
 
@@ -278,10 +279,10 @@ impl AsyncQueue {
         };
 
         // 5. The request as the function will receive it: the sync path's header rules.
-        let forwarded_host = proxy::forwarded_host(&parts);
-        let path_and_query = proxy::replica_path_and_query(&parts.uri, name_end);
+        let forwarded_host = forwarding::forwarded_host(&parts);
+        let path_and_query = forwarding::replica_path_and_query(&parts.uri, name_end);
         let headers = &mut parts.headers;
-        proxy::rewrite_request_headers(headers, peer, forwarded_host, call_id, false);
+        forwarding::rewrite_request_headers(headers, peer, forwarded_host, call_id, false);
         headers.remove(CONTENT_LENGTH);
         headers.remove(EXPECT);
         let invocation = Invocation {
@@ -366,7 +367,7 @@ fn parse_callback_url(value: &HeaderValue) -> Result<String, GatewayError> {
 struct Ctx {
     lane: Arc<Lane>,
     store: Arc<Store>,
-    client: UpstreamClient,
+    client: HttpClient,
     stop: watch::Receiver<bool>,
 }
 

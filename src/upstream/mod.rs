@@ -36,11 +36,12 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::UpstreamBody;
 use crate::config::Upstream;
+use crate::forwarding::Forwarded;
 use crate::h1::{self, Decoder, Parsed, ProtocolError, RequestFraming};
-use crate::provider::Replica;
-use crate::proxy::Forwarded;
+
+mod body;
+pub use body::{BodyLimitExceeded, ClientBodyError, UpstreamBody};
 
 /// Idle connections kept per replica.
 const MAX_IDLE: usize = 1024;
@@ -317,6 +318,30 @@ impl Sending {
     }
 }
 
+static NEXT_ENDPOINT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Where one replica is reached: its address and `Host`, and its pool of idle connections.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Unique within the gateway process (log fields).
+    pub id: u64,
+    /// The replica's address and `Host` header.
+    pub upstream: Upstream,
+    /// Idle keep-alive connections to it.
+    pub pool: Pool,
+}
+
+impl Endpoint {
+    /// An endpoint at `upstream` with an empty pool and a fresh id.
+    pub fn new(upstream: Upstream) -> Endpoint {
+        Endpoint {
+            id: NEXT_ENDPOINT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            upstream,
+            pool: Pool::default(),
+        }
+    }
+}
+
 /// A replica's idle connections.
 #[derive(Default)]
 pub struct Pool {
@@ -449,10 +474,10 @@ pub struct Outgoing<'a> {
     pub body_idle: Option<Duration>,
 }
 
-/// Sends a request to `replica` on a pooled (or new) connection and waits for the response head.
+/// Sends a request to `endpoint` on a pooled (or new) connection and waits for the response head.
 /// The response body carries the connection (see [`PooledBody`]).
 pub async fn send(
-    replica: &Arc<Replica>,
+    endpoint: &Arc<Endpoint>,
     outgoing: Outgoing<'_>,
     body: UpstreamBody,
 ) -> Result<Response<PooledBody>, UpstreamError> {
@@ -466,9 +491,9 @@ pub async fn send(
     );
     let deadline = outgoing.deadline;
     let body_idle = outgoing.body_idle;
-    let (mut conn, mut reused) = match checkout(&replica.pool, outgoing.now) {
+    let (mut conn, mut reused) = match checkout(&endpoint.pool, outgoing.now) {
         Some(conn) => (conn, true),
-        None => (connect(&replica.upstream, deadline).await?, false),
+        None => (connect(&endpoint.upstream, deadline).await?, false),
     };
     let mut head = std::mem::take(&mut conn.scratch);
     head.clear();
@@ -478,7 +503,7 @@ pub async fn send(
         method,
         outgoing.path,
         outgoing.query,
-        &replica.upstream.host_header,
+        &endpoint.upstream.host_header,
         outgoing.headers,
         |name| forwarded.is_some() && Forwarded::replaces(name),
         forwarded.into_iter().flat_map(Forwarded::iter),
@@ -510,7 +535,7 @@ pub async fn send(
                         decoder,
                         keep_alive,
                         sending,
-                        replica: replica.clone(),
+                        endpoint: endpoint.clone(),
                         idle: body_idle.map(|limit| Idle {
                             limit,
                             deadline: None,
@@ -529,7 +554,7 @@ pub async fn send(
             {
                 // A stale pooled connection: send the request again on a fresh one.
                 sending.rewind();
-                conn = connect(&replica.upstream, deadline).await?;
+                conn = connect(&endpoint.upstream, deadline).await?;
                 reused = false;
             }
             Err(e) => return Err(e),
@@ -559,7 +584,7 @@ enum Kind {
         keep_alive: bool,
         /// The request, while it is still being sent.
         sending: Option<Box<Sending>>,
-        replica: Arc<Replica>,
+        endpoint: Arc<Endpoint>,
         /// The limit on silence inside the body, if any.
         idle: Option<Idle>,
     },
@@ -583,10 +608,10 @@ impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             Kind::Native {
-                decoder, replica, ..
+                decoder, endpoint, ..
             } => f
                 .debug_struct("PooledBody")
-                .field("replica", &replica.id)
+                .field("endpoint", &endpoint.id)
                 .field("decoder", decoder)
                 .finish_non_exhaustive(),
             Kind::Hyper(_) => f.debug_struct("PooledBody").finish_non_exhaustive(),
@@ -602,13 +627,13 @@ impl PooledBody {
             decoder,
             keep_alive,
             sending,
-            replica,
+            endpoint,
             ..
         } = &mut self.kind
         {
             if let Some(conn) = conn.take() {
                 if decoder.is_done() && *keep_alive && sending.is_none() && conn.buf.is_empty() {
-                    replica.pool.put(conn);
+                    endpoint.pool.put(conn);
                 }
             }
         }
@@ -739,10 +764,10 @@ impl Body for PooledBody {
 /// task that keeps running for the upgraded stream (`hyper::upgrade::on` works on the response;
 /// its body, if the replica did not switch, is not pooled).
 pub async fn send_upgrade(
-    replica: &Arc<Replica>,
+    endpoint: &Arc<Endpoint>,
     req: Request<UpstreamBody>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
-    let stream = connect_tcp(&replica.upstream).await?;
+    let stream = connect_tcp(&endpoint.upstream).await?;
     let (mut sender, driver) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await?;
@@ -753,4 +778,24 @@ pub async fn send_upgrade(
     Ok(resp.map(|inner| PooledBody {
         kind: Kind::Hyper(inner),
     }))
+}
+
+/// hyper-util's pooled HTTP/1.1 client, for URLs outside any replica set (async callbacks).
+/// Replicas are reached through [`send`] and their endpoints' pools instead.
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    UpstreamBody,
+>;
+
+/// Builds the [`HttpClient`]: keep-alive pooling, a 5 s connect timeout, no Nagle.
+pub fn http_client() -> HttpClient {
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
 }
