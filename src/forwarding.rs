@@ -64,7 +64,7 @@ pub fn replica_path_and_query(uri: &Uri, name_end: usize) -> String {
 
 /// The header rules for a request on its way to a replica: hop-by-hop headers and `Host` out
 /// (the upgrade pair kept with `upgrade`), then [`Forwarded`] applied. Async invocations store
-/// the result; the sync path applies the same rules while encoding (see [`forward`]).
+/// the result; the sync path applies the same rules while encoding (see `proxy::forward`).
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     peer: &Peer,

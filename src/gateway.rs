@@ -2,22 +2,19 @@
 //!
 //! [`Gateway::serve`] routes each request once. A sync invocation of a known function (the hot
 //! path) is routed before any future exists, so that the one boxed future per request is
-//! [`invoke`] itself; everything else is answered by [`Gateway::answer`].
+//! `invoke` itself; everything else is answered by `Gateway::answer`.
 //!
 //! A request's phases, in order, for both kinds of invocation:
 //!
-//! | phase | sync ([`invoke`]) | async ([`Gateway::invoke_async`], then the queue's dispatcher) |
+//! | phase | sync (`invoke`) | async (`Gateway::invoke_async`, then the queue's dispatcher) |
 //! |---|---|---|
 //! | route | `router::route`, once, in `serve` | the same |
 //! | count | `Function::arrived` (window, started) | `started` now; the window counts the dispatch |
-//! | limits | [`limits`]: draining, declared body size | the same at accept; then `AsyncQueue::accept` (backlog, body, store) |
+//! | limits | `limits`: draining, declared body size | the same at accept; then `AsyncQueue::accept` (backlog, body, store) |
 //! | admit | `Function::admit` | the dispatcher's `Function::admit` |
 //! | forward with the permit | `proxy::forward` | `proxy::send_stored` |
-//! | respond | [`respond`]: status counted, `X-Start-Time`, `X-Call-Id` | `202` via [`respond`]; the function's answer goes to the callback |
+//! | respond | `respond`: status counted, `X-Start-Time`, `X-Call-Id` | `202` via `respond`; the function's answer goes to the callback |
 //!
-//! [`invoke`]: invoke
-//! [`limits`]: limits
-//! [`respond`]: respond
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,13 +1,28 @@
 //! sluicegate: an HTTP gateway for serverless functions.
 //!
-//! The request path, in the order a request meets it: [`server`] (accept, timeouts, drain) →
-//! [`gateway`] (route, find the function) → [`function`] (window, admission, queue, cold start) →
-//! [`proxy`] (forward, stream back) → [`upstream`] (pooled connections) → [`provider`] (the
-//! replicas). Async invocations are stored and dispatched through the same admission by
-//! [`queue`]. The control loop:
-//! [`autoscaler`] reads the same figures `/metrics` exports ([`metrics`]) and sets replica counts
-//! through the provider. [`config`] is the only module that reads files or the environment.
-//! Offline, [`simulate`] replays a request trace through the same autoscaler on virtual time.
+//! # Layers
+//!
+//! The top-level modules depend on each other in one direction only: each uses the layers below
+//! it, never one of its own layer or above (`tests/layering.rs` checks this on every test run;
+//! docs/architecture.md walks a request through them, file by file).
+//!
+//! | layer | modules | what |
+//! |---|---|---|
+//! | 1 | [`server`] | accept, per-connection timeouts, drain |
+//! | 2 | [`gateway`] | route once; a request's phases (count, limits, admit, forward, respond) |
+//! | 3 | [`system`], [`queue`] | the admin API; async invocations: accept, store, dispatch, callbacks |
+//! | 4 | [`proxy`] | forward with a permit: rewrite, send, stream back, map upstream errors |
+//! | 5 | [`error`], [`body`] | the gateway's own answers; the body that carries permit and guard |
+//! | 6 | [`simulate`] → [`autoscaler`] | the control loop (and its offline replay on virtual time) |
+//! | 7 | [`function`] | per-function state: window, admission, queue, cold start, figures |
+//! | 8 | [`provider`] | where replicas come from; the [`provider::Subscriber`] seam it publishes to |
+//! | 9 | [`upstream`] | pooled HTTP/1.1 connections to an [`upstream::Endpoint`] |
+//! | 10 | [`h1`], [`forwarding`], [`conn`], [`router`], [`metrics`], [`demo`] | leaves: codec, header rules, connection state, paths, metric families, the demo function |
+//! | 11 | [`config`] | the only module that reads files or the environment |
+//!
+//! The autoscaler reads the same figures `/metrics` exports and sets replica counts through the
+//! function's provider. Offline, [`simulate`] replays a request trace through the same autoscaler
+//! on virtual time.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_op_in_unsafe_fn)]
