@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::*;
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
-use sluicegate::queue::Store;
+use sluicegate::queue::AsyncStore;
 use tokio::time::Instant;
 
 /// One request a recording backend received.
@@ -86,7 +86,7 @@ fn post_async(
     req.body(body(data)).unwrap()
 }
 
-fn store_of(gw: &Gw) -> Arc<Store> {
+fn store_of(gw: &Gw) -> Arc<dyn AsyncStore> {
     gw.running
         .as_ref()
         .unwrap()
@@ -95,6 +95,19 @@ fn store_of(gw: &Gw) -> Arc<Store> {
         .and_then(|q| q.store())
         .expect("async store open")
         .clone()
+}
+
+/// Waits until the store says `check` holds (every 5 ms, at most `limit`).
+async fn until_store<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn backlog(gw: &Gw, name: &str) -> i64 {
@@ -179,9 +192,12 @@ async fn accepted_invocation_reaches_the_function_and_the_callback_gets_its_answ
     assert_eq!(calls.lock().unwrap()[1].uri, "/");
 
     let f = gw.function("echo");
-    until("the store is empty", Duration::from_secs(10), || {
-        store_of(&gw).pending_count("echo").unwrap() == 0
-    })
+    let store = &store_of(&gw);
+    until_store(
+        "the store is empty",
+        Duration::from_secs(10),
+        || async move { store.pending_count("echo").await.unwrap() == 0 },
+    )
     .await;
     assert_eq!(f.metrics.async_backlog.get(), 0);
     let scrape = gw.metrics().await;
@@ -234,7 +250,7 @@ async fn refusals_store_nothing_and_say_why() {
         .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.header("x-sluicegate-reason"), Some("unknown_function"));
-    assert_eq!(store.pending_count("nope").unwrap(), 0);
+    assert_eq!(store.pending_count("nope").await.unwrap(), 0);
 
     // Malformed name, wrong method.
     assert_eq!(
@@ -277,7 +293,7 @@ async fn refusals_store_nothing_and_say_why() {
         )
         .await;
     assert_eq!(r.status, 413);
-    assert_eq!(store.pending_count("echo").unwrap(), 0);
+    assert_eq!(store.pending_count("echo").await.unwrap(), 0);
     assert!(calls.lock().unwrap().is_empty());
 
     // The backlog bound: a function that is down keeps its invocations (retry in an hour).
@@ -306,7 +322,7 @@ async fn refusals_store_nothing_and_say_why() {
     let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!(retry_after >= 1);
     assert!(r.body.contains("async_max_backlog"), "{}", r.body);
-    assert_eq!(store.pending_count("down").unwrap(), 2);
+    assert_eq!(store.pending_count("down").await.unwrap(), 2);
     assert_eq!(backlog(&gw, "down"), 2);
     let scrape = gw.metrics().await;
     assert_eq!(
@@ -329,7 +345,7 @@ async fn refusals_store_nothing_and_say_why() {
     assert_eq!(r.status, 503);
     assert_eq!(r.header("x-sluicegate-reason"), Some("draining"));
     assert_eq!(r.header("retry-after"), Some("1"));
-    assert_eq!(store.pending_count("down").unwrap(), 2);
+    assert_eq!(store.pending_count("down").await.unwrap(), 2);
     gw.shutdown().await;
 }
 
@@ -396,17 +412,19 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
     assert_eq!(cb.body, "still down\n");
 
     // Kept in the dead-letter table, not lost; gone from the backlog.
-    let store = store_of(&gw);
-    until("dead-lettered in the store", Duration::from_secs(5), || {
-        store.dead_letters("flaky").unwrap().len() == 1
-    })
+    let store = &store_of(&gw);
+    until_store(
+        "dead-lettered in the store",
+        Duration::from_secs(5),
+        || async move { store.dead_letters("flaky").await.unwrap().len() == 1 },
+    )
     .await;
-    let dead = &store.dead_letters("flaky").unwrap()[0];
+    let dead = &store.dead_letters("flaky").await.unwrap()[0];
     assert_eq!((dead.attempts, dead.status), (3, 503));
     assert_eq!(dead.invocation.call_id, "dl-1");
     assert_eq!(dead.invocation.path_and_query, "/job");
     assert_eq!(dead.invocation.body, "payload");
-    assert_eq!(store.pending_count("flaky").unwrap(), 0);
+    assert_eq!(store.pending_count("flaky").await.unwrap(), 0);
     assert_eq!(backlog(&gw, "flaky"), 0);
     let f = gw.function("flaky");
     use sluicegate::metrics::AsyncOutcome;
@@ -469,12 +487,14 @@ async fn a_client_error_fails_at_once_and_a_dead_callback_does_not_block_the_que
         0,
         "422 is not retried"
     );
-    let store = store_of(&gw);
-    until("the store is empty", Duration::from_secs(5), || {
-        store.pending_count("strict").unwrap() == 0
-    })
+    let store = &store_of(&gw);
+    until_store(
+        "the store is empty",
+        Duration::from_secs(5),
+        || async move { store.pending_count("strict").await.unwrap() == 0 },
+    )
     .await;
-    assert!(store.dead_letters("strict").unwrap().is_empty());
+    assert!(store.dead_letters("strict").await.unwrap().is_empty());
     gw.shutdown().await;
 }
 

@@ -1,0 +1,87 @@
+//! Each function's backlog: how many of its invocations are stored or on their way in, the
+//! bound `async_max_backlog` puts on it, and the reservation an accept holds until it is stored.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::GatewayError;
+use crate::function::{retry_seconds, Function};
+
+/// One function's share of the async queue.
+pub(super) struct Lane {
+    pub(super) function: Arc<Function>,
+    /// Invocations of the function in the store, being accepted or finishing included: what
+    /// `async_max_backlog` bounds.
+    stored: AtomicU64,
+}
+
+impl Lane {
+    /// A lane for `function`, whose store holds `pending` of its invocations.
+    pub(super) fn new(function: Arc<Function>, pending: u64) -> Lane {
+        Lane {
+            function,
+            stored: AtomicU64::new(pending),
+        }
+    }
+
+    /// Reserves a place in the backlog, or refuses with `503` when it is full.
+    pub(super) fn reserve(self: &Arc<Self>) -> Result<Reservation, GatewayError> {
+        let config = &self.function.config;
+        let max = config.async_max_backlog;
+        let mut current = self.stored.load(Ordering::Relaxed);
+        loop {
+            if current >= max {
+                // Time for the whole backlog to drain at the function's observed service time.
+                let mean = self.function.mean_service_time().map(|d| d.as_secs_f64());
+                let estimate =
+                    mean.map(|m| m * current as f64 / config.async_concurrency.max(1) as f64);
+                return Err(GatewayError::AsyncBacklogFull {
+                    max,
+                    retry_after: retry_seconds(estimate.or(Some(5.0))),
+                });
+            }
+            match self.stored.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Ok(Reservation {
+                        lane: self.clone(),
+                        armed: true,
+                    })
+                }
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// An invocation left the store (or never made it in).
+    pub(super) fn release(&self) {
+        self.stored.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A place in a function's backlog, taken before the body is read. Dropped without
+/// [`Reservation::stored`] (refused, client gone, store failed), it gives the place back.
+pub(super) struct Reservation {
+    lane: Arc<Lane>,
+    armed: bool,
+}
+
+impl Reservation {
+    /// The invocation is durably stored: it counts in the backlog gauge until it is final.
+    pub(super) fn stored(mut self) {
+        self.armed = false;
+        self.lane.function.metrics.async_backlog.inc();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            self.lane.release();
+        }
+    }
+}

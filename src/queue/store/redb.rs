@@ -1,0 +1,815 @@
+//! The embedded async store: accepted invocations in a redb database, written by one thread that
+//! commits (and fsyncs) whatever has queued up meanwhile in one transaction, and delivered from
+//! this process with a cursor and retry timers per function.
+//!
+//! Tables, all keyed by `(function name, sequence number)` so that each function's invocations
+//! read back in the order they were accepted:
+//!
+//! * `pending`: every invocation accepted and not yet finished (the request as it will be sent);
+//! * `attempts`: attempts made so far and the last status, for invocations that failed at least once;
+//! * `dead`: invocations that ran out of attempts, with their final status (never deleted by the
+//!   gateway);
+//! * `meta`: the next sequence number.
+//!
+//! Nothing is acknowledged before its transaction is committed with `Durability::Immediate`, so an
+//! invocation the client saw `202` for survives a crash (even `SIGKILL`) of the gateway.
+//!
+//! Delivery: each function's `Plan` scans `pending` forward from a cursor for first attempts,
+//! and holds the retries it was told about on the tokio clock. The waits are not stored: after a
+//! restart the scan starts again from the beginning, so every stored invocation is due at once,
+//! with the attempts it had made.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::record::{decode, decode_dead, encode, encode_dead};
+use super::{
+    unix_ms, AsyncStore, DeadLetter, Invocation, Pending, Settlement, StoreError, StoreFuture,
+};
+
+type Key<'a> = (&'a str, u64);
+
+const PENDING: TableDefinition<Key, &[u8]> = TableDefinition::new("pending");
+const ATTEMPTS: TableDefinition<Key, (u32, u16)> = TableDefinition::new("attempts");
+const DEAD: TableDefinition<Key, &[u8]> = TableDefinition::new("dead");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_SEQ: &str = "next_seq";
+
+/// Most operations committed in one transaction.
+const MAX_BATCH_OPS: usize = 4096;
+/// Most body bytes committed in one transaction (one large body still goes alone).
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+fn db_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+type Done<T> = Box<dyn FnOnce(Result<T, StoreError>) + Send>;
+
+enum Op {
+    Insert {
+        function: String,
+        record: Vec<u8>,
+        done: Done<u64>,
+    },
+    Attempted {
+        function: String,
+        seq: u64,
+        attempts: u32,
+        status: u16,
+        done: Done<()>,
+    },
+    Remove {
+        function: String,
+        seq: u64,
+        done: Done<()>,
+    },
+    DeadLetter {
+        function: String,
+        seq: u64,
+        attempts: u32,
+        status: u16,
+        reason: String,
+        done: Done<()>,
+    },
+}
+
+impl Op {
+    fn size(&self) -> usize {
+        match self {
+            Op::Insert { record, .. } => record.len(),
+            _ => 64,
+        }
+    }
+}
+
+/// One function's delivery from this process: where the scan for first attempts is, and the
+/// retries it holds.
+#[derive(Default)]
+struct Plan {
+    /// First attempts: the next sequence number to look at.
+    cursor: u64,
+    /// Invocations of the function stored by this process so far.
+    inserted: u64,
+    /// `inserted` as it was when a scan from `cursor` last found nothing.
+    exhausted_at: Option<u64>,
+    /// Retries whose time has come, oldest invocation first, with the attempts already made.
+    due: BTreeMap<u64, u32>,
+    /// Retries waiting for their time.
+    waiting: BTreeSet<(Instant, u64, u32)>,
+}
+
+/// What to read next for a function.
+enum Look {
+    /// A retry that is due.
+    Retry { seq: u64, attempts: u32 },
+    /// The first pending invocation from `from` on; `inserted` as it was when asked.
+    First { from: u64, inserted: u64 },
+    /// Nothing until an insert, or until `until` (the next retry).
+    Wait { until: Option<Instant> },
+}
+
+impl Plan {
+    /// Moves the retries whose time has come to `due`, then says what to read.
+    fn look(&mut self, now: Instant) -> Look {
+        while let Some(&(at, seq, attempts)) = self.waiting.first() {
+            if at > now {
+                break;
+            }
+            self.waiting.pop_first();
+            self.due.insert(seq, attempts);
+        }
+        if let Some((&seq, &attempts)) = self.due.first_key_value() {
+            Look::Retry { seq, attempts }
+        } else if self.exhausted_at != Some(self.inserted) {
+            Look::First {
+                from: self.cursor,
+                inserted: self.inserted,
+            }
+        } else {
+            Look::Wait {
+                until: self.waiting.first().map(|w| w.0),
+            }
+        }
+    }
+}
+
+/// A function's [`Plan`] and the wake-up of the one `next` waiting on it.
+#[derive(Default)]
+struct Deliveries {
+    plan: Mutex<Plan>,
+    wake: Notify,
+}
+
+impl Deliveries {
+    /// An invocation was stored: there is something past the cursor again.
+    fn inserted(&self) {
+        self.plan.lock().unwrap().inserted += 1;
+        self.wake.notify_one();
+    }
+
+    /// `seq` is handed out again at `at`, `attempts` made.
+    fn retry_at(&self, at: Instant, seq: u64, attempts: u32) {
+        self.plan
+            .lock()
+            .unwrap()
+            .waiting
+            .insert((at, seq, attempts));
+        self.wake.notify_one();
+    }
+}
+
+/// The redb store: reads from the blocking pool, writes through one committing thread.
+pub struct RedbStore {
+    path: PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+    ops: Mutex<Option<mpsc::Sender<Op>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    deliveries: Mutex<HashMap<String, Arc<Deliveries>>>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates, with its parent directories) the store at `path`. Blocking: call it
+    /// from a blocking context.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| db_error(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db =
+            Database::create(path).map_err(|e| db_error(format!("{}: {e}", path.display())))?;
+        // Create the tables, so that readers never meet a missing one.
+        let txn = db.begin_write().map_err(db_error)?;
+        let next_seq;
+        {
+            txn.open_table(PENDING).map_err(db_error)?;
+            txn.open_table(ATTEMPTS).map_err(db_error)?;
+            txn.open_table(DEAD).map_err(db_error)?;
+            let meta = txn.open_table(META).map_err(db_error)?;
+            next_seq = meta
+                .get(NEXT_SEQ)
+                .map_err(db_error)?
+                .map_or(1, |v| v.value());
+        }
+        txn.commit().map_err(db_error)?;
+
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("sluicegate-async-store".into())
+            .spawn(move || write_loop(&writer_db, next_seq, &rx))
+            .map_err(|e| db_error(format!("cannot start the store writer: {e}")))?;
+        Ok(RedbStore {
+            path: path.to_owned(),
+            db: RwLock::new(Some(db)),
+            ops: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            deliveries: Mutex::default(),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn deliveries(&self, function: &str) -> Arc<Deliveries> {
+        let mut all = self.deliveries.lock().unwrap();
+        if let Some(d) = all.get(function) {
+            return d.clone();
+        }
+        let d = Arc::new(Deliveries::default());
+        all.insert(function.to_owned(), d.clone());
+        d
+    }
+
+    /// Hands `op` to the writer; its `done` gets the result once committed (on the writer
+    /// thread), or [`StoreError::Closed`] at once.
+    fn submit(&self, op: Op) {
+        let ops = self.ops.lock().unwrap();
+        let unsent = match ops.as_ref() {
+            Some(tx) => tx.send(op).err().map(|e| e.0),
+            None => Some(op),
+        };
+        drop(ops);
+        if let Some(op) = unsent {
+            complete(op, Err(StoreError::Closed));
+        }
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db.read().unwrap().clone().ok_or(StoreError::Closed)
+    }
+
+    /// Runs `read` on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db()?;
+        tokio::task::spawn_blocking(move || read(&db))
+            .await
+            .unwrap_or_else(|e| Err(db_error(format!("store read panicked: {e}"))))
+    }
+
+    /// The first pending invocation of `function` with a sequence number in `seqs`.
+    async fn first(
+        &self,
+        function: &str,
+        seqs: RangeInclusive<u64>,
+    ) -> Result<Option<Pending>, StoreError> {
+        let function = function.to_owned();
+        self.read(move |db| first_pending(db, &function, seqs))
+            .await
+    }
+}
+
+/// The first pending invocation of `function` with a sequence number in `seqs`. Blocking.
+fn first_pending(
+    db: &Database,
+    function: &str,
+    seqs: RangeInclusive<u64>,
+) -> Result<Option<Pending>, StoreError> {
+    let read = db.begin_read().map_err(db_error)?;
+    let pending = read.open_table(PENDING).map_err(db_error)?;
+    let mut range = pending
+        .range((function, *seqs.start())..=(function, *seqs.end()))
+        .map_err(db_error)?;
+    let Some(entry) = range.next() else {
+        return Ok(None);
+    };
+    let (key, value) = entry.map_err(db_error)?;
+    let seq = key.value().1;
+    let invocation = decode(value.value()).map_err(|reason| StoreError::Corrupt {
+        function: function.to_owned(),
+        seq,
+        reason,
+    })?;
+    let attempts = read.open_table(ATTEMPTS).map_err(db_error)?;
+    let (attempts, last_status) = attempts
+        .get((function, seq))
+        .map_err(db_error)?
+        .map_or((0, 0), |v| v.value());
+    Ok(Some(Pending {
+        seq,
+        invocation,
+        attempts,
+        last_status,
+    }))
+}
+
+impl AsyncStore for RedbStore {
+    fn insert<'a>(&'a self, function: &'a str, invocation: &'a Invocation) -> StoreFuture<'a, ()> {
+        let (tx, rx) = oneshot::channel();
+        let deliveries = self.deliveries(function);
+        self.submit(Op::Insert {
+            function: function.to_owned(),
+            record: encode(invocation),
+            done: Box::new(move |result| {
+                if result.is_ok() {
+                    deliveries.inserted();
+                }
+                let _ = tx.send(result.map(|_| ()));
+            }),
+        });
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    fn next<'a>(&'a self, function: &'a str) -> StoreFuture<'a, Pending> {
+        Box::pin(async move {
+            let deliveries = self.deliveries(function);
+            loop {
+                let look = deliveries.plan.lock().unwrap().look(Instant::now());
+                // Nothing below changes the plan before its read is back, so that a dropped
+                // future loses nothing.
+                match look {
+                    Look::Wait { until } => {
+                        tokio::select! {
+                            _ = deliveries.wake.notified() => {}
+                            _ = crate::queue::sleep_until_opt(until) => {}
+                        }
+                    }
+                    Look::Retry { seq, attempts } => {
+                        let read = self.first(function, seq..=seq).await;
+                        if !matches!(read, Err(StoreError::Database(_) | StoreError::Closed)) {
+                            deliveries.plan.lock().unwrap().due.remove(&seq);
+                        }
+                        // None: settled meanwhile; nothing to retry.
+                        if let Some(mut pending) = read? {
+                            // The attempt count may not have been stored.
+                            pending.attempts = pending.attempts.max(attempts);
+                            return Ok(pending);
+                        }
+                    }
+                    Look::First { from, inserted } => {
+                        let read = self.first(function, from..=u64::MAX).await;
+                        let mut plan = deliveries.plan.lock().unwrap();
+                        match &read {
+                            Ok(Some(pending)) => plan.cursor = pending.seq + 1,
+                            Ok(None) => plan.exhausted_at = Some(inserted),
+                            Err(StoreError::Corrupt { seq, .. }) => plan.cursor = seq + 1,
+                            Err(_) => {}
+                        }
+                        drop(plan);
+                        if let Some(pending) = read? {
+                            return Ok(pending);
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        function: &'a str,
+        seq: u64,
+        settlement: Settlement,
+    ) -> StoreFuture<'a, ()> {
+        let (tx, rx) = oneshot::channel();
+        let function = function.to_owned();
+        let op = match settlement {
+            Settlement::Done => Op::Remove {
+                function,
+                seq,
+                done: Box::new(move |result| {
+                    let _ = tx.send(result);
+                }),
+            },
+            Settlement::Retry {
+                attempts,
+                status,
+                after,
+            } => {
+                let at = Instant::now() + after;
+                let deliveries = self.deliveries(&function);
+                Op::Attempted {
+                    function,
+                    seq,
+                    attempts,
+                    status,
+                    // Scheduled once the count is stored (or failed to be), never lost.
+                    done: Box::new(move |result| {
+                        deliveries.retry_at(at, seq, attempts);
+                        let _ = tx.send(result);
+                    }),
+                }
+            }
+            Settlement::DeadLetter {
+                attempts,
+                status,
+                reason,
+            } => Op::DeadLetter {
+                function,
+                seq,
+                attempts,
+                status,
+                reason,
+                done: Box::new(move |result| {
+                    let _ = tx.send(result);
+                }),
+            },
+        };
+        self.submit(op);
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    fn pending(&self) -> StoreFuture<'_, BTreeMap<String, u64>> {
+        Box::pin(self.read(|db| {
+            let read = db.begin_read().map_err(db_error)?;
+            let pending = read.open_table(PENDING).map_err(db_error)?;
+            let mut counts = BTreeMap::<String, u64>::new();
+            for entry in pending.iter().map_err(db_error)? {
+                let (key, _) = entry.map_err(db_error)?;
+                let (function, _) = key.value();
+                match counts.get_mut(function) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(function.to_owned(), 1);
+                    }
+                }
+            }
+            Ok(counts)
+        }))
+    }
+
+    fn pending_count<'a>(&'a self, function: &'a str) -> StoreFuture<'a, u64> {
+        let function = function.to_owned();
+        Box::pin(self.read(move |db| {
+            let read = db.begin_read().map_err(db_error)?;
+            let pending = read.open_table(PENDING).map_err(db_error)?;
+            let n = pending
+                .range((function.as_str(), 0)..=(function.as_str(), u64::MAX))
+                .map_err(db_error)?
+                .count();
+            Ok(n as u64)
+        }))
+    }
+
+    fn dead_letters<'a>(&'a self, function: &'a str) -> StoreFuture<'a, Vec<DeadLetter>> {
+        let function = function.to_owned();
+        Box::pin(self.read(move |db| {
+            let read = db.begin_read().map_err(db_error)?;
+            let dead = read.open_table(DEAD).map_err(db_error)?;
+            let mut out = Vec::new();
+            for entry in dead
+                .range((function.as_str(), 0)..=(function.as_str(), u64::MAX))
+                .map_err(db_error)?
+            {
+                let (key, value) = entry.map_err(db_error)?;
+                let seq = key.value().1;
+                out.push(decode_dead(seq, value.value()).map_err(|reason| {
+                    StoreError::Corrupt {
+                        function: function.clone(),
+                        seq,
+                        reason,
+                    }
+                })?);
+            }
+            Ok(out)
+        }))
+    }
+
+    fn dead_letter_count(&self) -> StoreFuture<'_, u64> {
+        Box::pin(self.read(|db| {
+            let read = db.begin_read().map_err(db_error)?;
+            let dead = read.open_table(DEAD).map_err(db_error)?;
+            dead.len().map_err(db_error)
+        }))
+    }
+
+    /// Commits what was submitted, stops the writer and closes the file.
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            drop(self.ops.lock().unwrap().take());
+            let writer = self.writer.lock().unwrap().take();
+            if let Some(writer) = writer {
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            }
+            let db = self.db.write().unwrap().take();
+            if let Some(mut db) = db {
+                // Readers hold the database for microseconds; wait for them to let go.
+                for _ in 0..1000 {
+                    match Arc::try_unwrap(db) {
+                        Ok(db) => {
+                            drop(db);
+                            debug!(path = %self.path.display(), "async store closed");
+                            return;
+                        }
+                        Err(shared) => db = shared,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                warn!(path = %self.path.display(), "async store still in use at close");
+            }
+        })
+    }
+}
+
+fn write_loop(db: &Database, mut next_seq: u64, rx: &mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(op) => {
+                    bytes += op.size();
+                    batch.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        match commit(db, next_seq, &batch) {
+            Ok((results, next)) => {
+                next_seq = next;
+                for (op, result) in batch.into_iter().zip(results) {
+                    complete(op, result);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, ops = batch.len(), "async store: commit failed");
+                for op in batch {
+                    complete(op, Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn complete(op: Op, result: Result<u64, StoreError>) {
+    match op {
+        Op::Insert { done, .. } => done(result),
+        Op::Attempted { done, .. } | Op::Remove { done, .. } | Op::DeadLetter { done, .. } => {
+            done(result.map(|_| ()))
+        }
+    }
+}
+
+/// One transaction for the whole batch. Per-operation failures (a value too large) fail only
+/// that operation; a failure of the transaction fails them all.
+fn commit(
+    db: &Database,
+    mut next_seq: u64,
+    batch: &[Op],
+) -> Result<(Vec<Result<u64, StoreError>>, u64), StoreError> {
+    let txn = db.begin_write().map_err(db_error)?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut pending = txn.open_table(PENDING).map_err(db_error)?;
+        let mut attempts = txn.open_table(ATTEMPTS).map_err(db_error)?;
+        let mut dead = txn.open_table(DEAD).map_err(db_error)?;
+        let mut meta = txn.open_table(META).map_err(db_error)?;
+        for op in batch {
+            let result = match op {
+                Op::Insert {
+                    function, record, ..
+                } => {
+                    let seq = next_seq;
+                    match pending.insert((function.as_str(), seq), record.as_slice()) {
+                        Ok(_) => {
+                            next_seq += 1;
+                            Ok(seq)
+                        }
+                        Err(e) => Err(db_error(e)),
+                    }
+                }
+                Op::Attempted {
+                    function,
+                    seq,
+                    attempts: n,
+                    status,
+                    ..
+                } => {
+                    let key = (function.as_str(), *seq);
+                    // Only for invocations still pending: a late update must not resurrect one.
+                    match pending.get(key).map_err(db_error)? {
+                        Some(_) => attempts
+                            .insert(key, (*n, *status))
+                            .map(|_| 0)
+                            .map_err(db_error),
+                        None => Ok(0),
+                    }
+                }
+                Op::Remove { function, seq, .. } => {
+                    let key = (function.as_str(), *seq);
+                    pending.remove(key).map_err(db_error)?;
+                    attempts.remove(key).map_err(db_error)?;
+                    Ok(0)
+                }
+                Op::DeadLetter {
+                    function,
+                    seq,
+                    attempts: n,
+                    status,
+                    reason,
+                    ..
+                } => {
+                    let key = (function.as_str(), *seq);
+                    let record = pending
+                        .remove(key)
+                        .map_err(db_error)?
+                        .map(|v| v.value().to_vec());
+                    attempts.remove(key).map_err(db_error)?;
+                    match record {
+                        Some(record) => {
+                            let value = encode_dead(&record, *n, *status, reason, unix_ms());
+                            dead.insert(key, value.as_slice())
+                                .map(|_| 0)
+                                .map_err(db_error)
+                        }
+                        None => Ok(0),
+                    }
+                }
+            };
+            results.push(result);
+        }
+        meta.insert(NEXT_SEQ, next_seq).map_err(db_error)?;
+    }
+    txn.commit().map_err(db_error)?;
+    Ok((results, next_seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn invocation(n: u32) -> Invocation {
+        Invocation {
+            call_id: format!("call-{n}"),
+            path_and_query: format!("/p/{n}?q=1"),
+            headers: vec![("x-a".into(), Bytes::from_static(b"1"))],
+            body: Bytes::from(vec![n as u8; 100]),
+            callback: (n % 2 == 0).then(|| "http://127.0.0.1:1/cb".to_owned()),
+            accepted_unix_ms: 1_700_000_000_000 + n as u64,
+        }
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sluicegate-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("store.redb")
+    }
+
+    fn retry(attempts: u32, after: Duration) -> Settlement {
+        Settlement::Retry {
+            attempts,
+            status: 503,
+            after,
+        }
+    }
+
+    #[tokio::test]
+    async fn invocations_survive_a_reopen_in_order_per_function_with_their_attempts() {
+        let path = temp_path("reopen");
+        let store = RedbStore::open(&path).unwrap();
+        assert!(store.pending().await.unwrap().is_empty());
+        for (function, n) in [("a", 1), ("b", 2), ("a", 3)] {
+            store.insert(function, &invocation(n)).await.unwrap();
+        }
+        let a1 = store.next("a").await.unwrap();
+        assert_eq!(a1.invocation, invocation(1));
+        store
+            .settle("a", a1.seq, retry(2, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        store.close().await;
+
+        // After a reopen every stored invocation is due at once, oldest first, attempts kept.
+        let store = RedbStore::open(&path).unwrap();
+        let pending = store.pending().await.unwrap();
+        assert_eq!((pending["a"], pending["b"]), (2, 1));
+        let first = store.next("a").await.unwrap();
+        assert_eq!(
+            (first.seq, first.attempts, first.last_status),
+            (a1.seq, 2, 503)
+        );
+        let second = store.next("a").await.unwrap();
+        assert!(second.seq > first.seq);
+        assert_eq!(
+            (second.invocation.clone(), second.attempts),
+            (invocation(3), 0)
+        );
+        // Sequence numbers keep increasing after a reopen.
+        store.insert("a", &invocation(4)).await.unwrap();
+        let third = store.next("a").await.unwrap();
+        assert!(third.seq > second.seq);
+
+        store
+            .settle("a", first.seq, Settlement::Done)
+            .await
+            .unwrap();
+        let dead_letter = Settlement::DeadLetter {
+            attempts: 5,
+            status: 502,
+            reason: "refused".into(),
+        };
+        store.settle("a", second.seq, dead_letter).await.unwrap();
+        assert_eq!(store.pending_count("a").await.unwrap(), 1);
+        assert_eq!(store.dead_letter_count().await.unwrap(), 1);
+        let dead = store.dead_letters("a").await.unwrap();
+        assert_eq!(
+            (dead[0].seq, dead[0].attempts, dead[0].status),
+            (second.seq, 5, 502)
+        );
+        assert_eq!(dead[0].reason, "refused");
+        assert_eq!(dead[0].invocation, invocation(3));
+        // An update for a finished invocation does not bring it back.
+        store
+            .settle("a", first.seq, retry(3, Duration::ZERO))
+            .await
+            .unwrap();
+        store
+            .settle("a", third.seq, Settlement::Done)
+            .await
+            .unwrap();
+        assert_eq!(store.pending_count("a").await.unwrap(), 0);
+        let b = store.next("b").await.unwrap();
+        assert_eq!(b.invocation, invocation(2));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_is_handed_out_when_its_wait_is_over_before_newer_invocations() {
+        let path = temp_path("retry");
+        let store = Arc::new(RedbStore::open(&path).unwrap());
+        for n in 1..=3 {
+            store.insert("f", &invocation(n)).await.unwrap();
+        }
+        let one = store.next("f").await.unwrap();
+        let start = Instant::now();
+        store
+            .settle("f", one.seq, retry(1, Duration::from_secs(10)))
+            .await
+            .unwrap();
+        // The retry waits; newer invocations do not.
+        let two = store.next("f").await.unwrap();
+        assert_eq!(two.invocation, invocation(2));
+        assert_eq!(Instant::now(), start);
+        store.settle("f", two.seq, Settlement::Done).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let again = store.next("f").await.unwrap();
+        assert_eq!((again.seq, again.attempts), (one.seq, 1));
+        let three = store.next("f").await.unwrap();
+        assert_eq!(three.invocation, invocation(3));
+
+        // With nothing else to hand out, `next` waits for the retry's time.
+        let at = Instant::now();
+        store
+            .settle("f", again.seq, retry(2, Duration::from_secs(20)))
+            .await
+            .unwrap();
+        let last = store.next("f").await.unwrap();
+        assert_eq!((last.seq, last.attempts), (one.seq, 2));
+        assert_eq!(Instant::now() - at, Duration::from_secs(20));
+
+        // ... or for an insert.
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.next("f").await }
+        });
+        tokio::task::yield_now().await;
+        store.insert("f", &invocation(4)).await.unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap().invocation, invocation(4));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_refuses_work_and_frees_the_file() {
+        let path = temp_path("closed");
+        let store = RedbStore::open(&path).unwrap();
+        store.close().await;
+        assert!(matches!(
+            store.insert("a", &invocation(1)).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(store.next("a").await, Err(StoreError::Closed)));
+        // The file is free for another opener.
+        let again = RedbStore::open(&path).unwrap();
+        again.close().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
