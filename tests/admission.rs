@@ -343,7 +343,7 @@ async fn system_routes_need_the_admin_token_when_set() {
 #[tokio::test]
 async fn promtool_finds_no_problems_in_a_scrape_taken_under_load() {
     let promtool = which("promtool").expect(
-        "promtool is required for this test (Debian: apt-get install prometheus); .ci/run installs it",
+        "promtool is required for this test (Debian: apt-get install prometheus); scripts/test installs it",
     );
     let backend = Backend::sleeping(Duration::from_millis(20)).await;
     let limits = "max_ongoing_requests = 2\nmax_queued_requests = 5";
@@ -394,7 +394,7 @@ async fn promtool_finds_no_problems_in_a_scrape_taken_under_load() {
 #[tokio::test]
 async fn a_real_prometheus_server_scrapes_and_queries_the_gateway() {
     let prometheus = which("prometheus").expect(
-        "prometheus is required for this test (Debian: apt-get install prometheus); .ci/run installs it",
+        "prometheus is required for this test (Debian: apt-get install prometheus); scripts/test installs it",
     );
     let backend = Backend::ok().await;
     let gw = Gw::start_static("echo", &backend.url(), "").await;
