@@ -26,50 +26,22 @@ fn ongoing(gw: &Gw, name: &str) -> u64 {
 #[tokio::test]
 async fn ray_serve_example_four_accepted_five_rejected_at_once() {
     let backend = Backend::sleeping(Duration::from_secs(2)).await;
-    let gw = Gw::start(&static_fn(
-        "model",
-        &backend.url(),
-        "max_ongoing_requests = 2\nmax_queued_requests = 2",
-    ))
-    .await;
-    let mut accepted = Vec::new();
-    for _ in 0..4 {
-        let client = gw.client.clone();
-        let url = gw.url("/function/model/");
-        accepted.push(tokio::spawn(async move {
-            read_whole(
-                client
-                    .request(Request::get(url).body(empty()).unwrap())
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }));
-    }
+    let limits = "max_ongoing_requests = 2\nmax_queued_requests = 2";
+    let gw = Gw::start_static("model", &backend.url(), limits).await;
+    let accepted: Vec<_> = (0..4).map(|_| gw.spawn_get("/function/model/")).collect();
     until("2 ongoing and 2 queued", Duration::from_secs(5), || {
         ongoing(&gw, "model") == 2 && queued(&gw, "model") == 2
     })
     .await;
     assert_eq!(backend.stats.inflight.load(Ordering::SeqCst), 2);
 
-    let mut rejected = Vec::new();
-    for _ in 0..5 {
-        let client = gw.client.clone();
-        let url = gw.url("/function/model/");
-        rejected.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let r = read_whole(
-                client
-                    .request(Request::get(url).body(empty()).unwrap())
-                    .await
-                    .unwrap(),
-            )
-            .await;
-            (r, sent.elapsed())
-        }));
-    }
-    for r in rejected {
-        let (r, took) = r.await.unwrap();
+    let rejected: Vec<_> = (0..5)
+        .map(|_| (Instant::now(), gw.spawn_get("/function/model/")))
+        .collect();
+    for (sent, r) in rejected {
+        // Timed when its answer is awaited: never less than the time it really took.
+        let r = r.await.unwrap();
+        let took = sent.elapsed();
         assert_eq!(r.status, 503, "{}", r.body);
         assert!(took < Duration::from_millis(100), "rejection took {took:?}");
         let retry: u64 = r
@@ -116,15 +88,10 @@ async fn ray_serve_example_four_accepted_five_rejected_at_once() {
 #[tokio::test]
 async fn queued_requests_are_served_in_arrival_order() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn(
-        "fifo",
-        &backend.url(),
-        "max_ongoing_requests = 1\nmax_queued_requests = 50",
-    ))
-    .await;
+    let limits = "max_ongoing_requests = 1\nmax_queued_requests = 50";
+    let gw = Gw::start_static("fifo", &backend.url(), limits).await;
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let client = gw.client.clone();
         // The first holds the only slot for a while; the rest queue one after another.
         let path = if i == 0 {
             "/function/fifo/?sleep=300"
@@ -135,16 +102,9 @@ async fn queued_requests_are_served_in_arrival_order() {
             .header("x-seq", i.to_string())
             .body(empty())
             .unwrap();
-        tasks.push(tokio::spawn(async move {
-            read_whole(client.request(req).await.unwrap()).await
-        }));
+        tasks.push(gw.spawn_send(req));
         if i == 0 {
-            until(
-                "first request at the backend",
-                Duration::from_secs(5),
-                || backend.stats.inflight.load(Ordering::SeqCst) == 1,
-            )
-            .await;
+            backend.until_inflight(1).await;
         } else {
             until("request queued", Duration::from_secs(5), || {
                 queued(&gw, "fifo") == i as u64
@@ -170,23 +130,9 @@ async fn no_replica_ever_exceeds_max_ongoing_requests() {
         b.url()
     );
     let gw = Gw::start(&config).await;
-    let mut tasks = Vec::new();
-    for _ in 0..60 {
-        let client = gw.client.clone();
-        let url = gw.url("/function/pair/");
-        tasks.push(tokio::spawn(async move {
-            read_whole(
-                client
-                    .request(Request::get(url).body(empty()).unwrap())
-                    .await
-                    .unwrap(),
-            )
-            .await
-            .status
-        }));
-    }
+    let tasks: Vec<_> = (0..60).map(|_| gw.spawn_get("/function/pair/")).collect();
     for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
+        assert_eq!(t.await.unwrap().status, 200);
     }
     for backend in [&a, &b] {
         assert_eq!(
@@ -203,17 +149,10 @@ async fn no_replica_ever_exceeds_max_ongoing_requests() {
 #[tokio::test]
 async fn queue_timeout_answers_503_with_retry_after() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn(
-        "busy",
-        &backend.url(),
-        "max_ongoing_requests = 1\nqueue_timeout = \"200ms\"",
-    ))
-    .await;
+    let limits = "max_ongoing_requests = 1\nqueue_timeout = \"200ms\"";
+    let gw = Gw::start_static("busy", &backend.url(), limits).await;
     let holder = gw.spawn_get("/function/busy/?sleep=1500");
-    until("slot taken", Duration::from_secs(5), || {
-        backend.stats.inflight.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    backend.until_inflight(1).await;
     let started = Instant::now();
     let r = gw.get("/function/busy/").await;
     let waited = started.elapsed();
@@ -237,17 +176,9 @@ async fn queue_timeout_answers_503_with_retry_after() {
 #[tokio::test]
 async fn client_disconnecting_while_queued_leaves_the_queue_and_sends_nothing_upstream() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn(
-        "busy",
-        &backend.url(),
-        "max_ongoing_requests = 1",
-    ))
-    .await;
+    let gw = Gw::start_static("busy", &backend.url(), "max_ongoing_requests = 1").await;
     let holder = gw.spawn_get("/function/busy/?sleep=700");
-    until("slot taken", Duration::from_secs(5), || {
-        backend.stats.inflight.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    backend.until_inflight(1).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"GET /function/busy/?queued=1 HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -292,12 +223,7 @@ async fn client_disconnecting_mid_response_frees_its_slot_at_once() {
         http::Response::new(streamed)
     })
     .await;
-    let gw2 = Gw::start(&static_fn(
-        "stream",
-        &forever.url(),
-        "max_ongoing_requests = 1",
-    ))
-    .await;
+    let gw2 = Gw::start_static("stream", &forever.url(), "max_ongoing_requests = 1").await;
     let mut s = TcpStream::connect(gw2.addr).await.unwrap();
     s.write_all(b"GET /function/stream/ HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -318,12 +244,7 @@ async fn client_disconnecting_mid_response_frees_its_slot_at_once() {
 #[tokio::test]
 async fn metric_names_and_labels_match_the_contract() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn(
-        "echo",
-        &backend.url(),
-        "max_ongoing_requests = 4",
-    ))
-    .await;
+    let gw = Gw::start_static("echo", &backend.url(), "max_ongoing_requests = 4").await;
     assert_eq!(gw.get("/function/echo/").await.status, 200);
     assert_eq!(gw.get("/function/echo/?status=500").await.status, 500);
     let scrape = gw.metrics().await;
@@ -354,7 +275,7 @@ async fn metric_names_and_labels_match_the_contract() {
 #[tokio::test]
 async fn unknown_function_names_create_no_series() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     let before = gw.metrics().await.lines().count();
     for i in 0..50 {
         assert_eq!(gw.get(&format!("/function/scan-{i}/")).await.status, 404);
@@ -372,11 +293,8 @@ async fn unknown_function_names_create_no_series() {
 #[tokio::test]
 async fn system_routes_need_the_admin_token_when_set() {
     let backend = Backend::ok().await;
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"s3cret\"\n{}",
-        static_fn("echo", &backend.url(), "")
-    );
-    let gw = Gw::start(&config).await;
+    let echo = static_fn("echo", &backend.url(), "");
+    let gw = Gw::start_with("admin_token = \"s3cret\"", &echo).await;
     let with = |token: Option<&str>, path: &str| {
         let mut b = Request::get(gw.url(path));
         if let Some(t) = token {
@@ -425,25 +343,12 @@ async fn system_routes_need_the_admin_token_when_set() {
 #[tokio::test]
 async fn promtool_finds_no_problems_in_a_scrape_taken_under_load() {
     let promtool = which("promtool").expect(
-        "promtool is required for this test (Debian: apt-get install prometheus); .ci/run installs it",
+        "promtool is required for this test (Debian: apt-get install prometheus); scripts/test installs it",
     );
     let backend = Backend::sleeping(Duration::from_millis(20)).await;
-    let gw = Gw::start(&static_fn(
-        "echo",
-        &backend.url(),
-        "max_ongoing_requests = 2\nmax_queued_requests = 5",
-    ))
-    .await;
-    let mut load = Vec::new();
-    for _ in 0..40 {
-        let client = gw.client.clone();
-        let url = gw.url("/function/echo/");
-        load.push(tokio::spawn(async move {
-            let _ = client
-                .request(Request::get(url).body(empty()).unwrap())
-                .await;
-        }));
-    }
+    let limits = "max_ongoing_requests = 2\nmax_queued_requests = 5";
+    let gw = Gw::start_static("echo", &backend.url(), limits).await;
+    let load: Vec<_> = (0..40).map(|_| gw.spawn_get("/function/echo/")).collect();
     tokio::time::sleep(Duration::from_millis(10)).await;
     let scrape = gw.metrics().await;
     for t in load {
@@ -489,10 +394,10 @@ async fn promtool_finds_no_problems_in_a_scrape_taken_under_load() {
 #[tokio::test]
 async fn a_real_prometheus_server_scrapes_and_queries_the_gateway() {
     let prometheus = which("prometheus").expect(
-        "prometheus is required for this test (Debian: apt-get install prometheus); .ci/run installs it",
+        "prometheus is required for this test (Debian: apt-get install prometheus); scripts/test installs it",
     );
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     for _ in 0..3 {
         assert_eq!(gw.get("/function/echo/").await.status, 200);
     }

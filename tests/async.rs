@@ -110,6 +110,15 @@ async fn until_store<F: std::future::Future<Output = bool>>(
     }
 }
 
+/// The call ids of the requests a recording backend received.
+fn call_ids(log: &Log) -> HashSet<String> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.headers["x-call-id"].to_str().unwrap().to_owned())
+        .collect()
+}
+
 fn backlog(gw: &Gw, name: &str) -> i64 {
     gw.function(name).metrics.async_backlog.get()
 }
@@ -125,7 +134,7 @@ async fn accepted_invocation_reaches_the_function_and_the_callback_gets_its_answ
     })
     .await;
     let (receiver, callbacks) = recorder(ok_answer).await;
-    let gw = Gw::start(&static_fn("echo", &function.url(), "")).await;
+    let gw = Gw::start_static("echo", &function.url(), "").await;
     let callback_url = format!("{}/hook?k=v", receiver.url());
 
     let r = gw
@@ -236,12 +245,8 @@ async fn accepted_invocation_reaches_the_function_and_the_callback_gets_its_answ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_store_nothing_and_say_why() {
     let (function, calls) = recorder(ok_answer).await;
-    let gw = Gw::start(&static_fn(
-        "echo",
-        &function.url(),
-        "max_body_bytes = 100\nasync_max_backlog = 2\nasync_initial_retry_wait = \"1h\"",
-    ))
-    .await;
+    let keys = "max_body_bytes = 100\nasync_max_backlog = 2\nasync_initial_retry_wait = \"1h\"";
+    let gw = Gw::start_static("echo", &function.url(), keys).await;
     let store = store_of(&gw);
 
     // Unknown function: 404, never 202 (faas#947), and nothing stored under that name.
@@ -299,12 +304,8 @@ async fn refusals_store_nothing_and_say_why() {
     // The backlog bound: a function that is down keeps its invocations (retry in an hour).
     let down = format!("http://127.0.0.1:{}", closed_port());
     gw.shutdown().await;
-    let gw = Gw::start(&static_fn(
-        "down",
-        &down,
-        "async_max_backlog = 2\nasync_initial_retry_wait = \"1h\"",
-    ))
-    .await;
+    let keys = "async_max_backlog = 2\nasync_initial_retry_wait = \"1h\"";
+    let gw = Gw::start_static("down", &down, keys).await;
     let store = store_of(&gw);
     for _ in 0..2 {
         assert_eq!(
@@ -372,12 +373,8 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
     })
     .await;
     let (receiver, callbacks) = recorder(ok_answer).await;
-    let gw = Gw::start(&static_fn(
-        "flaky",
-        &function.url(),
-        "async_max_attempts = 3\nasync_initial_retry_wait = \"150ms\"\nasync_max_retry_wait = \"10s\"",
-    ))
-    .await;
+    let keys = "async_max_attempts = 3\nasync_initial_retry_wait = \"150ms\"\nasync_max_retry_wait = \"10s\"";
+    let gw = Gw::start_static("flaky", &function.url(), keys).await;
     let hook = format!("{}/hook", receiver.url());
     let r = gw
         .send(post_async(
@@ -444,12 +441,8 @@ async fn a_client_error_fails_at_once_and_a_dead_callback_does_not_block_the_que
         }
     })
     .await;
-    let gw = Gw::start(&static_fn(
-        "strict",
-        &function.url(),
-        "async_initial_retry_wait = \"50ms\"\nasync_max_retry_wait = \"100ms\"\nasync_concurrency = 1",
-    ))
-    .await;
+    let keys = "async_initial_retry_wait = \"50ms\"\nasync_max_retry_wait = \"100ms\"\nasync_concurrency = 1";
+    let gw = Gw::start_static("strict", &function.url(), keys).await;
     // The first invocation's callback receiver is down: its deliveries are retried and given up,
     // while the second invocation goes through meanwhile.
     let dead_hook = format!("http://127.0.0.1:{}/hook", closed_port());
@@ -501,12 +494,8 @@ async fn a_client_error_fails_at_once_and_a_dead_callback_does_not_block_the_que
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_work_holds_one_queue_place_and_cannot_starve_sync_requests() {
     let function = Backend::sleeping(Duration::from_millis(100)).await;
-    let gw = Gw::start(&static_fn(
-        "busy",
-        &function.url(),
-        "max_ongoing_requests = 1\nmax_queued_requests = 4",
-    ))
-    .await;
+    let limits = "max_ongoing_requests = 1\nmax_queued_requests = 4";
+    let gw = Gw::start_static("busy", &function.url(), limits).await;
     for _ in 0..20 {
         assert_eq!(
             gw.send(post_async(&gw, "/async-function/busy", "", &[]))
@@ -528,24 +517,9 @@ async fn async_work_holds_one_queue_place_and_cannot_starve_sync_requests() {
     );
     // Three sync requests at once: they queue beside at most one async waiter, and none is shed.
     let started = Instant::now();
-    let sync: Vec<_> = (0..3)
-        .map(|_| {
-            let client = gw.client.clone();
-            let url = gw.url("/function/busy/");
-            tokio::spawn(async move {
-                read_whole(
-                    client
-                        .request(Request::get(url).body(empty()).unwrap())
-                        .await
-                        .unwrap(),
-                )
-                .await
-                .status
-            })
-        })
-        .collect();
+    let sync: Vec<_> = (0..3).map(|_| gw.spawn_get("/function/busy/")).collect();
     for s in sync {
-        assert_eq!(s.await.unwrap(), 200);
+        assert_eq!(s.await.unwrap().status, 200);
     }
     // Each waited for at most the async invocations ahead of it, one per sync request: well under
     // the 20 x 100 ms the whole async backlog takes.
@@ -565,16 +539,11 @@ async fn async_work_holds_one_queue_place_and_cannot_starve_sync_requests() {
 async fn accepted_invocations_survive_a_restart_and_are_all_delivered() {
     const N: usize = 20;
     let store_path = temp_store_path();
-    let gateway = |upstream: &str, extra: &str| {
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}\"\n{}",
-            store_path.display(),
-            static_fn("job", upstream, extra)
-        )
-    };
+    let store = async_store(&store_path);
     // The function is down; its first attempts fail and wait an hour to be retried.
     let down = format!("http://127.0.0.1:{}", closed_port());
-    let gw = Gw::start(&gateway(&down, "async_initial_retry_wait = \"1h\"")).await;
+    let job = static_fn("job", &down, "async_initial_retry_wait = \"1h\"");
+    let gw = Gw::start_with(&store, &job).await;
     let mut ids = HashSet::new();
     for i in 0..N {
         let id = format!("restart-{i}");
@@ -594,11 +563,12 @@ async fn accepted_invocations_survive_a_restart_and_are_all_delivered() {
 
     // A new gateway on the same store, its function still down for now: the backlog is all there.
     let port = closed_port();
-    let gw = Gw::start(&gateway(
+    let job = static_fn(
+        "job",
         &format!("http://127.0.0.1:{port}"),
         "async_initial_retry_wait = \"50ms\"\nasync_max_retry_wait = \"200ms\"\nasync_max_attempts = 1000",
-    ))
-    .await;
+    );
+    let gw = Gw::start_with(&store, &job).await;
     assert_eq!(
         backlog(&gw, "job"),
         N as i64,
@@ -615,15 +585,7 @@ async fn accepted_invocations_survive_a_restart_and_are_all_delivered() {
     until(
         "every invocation is delivered",
         Duration::from_secs(20),
-        || {
-            let seen: HashSet<String> = calls
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|c| c.headers["x-call-id"].to_str().unwrap().to_owned())
-                .collect();
-            seen == ids
-        },
+        || call_ids(&calls) == ids,
     )
     .await;
     until("the backlog is empty", Duration::from_secs(5), || {
@@ -647,27 +609,12 @@ async fn invocations_acknowledged_by_a_sigkilled_gateway_are_delivered_after_res
     let store_path = dir.join("async.redb");
     let _ = std::fs::remove_file(&store_path);
     let port = closed_port();
-    let config = dir.join("gw.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nasync_store = \"{}\"\n{}",
-            store_path.display(),
-            static_fn(
-                "job",
-                &format!("http://127.0.0.1:{}", closed_port()),
-                "async_initial_retry_wait = \"1h\""
-            )
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let job = static_fn(
+        "job",
+        &format!("http://127.0.0.1:{}", closed_port()),
+        "async_initial_retry_wait = \"1h\"",
+    );
+    let mut child = spawn_binary(&dir, port, &async_store(&store_path), &job);
     let c = client();
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -711,24 +658,12 @@ async fn invocations_acknowledged_by_a_sigkilled_gateway_are_delivered_after_res
     child.wait().unwrap();
 
     let (function, calls) = recorder(ok_answer).await;
-    let gw = Gw::start(&format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}\"\n{}",
-        store_path.display(),
-        static_fn("job", &function.url(), "")
-    ))
-    .await;
+    let job = static_fn("job", &function.url(), "");
+    let gw = Gw::start_with(&async_store(&store_path), &job).await;
     until(
         "every acknowledged invocation is delivered",
         Duration::from_secs(20),
-        || {
-            let seen: HashSet<String> = calls
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|c| c.headers["x-call-id"].to_str().unwrap().to_owned())
-                .collect();
-            seen == ids
-        },
+        || call_ids(&calls) == ids,
     )
     .await;
     for c in calls.lock().unwrap().iter() {
@@ -744,12 +679,14 @@ async fn invocations_acknowledged_by_a_sigkilled_gateway_are_delivered_after_res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_scales_a_queue_mode_function_up_and_back_to_zero() {
-    let tag = format!("sgtest-asyncqueue-{}", std::process::id());
-    let gw = Gw::start(&format!(
-        "[functions.worker]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"]\n\
-         readiness_path = \"/healthz\"\nmax_ongoing_requests = 1\ntermination_grace = \"2s\"\n\
-         [functions.worker.autoscaler]\ntype = \"queue\"\nqueue_length = 4\nmin_replicas = 0\nmax_replicas = 3\n\
-         polling_interval = \"100ms\"\ncooldown_period = \"1s\"\nrate_seconds = \"2s\"\n"
+    let tag = unique_tag("asyncqueue");
+    let gw = Gw::start(&demo_fn(
+        "worker",
+        &tag,
+        "",
+        "max_ongoing_requests = 1\ntermination_grace = \"2s\"",
+        "type = \"queue\"\nqueue_length = 4\nmin_replicas = 0\nmax_replicas = 3\n\
+         polling_interval = \"100ms\"\ncooldown_period = \"1s\"\nrate_seconds = \"2s\"",
     ))
     .await;
     assert_eq!(count_processes(&tag), 0, "nothing runs before the backlog");
@@ -794,12 +731,8 @@ async fn an_unavailable_store_refuses_async_calls_and_keeps_serving_sync_ones() 
     // The store's directory cannot be created: a file is in the way.
     let blocker = temp_store_path();
     std::fs::write(&blocker, b"not a directory").unwrap();
-    let gw = Gw::start(&format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}/async.redb\"\n{}",
-        blocker.display(),
-        static_fn("echo", &function.url(), "")
-    ))
-    .await;
+    let echo = static_fn("echo", &function.url(), "");
+    let gw = Gw::start_with(&async_store(&blocker.join("async.redb")), &echo).await;
     let r = gw
         .send(post_async(&gw, "/async-function/echo", "x", &[]))
         .await;
@@ -820,13 +753,8 @@ async fn an_unavailable_store_refuses_async_calls_and_keeps_serving_sync_ones() 
 
     // A store another gateway holds open is unavailable too (redb locks the file).
     let shared = temp_store_path();
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nasync_store = \"{}\"\n{}",
-        shared.display(),
-        static_fn("echo", &function.url(), "")
-    );
-    let first = Gw::start(&config).await;
-    let second = Gw::start(&config).await;
+    let first = Gw::start_with(&async_store(&shared), &echo).await;
+    let second = Gw::start_with(&async_store(&shared), &echo).await;
     let r = second
         .send(post_async(&second, "/async-function/echo", "x", &[]))
         .await;

@@ -10,15 +10,17 @@ use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_load_scales_up_to_the_computed_count_and_back_after_the_cooldown() {
-    let tag = format!("sgtest-autoscale-{}", std::process::id());
+    let tag = unique_tag("autoscale");
     // 40 requests/s against 30 per replica per 2 s window: ceil(80 / 30) = 3 replicas.
-    let config = format!(
-        "[functions.auto]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"]\n\
-         readiness_path = \"/healthz\"\nmax_ongoing_requests = 10\n\
-         [functions.auto.autoscaler]\ntype = \"rps\"\nthreshold = 30\nrate_seconds = \"2s\"\n\
-         polling_interval = \"200ms\"\ncooldown_period = \"1500ms\"\nmin_replicas = 1\nmax_replicas = 6\n"
-    );
-    let gw = Gw::start(&config).await;
+    let gw = Gw::start(&demo_fn(
+        "auto",
+        &tag,
+        "",
+        "max_ongoing_requests = 10",
+        "type = \"rps\"\nthreshold = 30\nrate_seconds = \"2s\"\n\
+         polling_interval = \"200ms\"\ncooldown_period = \"1500ms\"\nmin_replicas = 1\nmax_replicas = 6",
+    ))
+    .await;
     let f = gw.function("auto");
     let figures = || f.figures(Instant::now());
 
@@ -30,23 +32,12 @@ async fn steady_load_scales_up_to_the_computed_count_and_back_after_the_cooldown
             let mut sent = Vec::new();
             for _ in 0..160 {
                 tick.tick().await;
-                let client = client.clone();
-                let url = url.clone();
-                sent.push(tokio::spawn(async move {
-                    read_whole(
-                        client
-                            .request(Request::get(url).body(empty()).unwrap())
-                            .await
-                            .unwrap(),
-                    )
-                    .await
-                    .status
-                    .as_u16()
-                }));
+                let req = Request::get(&url).body(empty()).unwrap();
+                sent.push(spawn_send_with(&client, req));
             }
             let mut statuses = Vec::new();
             for s in sent {
-                statuses.push(s.await.unwrap());
+                statuses.push(s.await.unwrap().status.as_u16());
             }
             statuses
         })
@@ -115,14 +106,16 @@ async fn steady_load_scales_up_to_the_computed_count_and_back_after_the_cooldown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_function_scales_to_zero_and_wakes_again() {
-    let tag = format!("sgtest-zero-{}", std::process::id());
-    let config = format!(
-        "[functions.nap]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"]\n\
-         readiness_path = \"/healthz\"\n\
-         [functions.nap.autoscaler]\ntype = \"rps\"\nrate_seconds = \"1s\"\npolling_interval = \"100ms\"\n\
-         cooldown_period = \"800ms\"\nmin_replicas = 0\nmax_replicas = 2\n"
-    );
-    let gw = Gw::start(&config).await;
+    let tag = unique_tag("zero");
+    let gw = Gw::start(&demo_fn(
+        "nap",
+        &tag,
+        "",
+        "",
+        "type = \"rps\"\nrate_seconds = \"1s\"\npolling_interval = \"100ms\"\n\
+         cooldown_period = \"800ms\"\nmin_replicas = 0\nmax_replicas = 2",
+    ))
+    .await;
     assert_eq!(gw.get("/function/nap/").await.status, 200);
     assert_eq!(count_processes(&tag), 1);
     let f = gw.function("nap");

@@ -9,19 +9,6 @@ use common::*;
 use http::Request;
 use tokio::time::Instant;
 
-/// A config for one process function running the bundled demo function, tagged so that its
-/// processes can be counted.
-fn demo_fn(name: &str, tag: &str, args: &str, extra: &str, autoscaler: &str) -> String {
-    format!(
-        "[functions.{name}]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"{args}]\n\
-         readiness_path = \"/healthz\"\ntermination_grace = \"2s\"\n{extra}\n[functions.{name}.autoscaler]\n{autoscaler}\n"
-    )
-}
-
-fn unique_tag(test: &str) -> String {
-    format!("sgtest-{test}-{}", std::process::id())
-}
-
 fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
     body.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
@@ -43,7 +30,7 @@ async fn two_hundred_requests_at_zero_start_exactly_one_replica() {
         "hello",
         &tag,
         ", \"--startup-delay\", \"400ms\"",
-        "max_ongoing_requests = 50\nmax_queued_requests = 500",
+        "termination_grace = \"2s\"\nmax_ongoing_requests = 50\nmax_queued_requests = 500",
         "type = \"none\"\nmin_replicas = 0\nmax_replicas = 5",
     ))
     .await;
@@ -99,7 +86,7 @@ async fn replicas_starting_one_by_one_never_get_two_requests_at_once() {
         "single",
         &tag,
         ", \"--startup-delay\", \"100ms\", \"--startup-jitter\", \"900ms\"",
-        "max_ongoing_requests = 1\nmax_queued_requests = 100",
+        "termination_grace = \"2s\"\nmax_ongoing_requests = 1\nmax_queued_requests = 100",
         "type = \"none\"\nmin_replicas = 0\nmax_replicas = 3",
     ))
     .await;
@@ -150,7 +137,7 @@ async fn a_function_that_cannot_start_answers_503_within_a_second() {
             "crashy",
             &unique_tag("crashy"),
             ", \"--fail-start\", \"model file weights.bin not found\"",
-            "",
+            "termination_grace = \"2s\"",
             "min_replicas = 0",
         );
     let gw = Gw::start(&config).await;
@@ -189,7 +176,7 @@ async fn a_replica_killed_mid_load_is_replaced_and_only_its_requests_fail() {
         "sturdy",
         &tag,
         "",
-        "max_ongoing_requests = 4\nmax_queued_requests = 1000",
+        "termination_grace = \"2s\"\nmax_ongoing_requests = 4\nmax_queued_requests = 1000",
         "type = \"none\"\nmin_replicas = 2\nmax_replicas = 2",
     ))
     .await;
@@ -212,24 +199,10 @@ async fn a_replica_killed_mid_load_is_replaced_and_only_its_requests_fail() {
             let deadline = Instant::now() + Duration::from_millis(1500);
             while Instant::now() < deadline {
                 let batch: Vec<_> = (0..8)
-                    .map(|_| {
-                        let client = client.clone();
-                        let url = url.clone();
-                        tokio::spawn(async move {
-                            read_whole(
-                                client
-                                    .request(Request::get(url).body(empty()).unwrap())
-                                    .await
-                                    .unwrap(),
-                            )
-                            .await
-                            .status
-                            .as_u16()
-                        })
-                    })
+                    .map(|_| spawn_send_with(&client, Request::get(&url).body(empty()).unwrap()))
                     .collect();
                 for b in batch {
-                    statuses.push(b.await.unwrap());
+                    statuses.push(b.await.unwrap().status.as_u16());
                 }
             }
             statuses
@@ -279,25 +252,14 @@ async fn no_replica_survives_a_sigkilled_gateway() {
     let dir = std::env::temp_dir().join(format!("sluicegate-orphan-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = closed_port();
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:{port}\"\n{}",
-        demo_fn(
-            "hello",
-            &tag,
-            "",
-            "",
-            "type = \"none\"\nmin_replicas = 2\nmax_replicas = 2"
-        )
+    let hello = demo_fn(
+        "hello",
+        &tag,
+        "",
+        "termination_grace = \"2s\"",
+        "type = \"none\"\nmin_replicas = 2\nmax_replicas = 2",
     );
-    let path = dir.join("gw.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut gateway = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut gateway = spawn_binary(&dir, port, "", &hello);
     until("both replicas run", Duration::from_secs(10), || {
         count_processes(&tag) == 2
     })
@@ -320,7 +282,7 @@ async fn manual_scale_is_clamped_to_the_bounds() {
         "clamped",
         &tag,
         "",
-        "",
+        "termination_grace = \"2s\"",
         "type = \"none\"\nmin_replicas = 1\nmax_replicas = 2",
     ))
     .await;
@@ -364,24 +326,12 @@ async fn scale_down_lets_in_flight_requests_finish() {
         "drainer",
         &tag,
         "",
-        "max_ongoing_requests = 2",
+        "termination_grace = \"2s\"\nmax_ongoing_requests = 2",
         "type = \"none\"\nmin_replicas = 0\nmax_replicas = 1",
     ))
     .await;
     assert_eq!(gw.get("/function/drainer/").await.status, 200);
-    let slow = {
-        let client = gw.client.clone();
-        let url = gw.url("/function/drainer/?sleep=700ms");
-        tokio::spawn(async move {
-            read_whole(
-                client
-                    .request(Request::get(url).body(empty()).unwrap())
-                    .await
-                    .unwrap(),
-            )
-            .await
-        })
-    };
+    let slow = gw.spawn_get("/function/drainer/?sleep=700ms");
     until("slow request in flight", Duration::from_secs(5), || {
         gw.function("drainer").figures(Instant::now()).ongoing == 1
     })

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 #[tokio::test]
 async fn sync_invocation_keeps_path_query_and_method() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
         let req = Request::builder()
             .method(method)
@@ -86,7 +86,7 @@ async fn chunked_body_over_the_limit_gets_413() {
         Response::new(body("read\n"))
     })
     .await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "max_body_bytes = 10000")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "max_body_bytes = 10000").await;
     let (tx, streamed) = channel_body(32);
     for _ in 0..20 {
         tx.send(Ok(Frame::data(Bytes::from(vec![b'y'; 1000]))))
@@ -114,7 +114,7 @@ async fn headers_forwarded_and_hop_by_hop_removed_both_ways() {
             .unwrap()
     })
     .await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     let req = Request::get(gw.url("/function/echo/"))
         .header("x-forwarded-for", "203.0.113.7")
         .header("connection", "x-hop")
@@ -195,7 +195,7 @@ async fn response_body_streams_before_it_is_complete() {
         }
     })
     .await;
-    let gw = Gw::start(&static_fn("sse", &backend.url(), "")).await;
+    let gw = Gw::start_static("sse", &backend.url(), "").await;
     let resp = gw
         .client
         .request(
@@ -242,12 +242,8 @@ async fn request_body_streams_before_it_is_complete() {
         }
     })
     .await;
-    let gw = Gw::start(&static_fn("upload", &backend.url(), "")).await;
-    let (tx, streamed) = channel_body(4);
-    let req = Request::post(gw.url("/function/upload/"))
-        .body(streamed)
-        .unwrap();
-    let pending = gw.spawn_send(req);
+    let gw = Gw::start_static("upload", &backend.url(), "").await;
+    let (tx, pending) = gw.spawn_upload("/function/upload/");
     tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1000]))))
         .await
         .unwrap();
@@ -279,7 +275,7 @@ async fn large_upload_streams_with_flat_memory() {
         Response::new(body(format!("{total}")))
     })
     .await;
-    let gw = Gw::start(&static_fn("upload", &backend.url(), "max_body_bytes = 0")).await;
+    let gw = Gw::start_static("upload", &backend.url(), "max_body_bytes = 0").await;
     let before = rss_bytes();
     let (tx, streamed) = channel_body(2);
     let chunk = Bytes::from(vec![7u8; 256 * 1024]);
@@ -326,7 +322,7 @@ async fn upstream_reset_before_response_is_502() {
             drop(s);
         }
     });
-    let gw = Gw::start(&static_fn("flaky", &format!("http://{addr}"), "")).await;
+    let gw = Gw::start_static("flaky", &format!("http://{addr}"), "").await;
     let r = gw.get("/function/flaky/").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.header("x-sluicegate-reason"), Some("upstream_reset"));
@@ -336,7 +332,7 @@ async fn upstream_reset_before_response_is_502() {
 #[tokio::test]
 async fn h2c_clients_are_served() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     let resp = h2c_client()
         .request(
             Request::get(gw.url("/function/echo/x"))
@@ -379,7 +375,7 @@ async fn websocket_upgrade_passes_through() {
             .unwrap()
     })
     .await;
-    let gw = Gw::start(&static_fn("ws", &backend.url(), "")).await;
+    let gw = Gw::start_static("ws", &backend.url(), "").await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(
         b"GET /function/ws/socket HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -417,11 +413,8 @@ async fn websocket_upgrade_passes_through() {
 #[tokio::test]
 async fn slow_loris_is_cut_off_and_others_are_served() {
     let backend = Backend::ok().await;
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"400ms\"\n{}",
-        static_fn("echo", &backend.url(), "")
-    );
-    let gw = Gw::start(&config).await;
+    let echo = static_fn("echo", &backend.url(), "");
+    let gw = Gw::start_with("header_read_timeout = \"400ms\"", &echo).await;
     // Trickles a header byte every 100 ms: never completes the head.
     let mut slow = TcpStream::connect(gw.addr).await.unwrap();
     slow.write_all(b"GET /function/echo/ HTTP/1.1\r\nHost: x\r\n")
@@ -462,11 +455,8 @@ async fn slow_loris_is_cut_off_and_others_are_served() {
 #[tokio::test]
 async fn oversized_request_head_gets_431() {
     let backend = Backend::ok().await;
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = 8192\n{}",
-        static_fn("echo", &backend.url(), "")
-    );
-    let gw = Gw::start(&config).await;
+    let echo = static_fn("echo", &backend.url(), "");
+    let gw = Gw::start_with("max_header_bytes = 8192", &echo).await;
     let big = "a".repeat(20_000);
     let req = format!("GET /function/echo/ HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
     let out = raw_exchange(gw.addr, req.as_bytes(), Duration::from_secs(2)).await;
@@ -478,11 +468,8 @@ async fn oversized_request_head_gets_431() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let backend = Backend::ok().await;
-    let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\nheader_read_timeout = \"5s\"\n{}",
-        static_fn("echo", &backend.url(), "")
-    );
-    let gw = Gw::start(&config).await;
+    let timeouts = "idle_timeout = \"300ms\"\nheader_read_timeout = \"5s\"";
+    let gw = Gw::start_with(timeouts, &static_fn("echo", &backend.url(), "")).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"GET /function/echo/ HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -511,22 +498,10 @@ async fn health_and_readiness() {
 #[tokio::test]
 async fn graceful_drain_finishes_in_flight_and_refuses_new_requests() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
-    let url = gw.url("/function/echo/?sleep=800");
-    let client = gw.client.clone();
-    let in_flight = tokio::spawn(async move {
-        read_whole(
-            client
-                .request(Request::get(url).body(empty()).unwrap())
-                .await
-                .unwrap(),
-        )
-        .await
-    });
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
+    let in_flight = gw.spawn_get("/function/echo/?sleep=800");
     // Wait until the slow request is at the backend.
-    while backend.stats.inflight.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    backend.until_inflight(1).await;
     let mut gw = gw;
     let running = gw.running.take().unwrap();
     let addr = gw.addr;
@@ -535,29 +510,14 @@ async fn graceful_drain_finishes_in_flight_and_refuses_new_requests() {
 
     // New connections during the drain: readyz and invocations get 503.
     let fresh = common::client();
-    let r = read_whole(
-        fresh
-            .request(
-                Request::get(format!("http://{addr}/readyz"))
-                    .body(empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap(),
-    )
-    .await;
+    let get = |path: &str| {
+        Request::get(format!("http://{addr}{path}"))
+            .body(empty())
+            .unwrap()
+    };
+    let r = send_with(&fresh, get("/readyz")).await;
     assert_eq!(r.status, 503);
-    let r = read_whole(
-        fresh
-            .request(
-                Request::get(format!("http://{addr}/function/echo/"))
-                    .body(empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = send_with(&fresh, get("/function/echo/")).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("x-sluicegate-reason"), Some("draining"));
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -574,7 +534,7 @@ async fn graceful_drain_finishes_in_flight_and_refuses_new_requests() {
 #[tokio::test]
 async fn admin_and_metrics_routes_answer() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     assert_eq!(gw.get("/function/echo/").await.status, 200);
     let r = gw.get("/metrics").await;
     assert_eq!(r.status, 200);
@@ -594,7 +554,7 @@ async fn admin_and_metrics_routes_answer() {
 #[tokio::test]
 async fn upstream_connections_are_reused() {
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     for _ in 0..50 {
         assert_eq!(gw.get("/function/echo/").await.status, 200);
     }
@@ -639,7 +599,7 @@ async fn a_replica_closing_idle_connections_causes_no_errors() {
             });
         }
     });
-    let gw = Gw::start(&static_fn("flaky", &format!("http://{addr}"), "")).await;
+    let gw = Gw::start_static("flaky", &format!("http://{addr}"), "").await;
     for _ in 0..5 {
         let r = gw.get("/function/flaky/").await;
         assert_eq!(r.status, 200, "{}", r.body);
@@ -662,7 +622,7 @@ async fn connection_close_responses_are_not_pooled() {
             .unwrap()
     })
     .await;
-    let gw = Gw::start(&static_fn("once", &backend.url(), "")).await;
+    let gw = Gw::start_static("once", &backend.url(), "").await;
     for _ in 0..3 {
         let r = gw.get("/function/once/").await;
         assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "bye\n"));

@@ -143,7 +143,7 @@ fn framing_script(method: &str, path: &str) -> Reply {
 #[tokio::test]
 async fn every_response_framing_reaches_the_client_intact() {
     let replica = Scripted::start(framing_script).await;
-    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    let gw = Gw::start_static("f", &replica.url(), "").await;
     for (path, status, want) in [
         ("/chunked", 200, "hello world"),
         ("/both", 200, "ok"),
@@ -191,7 +191,7 @@ async fn every_response_framing_reaches_the_client_intact() {
 #[tokio::test]
 async fn connections_are_reused_only_after_clean_delimited_exchanges() {
     let replica = Scripted::start(framing_script).await;
-    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    let gw = Gw::start_static("f", &replica.url(), "").await;
     // Delimited, keep-alive responses (including chunked and interim ones): one connection.
     for path in ["/chunked", "/interim", "/", "/no-content", "/both", "/"] {
         assert!(gw
@@ -237,7 +237,7 @@ fn broken_script(_: &str, path: &str) -> Reply {
 #[tokio::test]
 async fn malformed_responses_are_502_with_the_reason_and_others_are_served() {
     let replica = Scripted::start(broken_script).await;
-    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    let gw = Gw::start_static("f", &replica.url(), "").await;
     for (path, reason, says) in [
         ("/not-http", "upstream_invalid", "malformed response head"),
         ("/bad-length", "upstream_invalid", "Content-Length"),
@@ -264,12 +264,8 @@ async fn a_body_cut_short_aborts_the_client_response_and_frees_the_slot() {
         _ => reply(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"),
     })
     .await;
-    let gw = Gw::start(&static_fn(
-        "f",
-        &replica.url(),
-        "max_ongoing_requests = 1\nmax_queued_requests = 0",
-    ))
-    .await;
+    let limits = "max_ongoing_requests = 1\nmax_queued_requests = 0";
+    let gw = Gw::start_static("f", &replica.url(), limits).await;
     for path in ["/cut", "/cut-chunked"] {
         // The head may or may not have left the gateway before the body broke.
         let outcome = get_whole(&gw, &format!("/function/f{path}"), Duration::from_secs(5)).await;
@@ -289,13 +285,9 @@ async fn a_replica_answering_before_reading_an_upload_is_heard() {
         reply_and_close(b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 9\r\n\r\ntoo large")
     })
     .await;
-    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    let gw = Gw::start_static("f", &replica.url(), "").await;
     // A chunked upload that never ends on its own: the replica answers after the head.
-    let (tx, streamed) = channel_body(4);
-    let req = Request::post(gw.url("/function/f/"))
-        .body(streamed)
-        .unwrap();
-    let pending = gw.spawn_send(req);
+    let (tx, pending) = gw.spawn_upload("/function/f/");
     tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1000]))))
         .await
         .unwrap();
@@ -315,7 +307,7 @@ async fn full_duplex_streaming_echoes_while_the_upload_continues() {
         Response::new(req.into_body().map_err(|e| e.into()).boxed())
     })
     .await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
     let (tx, streamed) = channel_body(1);
     let req = Request::post(gw.url("/function/echo/"))
         .body(streamed)
@@ -359,7 +351,7 @@ async fn the_response_timeout_holds_on_reused_connections() {
     // Each connection keeps one timer and moves its deadline per request: a request on a reused
     // connection must still time out, and a timed-out exchange leaves the others unaffected.
     let backend = Backend::ok().await;
-    let gw = Gw::start(&static_fn("echo", &backend.url(), "timeout = \"300ms\"")).await;
+    let gw = Gw::start_static("echo", &backend.url(), "timeout = \"300ms\"").await;
     for round in 0..3 {
         for _ in 0..3 {
             assert_eq!(gw.get("/function/echo/").await.status, 200, "round {round}");
@@ -395,7 +387,7 @@ async fn framing_reporter() -> Backend {
 #[tokio::test]
 async fn request_bodies_are_framed_as_their_clients_sent_them() {
     let replica = framing_reporter().await;
-    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    let gw = Gw::start_static("f", &replica.url(), "").await;
     // A declared length is kept.
     let r = gw.post("/function/f/", vec![b'x'; 1234]).await;
     assert_eq!(r.body, "cl=1234 te=- len=1234");
@@ -405,11 +397,7 @@ async fn request_bodies_are_framed_as_their_clients_sent_them() {
     // A GET without a body declares nothing.
     assert_eq!(gw.get("/function/f/").await.body, "cl=- te=- len=0");
     // A streamed HTTP/1.1 upload without a length goes chunked.
-    let (tx, streamed) = channel_body(4);
-    let req = Request::post(gw.url("/function/f/"))
-        .body(streamed)
-        .unwrap();
-    let pending = gw.spawn_send(req);
+    let (tx, pending) = gw.spawn_upload("/function/f/");
     for piece in [&b"abc"[..], b"defgh", b"i"] {
         tx.send(Ok(Frame::data(Bytes::from_static(piece))))
             .await
@@ -418,12 +406,11 @@ async fn request_bodies_are_framed_as_their_clients_sent_them() {
     drop(tx);
     assert_eq!(pending.await.unwrap().body, "cl=- te=chunked len=9");
     // So does an h2c upload without content-length.
-    let h2 = h2c_client();
     let (tx, streamed) = channel_body(4);
     let req = Request::post(gw.url("/function/f/"))
         .body(streamed)
         .unwrap();
-    let pending = tokio::spawn(async move { read_whole(h2.request(req).await.unwrap()).await });
+    let pending = spawn_send_with(&h2c_client(), req);
     tx.send(Ok(Frame::data(Bytes::from(vec![7u8; 70_000]))))
         .await
         .unwrap();
@@ -437,7 +424,7 @@ async fn expect_100_continue_uploads_go_through() {
     // The client waits for `100 Continue` before sending its body; the replica (hyper) sends its
     // own `100 Continue` to the gateway, which the gateway drops.
     let replica = framing_reporter().await;
-    let gw = Gw::start(&static_fn("f", &replica.url(), "")).await;
+    let gw = Gw::start_static("f", &replica.url(), "").await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(
         b"POST /function/f/ HTTP/1.1\r\nhost: gw\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
@@ -470,12 +457,9 @@ async fn a_replica_stalling_mid_body_is_cut_off_and_its_slot_freed() {
         _ => reply(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"),
     })
     .await;
-    let gw = Gw::start(&static_fn(
-        "f",
-        &replica.url(),
-        "max_ongoing_requests = 1\nmax_queued_requests = 0\nresponse_idle_timeout = \"300ms\"",
-    ))
-    .await;
+    let keys =
+        "max_ongoing_requests = 1\nmax_queued_requests = 0\nresponse_idle_timeout = \"300ms\"";
+    let gw = Gw::start_static("f", &replica.url(), keys).await;
     let started = tokio::time::Instant::now();
     let outcome = get_whole(&gw, "/function/f/stall", Duration::from_secs(10)).await;
     assert!(outcome.is_err(), "a cut-off body is not a success");

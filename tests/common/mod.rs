@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +23,7 @@ use sluicegate::function::Function;
 use sluicegate::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 
 /// Path of the built `sluicegate` binary (for process-provider tests).
@@ -89,21 +91,53 @@ pub fn temp_store_path() -> PathBuf {
     dir.join(format!("{}.redb", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
+/// The `[gateway]` key that puts the async store at `path`.
+pub fn async_store(path: &Path) -> String {
+    format!("async_store = \"{}\"", path.display())
+}
+
+/// Sends `req` with `client` and reads the whole response.
+pub async fn send_with(client: &Client<HttpConnector, TestBody>, req: Request<TestBody>) -> Resp {
+    let resp = client
+        .request(req)
+        .await
+        .expect("request reaches the gateway");
+    read_whole(resp).await
+}
+
+/// [`send_with`] in the background; the handle yields the whole response.
+pub fn spawn_send_with(
+    client: &Client<HttpConnector, TestBody>,
+    req: Request<TestBody>,
+) -> JoinHandle<Resp> {
+    let client = client.clone();
+    tokio::spawn(async move { send_with(&client, req).await })
+}
+
 impl Gw {
-    /// Starts a gateway from TOML text. A `[gateway]` table listening on 127.0.0.1:0 is added
-    /// when the text has none, and an `async_store` in a fresh temporary file when it names none
-    /// (tests run in parallel; each gateway needs its own store).
-    pub async fn start(toml: &str) -> Gw {
-        let temp_store = (!toml.contains("async_store")).then(temp_store_path);
+    /// Starts a gateway serving the functions in `functions` (TOML tables), listening on
+    /// 127.0.0.1:0, with its async store in a fresh temporary file (tests run in parallel; each
+    /// gateway needs its own store).
+    pub async fn start(functions: &str) -> Gw {
+        Gw::start_with("", functions).await
+    }
+
+    /// Starts a gateway with one function of the static provider, `name`, in front of `url`;
+    /// `keys` go in the function's table.
+    pub async fn start_static(name: &str, url: &str, keys: &str) -> Gw {
+        Gw::start(&static_fn(name, url, keys)).await
+    }
+
+    /// [`Gw::start`] with `gateway_keys` added to the `[gateway]` table. The async store is a
+    /// fresh temporary file unless the keys name one (see [`async_store`]).
+    pub async fn start_with(gateway_keys: &str, functions: &str) -> Gw {
+        let temp_store = (!gateway_keys.contains("async_store")).then(temp_store_path);
         let store_line = temp_store
             .as_ref()
-            .map(|p| format!("async_store = \"{}\"\n", p.display()))
+            .map(|p| format!("{}\n", async_store(p)))
             .unwrap_or_default();
-        let text = if toml.contains("[gateway]") {
-            toml.replacen("[gateway]\n", &format!("[gateway]\n{store_line}"), 1)
-        } else {
-            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{store_line}{toml}")
-        };
+        let text =
+            format!("[gateway]\nlisten = \"127.0.0.1:0\"\n{store_line}{gateway_keys}\n{functions}");
         let config = Config::parse(Path::new("tests/inline.toml"), &text, None)
             .unwrap_or_else(|e| panic!("test config invalid: {e}"));
         let mut gw = Gw::start_config(config).await;
@@ -136,12 +170,7 @@ impl Gw {
     }
 
     pub async fn send(&self, req: Request<TestBody>) -> Resp {
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .expect("request reaches the gateway");
-        read_whole(resp).await
+        send_with(&self.client, req).await
     }
 
     pub async fn get(&self, path: &str) -> Resp {
@@ -162,14 +191,15 @@ impl Gw {
     /// Sends `req` in the background (its body may still be streaming); the handle yields the
     /// whole response.
     pub fn spawn_send(&self, req: Request<TestBody>) -> JoinHandle<Resp> {
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            let resp = client
-                .request(req)
-                .await
-                .expect("request reaches the gateway");
-            read_whole(resp).await
-        })
+        spawn_send_with(&self.client, req)
+    }
+
+    /// Starts a POST to `path` whose body streams from the returned sender (a channel of four
+    /// frames; dropping the sender ends the body); the handle yields the whole response.
+    pub fn spawn_upload(&self, path: &str) -> (Sender<FrameResult>, JoinHandle<Resp>) {
+        let (tx, streamed) = channel_body(4);
+        let req = Request::post(self.url(path)).body(streamed).unwrap();
+        (tx, self.spawn_send(req))
     }
 
     pub async fn metrics(&self) -> String {
@@ -184,6 +214,21 @@ impl Gw {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Starts the built binary as its own process on 127.0.0.1:`port`, from a config file written
+/// in `dir` (`gateway_keys` in its `[gateway]` table, then `functions`); its output is discarded.
+pub fn spawn_binary(dir: &Path, port: u16, gateway_keys: &str, functions: &str) -> Child {
+    let config = dir.join("gw.toml");
+    let text = format!("[gateway]\nlisten = \"127.0.0.1:{port}\"\n{gateway_keys}\n{functions}");
+    std::fs::write(&config, text).unwrap();
+    Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// The value of one sample line `name{labels} value` in a scrape, or `None`.
@@ -293,6 +338,15 @@ impl Backend {
         Backend { addr, stats, task }
     }
 
+    /// Waits until this backend is serving `n` requests at once, failing the test after 5 s.
+    pub async fn until_inflight(&self, n: u32) {
+        let what = format!("{n} requests in flight at the backend");
+        until(&what, Duration::from_secs(5), || {
+            self.stats.inflight.load(Ordering::SeqCst) == n
+        })
+        .await;
+    }
+
     /// Answers `ok` after `?sleep=MS` milliseconds (if given), with `?status=N` (if given).
     pub async fn ok() -> Backend {
         Backend::start(|req, _| async move {
@@ -370,9 +424,24 @@ pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
-/// A config snippet for a static function `name` in front of `url`.
-pub fn static_fn(name: &str, url: &str, extra: &str) -> String {
-    format!("[functions.{name}]\nprovider = \"static\"\nupstreams = [\"{url}\"]\n{extra}\n")
+/// A config snippet for a static function `name` in front of `url`, with `keys` in its table.
+pub fn static_fn(name: &str, url: &str, keys: &str) -> String {
+    format!("[functions.{name}]\nprovider = \"static\"\nupstreams = [\"{url}\"]\n{keys}\n")
+}
+
+/// A config snippet for a function `name` of the process provider running the bundled demo
+/// function with `args` (each `, "arg"`), tagged `tag` so that its processes can be counted;
+/// `keys` go in the function's table, `autoscaler` in its autoscaler table.
+pub fn demo_fn(name: &str, tag: &str, args: &str, keys: &str, autoscaler: &str) -> String {
+    format!(
+        "[functions.{name}]\nprovider = \"process\"\ncommand = [\"{BIN}\", \"demo-function\", \"--tag\", \"{tag}\"{args}]\n\
+         readiness_path = \"/healthz\"\n{keys}\n[functions.{name}.autoscaler]\n{autoscaler}\n"
+    )
+}
+
+/// A process tag unique to this test run, for [`demo_fn`] and [`count_processes`].
+pub fn unique_tag(test: &str) -> String {
+    format!("sgtest-{test}-{}", std::process::id())
 }
 
 /// Number of live processes whose command line contains `needle`.
