@@ -171,6 +171,10 @@ pub struct Function {
     endpoints: ArcSwap<Endpoints>,
     waiters: Mutex<VecDeque<Waiter>>,
     next_waiter: AtomicU64,
+    /// Set once, right after construction (`lib.rs: start`): the backend is started with this
+    /// function's [`Publisher`], so it cannot exist before the function does. A backend may
+    /// publish from inside its start (the static one does), which rules out building both in one
+    /// `Arc::new_cyclic`. Read without a lock; only cold starts and figures read it.
     backend: OnceLock<Arc<dyn Backend>>,
     cold: Mutex<ColdStart>,
     origin: Instant,
