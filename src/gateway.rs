@@ -287,14 +287,18 @@ async fn invoke(
     let arrived = Instant::now();
     function.arrived(arrived);
     let call_id = forwarding::call_id(&req);
-    let result = match limits(&function, req.headers(), draining) {
-        Err(e) => Err(e),
-        Ok(declared) => match function.admit(arrived).await {
-            Err(rejection) => Err(rejection.into()),
-            Ok(permit) => {
-                proxy::forward(&function, permit, req, name_end, &peer, &call_id, declared).await
-            }
-        },
+    // Each phase's result is bound before the next await, so that no match scrutinee is kept in
+    // the future across it (the future is moved whole at every await above it).
+    let result = 'phases: {
+        let declared = match limits(&function, req.headers(), draining) {
+            Ok(declared) => declared,
+            Err(e) => break 'phases Err(e),
+        };
+        let permit = match function.admit(arrived).await {
+            Ok(permit) => permit,
+            Err(rejection) => break 'phases Err(rejection.into()),
+        };
+        proxy::forward(&function, permit, req, name_end, &peer, &call_id, declared).await
     };
     let mut resp = respond(&function, result, call_id, arrived);
     resp.body_mut().set_guard(guard);
