@@ -325,6 +325,10 @@ fn limits(
 
 /// The last phase: the function's response or the gateway's own answer, with `X-Start-Time`,
 /// counted in `gateway_function_invocation_total` and the duration histogram.
+///
+/// Always inlined: called out of line, the response is moved in and out of it (two copies of
+/// ~130 bytes per request, +58 instructions per request measured with callgrind).
+#[inline(always)]
 fn respond(
     function: &Function,
     result: Result<Response<ResponseBody>, GatewayError>,
