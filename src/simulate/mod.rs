@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::autoscaler::{next_decision, sample_interval, Controller};
-use crate::config::{Config, FunctionConfig, ProviderConfig, ScaleMode};
+use crate::config::{Config, FunctionConfig, ScaleMode};
 use crate::function::window::Ring;
 use crate::function::Figures;
 pub use trace::{Request, Shape, ShapeParams, Trace, TraceError};
@@ -245,10 +245,8 @@ struct Sim<'a> {
 impl<'a> Sim<'a> {
     fn new(config: &'a FunctionConfig, requests: &'a [Request], options: &Options) -> Sim<'a> {
         let auto = &config.autoscaler;
-        let (scalable, initial) = match &config.provider {
-            ProviderConfig::Process(_) => (true, auto.min_replicas),
-            ProviderConfig::Static(s) => (false, s.upstreams.len() as u32),
-        };
+        let scalable = config.provider.scalable();
+        let initial = config.provider.initial_replicas(auto);
         let controller =
             (scalable && auto.mode != ScaleMode::None).then(|| Controller::new(auto.clone()));
         let mut sim = Sim {
