@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::autoscaler::{next_decision, sample_interval, Controller};
-use crate::config::{Config, FunctionConfig, ProviderConfig, ScaleMode};
+use crate::config::{Config, FunctionConfig, ScaleMode};
 use crate::function::window::Ring;
 use crate::function::Figures;
 pub use trace::{Request, Shape, ShapeParams, Trace, TraceError};
@@ -245,10 +245,8 @@ struct Sim<'a> {
 impl<'a> Sim<'a> {
     fn new(config: &'a FunctionConfig, requests: &'a [Request], options: &Options) -> Sim<'a> {
         let auto = &config.autoscaler;
-        let (scalable, initial) = match &config.provider {
-            ProviderConfig::Process(_) => (true, auto.min_replicas),
-            ProviderConfig::Static(s) => (false, s.upstreams.len() as u32),
-        };
+        let scalable = config.provider.scalable();
+        let initial = config.provider.initial_replicas(auto);
         let controller =
             (scalable && auto.mode != ScaleMode::None).then(|| Controller::new(auto.clone()));
         let mut sim = Sim {
@@ -1132,167 +1130,6 @@ cooldown_period = 5
         assert_eq!(svg.matches(">replicas</text>").count(), 2);
     }
 
-    /// The live side of the cross-check below: a provider whose replicas become ready
-    /// `cold_start` after they are asked for, removed the way the process provider removes them
-    /// (starting ones first, then the least-loaded ready one), logging `(t, asked, ready)` as
-    /// the simulator's timeline does.
-    mod live {
-        use std::sync::{Arc, Mutex};
-
-        use tokio::task::JoinHandle;
-        use tokio::time::Instant;
-
-        use super::*;
-        use crate::config::Upstream;
-        use crate::provider::Publisher;
-        use crate::provider::{Backend, BoxFuture, Endpoints, Replica};
-
-        #[derive(Debug)]
-        struct Slot {
-            id: u64,
-            ready: Option<Arc<Replica>>,
-            starting: Option<JoinHandle<()>>,
-        }
-
-        #[derive(Debug)]
-        struct Inner {
-            publisher: Publisher,
-            cold_start: Duration,
-            origin: Instant,
-            slots: Mutex<(Vec<Slot>, u64)>,
-            log: Mutex<Vec<(Duration, u32, u32)>>,
-        }
-
-        /// A provider on paused time.
-        #[derive(Debug, Clone)]
-        pub struct Provider(Arc<Inner>);
-
-        impl Provider {
-            pub fn new(publisher: Publisher, cold_start: Duration, origin: Instant) -> Provider {
-                Provider(Arc::new(Inner {
-                    publisher,
-                    cold_start,
-                    origin,
-                    slots: Mutex::new((Vec::new(), 0)),
-                    log: Mutex::new(vec![(Duration::ZERO, 0, 0)]),
-                }))
-            }
-
-            pub fn log(&self) -> Vec<(Duration, u32, u32)> {
-                self.0.log.lock().unwrap().clone()
-            }
-        }
-
-        impl Inner {
-            /// Publishes the ready set and logs the counts (outside the slots lock).
-            fn changed(&self) {
-                let (asked, ready): (u32, Vec<Arc<Replica>>) = {
-                    let slots = self.slots.lock().unwrap();
-                    (
-                        slots.0.len() as u32,
-                        slots.0.iter().filter_map(|s| s.ready.clone()).collect(),
-                    )
-                };
-                let point = (
-                    Instant::now().duration_since(self.origin),
-                    asked,
-                    ready.len() as u32,
-                );
-                {
-                    let mut log = self.log.lock().unwrap();
-                    match log.last_mut() {
-                        Some(last) if (last.1, last.2) == (point.1, point.2) => {}
-                        Some(last) if last.0 == point.0 => *last = point,
-                        _ => log.push(point),
-                    }
-                }
-                self.publisher.publish(Endpoints {
-                    replicas: ready,
-                    failure: None,
-                });
-            }
-
-            fn reconcile(self: &Arc<Self>, want: u32) {
-                {
-                    let mut guard = self.slots.lock().unwrap();
-                    let (slots, next) = &mut *guard;
-                    while slots.len() < want as usize {
-                        *next += 1;
-                        let (id, inner) = (*next, self.clone());
-                        let starting = tokio::spawn(async move {
-                            tokio::time::sleep(inner.cold_start).await;
-                            inner.ready(id);
-                        });
-                        slots.push(Slot {
-                            id,
-                            ready: None,
-                            starting: Some(starting),
-                        });
-                    }
-                    while slots.len() > want as usize {
-                        let index = slots
-                            .iter()
-                            .rposition(|s| s.ready.is_none())
-                            .or_else(|| {
-                                slots
-                                    .iter()
-                                    .enumerate()
-                                    .min_by_key(|(_, s)| {
-                                        s.ready.as_ref().map_or(0, |r| r.inflight())
-                                    })
-                                    .map(|(i, _)| i)
-                            })
-                            .unwrap();
-                        if let Some(task) = slots.remove(index).starting {
-                            task.abort();
-                        }
-                    }
-                }
-                self.changed();
-            }
-
-            fn ready(&self, id: u64) {
-                {
-                    let mut slots = self.slots.lock().unwrap();
-                    let Some(slot) = slots.0.iter_mut().find(|s| s.id == id) else {
-                        return;
-                    };
-                    slot.starting = None;
-                    slot.ready = Some(Replica::new(Upstream::http(
-                        format!("127.0.0.1:{}", 1000 + id).parse().unwrap(),
-                    )));
-                }
-                self.changed();
-            }
-        }
-
-        impl Backend for Provider {
-            fn kind(&self) -> &'static str {
-                "paused"
-            }
-            fn scalable(&self) -> bool {
-                true
-            }
-            fn replicas(&self) -> u32 {
-                self.0.slots.lock().unwrap().0.len() as u32
-            }
-            fn set_replicas(&self, n: u32) {
-                self.0.reconcile(n);
-            }
-            fn scale_from_zero(&self, n: u32) -> bool {
-                if self.replicas() == 0 && n > 0 {
-                    self.0.reconcile(n);
-                    true
-                } else {
-                    false
-                }
-            }
-            fn shutdown(&self) -> BoxFuture<'_, ()> {
-                Box::pin(async {})
-            }
-        }
-    }
-
     /// Like [`TRACE`], with times off the 100 ms sample grid and a 2.03 s cold start, so that
     /// no two things happen at the same millisecond and the live run's order is not left to
     /// the scheduler. The live gateway picks at random among equally loaded replicas (the
@@ -1322,6 +1159,7 @@ cooldown_period = 5
         use crate::autoscaler::Autoscaler;
         use crate::function::{Function, Rejection, Waited};
         use crate::metrics::Metrics;
+        use crate::test_support::Delayed;
         use tokio::time::Instant;
 
         let config = config(config_text);
@@ -1333,8 +1171,10 @@ cooldown_period = 5
 
         let origin = Instant::now();
         let f = Function::new(config.functions["f"].clone(), &Metrics::new());
-        let provider = live::Provider::new(f.publisher(), options.cold_start, origin);
-        f.attach(Arc::new(provider.clone()));
+        let publisher = f.publisher();
+        let publish = move |endpoints| publisher.publish(endpoints);
+        let provider = Arc::new(Delayed::new(publish, options.cold_start, origin));
+        f.attach(provider.clone());
         let scaler = Autoscaler::new(f.clone()).expect("scalable");
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let scaling = tokio::spawn(scaler.run(stop_rx));

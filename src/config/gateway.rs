@@ -1,0 +1,142 @@
+//! `[gateway]`: the listener, connection limits, shutdown, the admin token and the async store.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::duration::Dur;
+use super::function::RawFunctionKeys;
+use super::table::{count, given, positive, table};
+
+/// Address the gateway listens on when `[gateway] listen` is not set.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Time a client has, from its first byte (or from connecting), to send a complete request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line plus headers) accepted, in bytes.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Time an idle keep-alive connection is kept open.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Time in-flight requests have to finish after SIGTERM before the gateway exits anyway.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// File name suffix of the default async store, next to the config file (`demo.toml` →
+/// `demo.async.redb`).
+pub const DEFAULT_ASYNC_STORE_SUFFIX: &str = ".async.redb";
+
+table! {
+    /// `[gateway]` as written.
+    struct RawGateway;
+
+    /// `[gateway]`: the listener, connection limits and shutdown.
+    #[derive(Clone, Debug)]
+    pub struct GatewayConfig {}
+
+    given(path: &Path, base_dir: &Path, env_admin_token: Option<String>);
+
+    keys {
+        listen: String => {
+            /// Socket address for functions, `/metrics`, `/healthz`, `/readyz` and `/system`.
+            pub listen: SocketAddr = address(listen),
+        },
+        // The next three are gateway-wide defaults for the function keys of the same name.
+        cold_start_timeout: Dur,
+        queue_timeout: Dur,
+        max_body_bytes: u64,
+        header_read_timeout: Dur => {
+            /// Time a client has to send a complete request head, counted from its first byte
+            /// (or from connecting, for a new connection). Slow-loris protection.
+            pub header_read_timeout: Duration =
+                positive(header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT),
+        },
+        max_header_bytes: usize => {
+            /// Largest request head in bytes; larger heads get `431`.
+            pub max_header_bytes: usize =
+                count(max_header_bytes, DEFAULT_MAX_HEADER_BYTES, 8192..=16 * 1024 * 1024),
+        },
+        idle_timeout: Dur => {
+            /// Time an idle keep-alive connection stays open.
+            pub idle_timeout: Duration = positive(idle_timeout, DEFAULT_IDLE_TIMEOUT),
+        },
+        drain_timeout: Dur => {
+            /// Time in-flight requests get to finish after SIGTERM.
+            pub drain_timeout: Duration = given(drain_timeout, DEFAULT_DRAIN_TIMEOUT),
+        },
+        admin_token: String => {
+            /// Bearer token required on `/system/*`; `None` leaves `/system` open.
+            pub admin_token: Option<String> = token(env_admin_token, admin_token),
+        },
+        worker_threads: usize => {
+            /// Threads serving requests; `0` is one per available CPU. With one thread the
+            /// gateway runs a single-threaded runtime, which costs measurably less CPU per
+            /// request than a multi-threaded runtime with one worker.
+            pub worker_threads: usize = count(worker_threads, 0, 0..=1024)
+                .map_err(|reason| format!("{reason} (0: one per available CPU)")),
+        },
+        async_store: String => {
+            /// The file holding accepted async invocations (an embedded redb database):
+            /// `async_store` relative to the config file's directory, else
+            /// `<config name>.async.redb` beside the config file; `SLUICEGATE_ASYNC_STORE`
+            /// overrides both.
+            pub async_store: PathBuf = store(async_store, path, base_dir),
+        },
+    }
+}
+
+impl RawGateway {
+    /// The outermost defaults of every function: `[gateway]`'s keys of the same name.
+    pub(super) fn function_defaults(&self) -> RawFunctionKeys {
+        RawFunctionKeys {
+            cold_start_timeout: self.cold_start_timeout,
+            queue_timeout: self.queue_timeout,
+            max_body_bytes: self.max_body_bytes,
+            ..RawFunctionKeys::default()
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Appends the `check-config` line of `[gateway]`.
+    pub(super) fn describe(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, async_store = {}",
+            self.listen,
+            match self.worker_threads {
+                0 => "one per CPU".to_owned(),
+                n => n.to_string(),
+            },
+            self.header_read_timeout,
+            self.max_header_bytes,
+            self.idle_timeout,
+            self.drain_timeout,
+            if self.admin_token.is_some() { "set" } else { "not set" },
+            self.async_store.display()
+        );
+    }
+}
+
+fn address(listen: Option<String>) -> Result<SocketAddr, String> {
+    let text = listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    text.parse()
+        .map_err(|_| format!("`{text}` is not an address like \"127.0.0.1:8080\""))
+}
+
+/// `SLUICEGATE_ADMIN_TOKEN` over the file's token; an empty token is none.
+fn token(env: Option<String>, file: Option<String>) -> Result<Option<String>, String> {
+    Ok(env.or(file).filter(|t| !t.is_empty()))
+}
+
+fn store(file: Option<String>, path: &Path, base_dir: &Path) -> Result<PathBuf, String> {
+    match file.as_deref() {
+        Some("") => Err("must name a file, e.g. \"/var/lib/sluicegate/async.redb\"".into()),
+        Some(file) => Ok(base_dir.join(file)),
+        None => {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "sluicegate".to_owned());
+            Ok(base_dir.join(format!("{stem}{DEFAULT_ASYNC_STORE_SUFFIX}")))
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Unit tests of the config: parsing, defaults, `[defaults]` merging, messages, `check-config`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("config/test.toml"), text, None)
+}
+
+#[test]
+fn durations_accept_seconds_and_strings() {
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+    assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+    assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+    assert!(parse_duration("10 parsecs").is_err());
+    assert!(parse_duration("fast").is_err());
+}
+
+#[test]
+fn the_design_example_parses_with_defaults_applied() {
+    let cfg = parse(
+        r#"
+        [gateway]
+        listen = "127.0.0.1:8080"
+        cold_start_timeout = "30s"
+        max_body_bytes = 10485760
+
+        [defaults]
+        max_ongoing_requests = 5
+        max_queued_requests = 100
+        timeout = "60s"
+
+        [functions.echo]
+        provider = "process"
+        command = ["python3", "fn/echo.py"]
+        readiness_path = "/healthz"
+        max_ongoing_requests = 2
+        max_queued_requests = 2
+
+        [functions.echo.autoscaler]
+        type = "rps"
+        min_replicas = 0
+        max_replicas = 5
+        threshold = 100
+        rate_seconds = 30
+        polling_interval = 10
+        cooldown_period = 300
+
+        [functions.legacy]
+        provider = "static"
+        upstreams = ["http://127.0.0.1:9000"]
+        "#,
+    )
+    .unwrap();
+    let echo = &cfg.functions["echo"];
+    assert_eq!(echo.max_ongoing_requests, 2);
+    assert_eq!(echo.max_queued_requests, Some(2));
+    assert_eq!(echo.timeout, Duration::from_secs(60));
+    assert_eq!(echo.cold_start_timeout, Duration::from_secs(30));
+    assert_eq!(echo.autoscaler.min_replicas, 0);
+    assert_eq!(echo.autoscaler.polling_interval, Duration::from_secs(10));
+    assert_eq!(echo.autoscaler.mode, ScaleMode::Rps { threshold: 100.0 });
+    match &echo.provider {
+        ProviderConfig::Process(p) => {
+            assert_eq!(p.working_dir, PathBuf::from("config"));
+            assert_eq!(p.readiness_path, "/healthz");
+        }
+        other => panic!("unexpected provider {other:?}"),
+    }
+    let legacy = &cfg.functions["legacy"];
+    assert_eq!(legacy.max_ongoing_requests, 5, "[defaults] applies");
+    assert_eq!(legacy.autoscaler.mode, ScaleMode::None);
+    assert_eq!(
+        legacy.response_idle_timeout,
+        Some(DEFAULT_RESPONSE_IDLE_TIMEOUT)
+    );
+}
+
+#[test]
+fn response_idle_timeout_zero_means_never() {
+    let cfg = parse(
+        "[defaults]\nresponse_idle_timeout = \"2s\"\n[functions.a]\nprovider = \"static\"\nupstreams = [\"http://127.0.0.1:1\"]\n[functions.b]\nprovider = \"static\"\nupstreams = [\"http://127.0.0.1:1\"]\nresponse_idle_timeout = 0\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.functions["a"].response_idle_timeout,
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(cfg.functions["b"].response_idle_timeout, None);
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_the_key() {
+    let err = parse(
+        "[functions.echo]\nprovider = \"static\"\nupstreams = [\"http://127.0.0.1:1\"]\nmax_ongoing_request = 3\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("config/test.toml"), "{err}");
+    assert!(err.contains("max_ongoing_request"), "{err}");
+}
+
+#[test]
+fn invalid_values_name_the_key_and_reason() {
+    let err = parse(
+        "[functions.echo]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.echo.autoscaler]\nmin_replicas = 3\nmax_replicas = 2\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        "config/test.toml: functions.echo.autoscaler.max_replicas: 2 is less than min_replicas (3)"
+    );
+    let err = parse("[functions.Echo]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("functions.Echo"), "{err}");
+    let err = parse("[functions.x]\nprovider = \"static\"\nupstreams = [\"https://a:1\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("functions.x.upstreams") && err.contains("https"),
+        "{err}"
+    );
+    let err = parse(
+        "[functions.x]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\ntimeout = \"soon\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("timeout") && err.contains("soon"), "{err}");
+    let err = parse("[functions.x]\ncommand = [\"a\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("functions.x.provider: missing"), "{err}");
+}
+
+#[test]
+fn minus_one_means_unlimited_queue() {
+    let cfg = parse("[defaults]\nmax_queued_requests = -1\n[functions.x]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\n").unwrap();
+    assert_eq!(cfg.functions["x"].max_queued_requests, None);
+    assert!(parse("[functions.x]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\nmax_queued_requests = -2\n").is_err());
+}
+
+#[test]
+fn env_token_overrides_file_token() {
+    let cfg = Config::parse(
+        Path::new("x.toml"),
+        "[gateway]\nadmin_token = \"file\"\n",
+        Some("env".into()),
+    )
+    .unwrap();
+    assert_eq!(cfg.gateway.admin_token.as_deref(), Some("env"));
+}
+
+#[test]
+fn async_keys_have_defaults_merge_from_defaults_and_are_validated() {
+    let cfg = parse(
+        "[defaults]\nasync_max_attempts = 7\n[functions.x]\nprovider = \"process\"\ncommand = [\"x\"]\nmax_ongoing_requests = 3\n[functions.x.autoscaler]\nmax_replicas = 4\n",
+    )
+    .unwrap();
+    let x = &cfg.functions["x"];
+    assert_eq!(x.async_max_backlog, DEFAULT_ASYNC_MAX_BACKLOG);
+    assert_eq!(
+        x.async_concurrency, 12,
+        "max_ongoing_requests x max_replicas"
+    );
+    assert_eq!(x.async_max_attempts, 7, "[defaults] applies");
+    assert_eq!(x.async_initial_retry_wait, Duration::from_secs(1));
+    assert_eq!(x.async_max_retry_wait, Duration::from_secs(60));
+    assert_eq!(x.async_max_body_bytes(), DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(
+        cfg.gateway.async_store,
+        PathBuf::from("config/test.async.redb")
+    );
+
+    let f = "[functions.x]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\n";
+    let err = parse(&format!("{f}async_max_backlog = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("functions.x.async_max_backlog: 0 is outside"),
+        "{err}"
+    );
+    let err = parse(&format!("{f}async_concurrency = -1\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("functions.x.async_concurrency"), "{err}");
+    let err = parse(&format!(
+        "{f}async_initial_retry_wait = \"10s\"\nasync_max_retry_wait = \"1s\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("async_max_retry_wait: 1s is shorter"), "{err}");
+    let cfg = parse(&format!(
+        "[gateway]\nasync_store = \"state/q.redb\"\n{f}max_body_bytes = 0\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        cfg.gateway.async_store,
+        PathBuf::from("config/state/q.redb")
+    );
+    assert_eq!(
+        cfg.functions["x"].async_max_body_bytes(),
+        ASYNC_BODY_CEILING
+    );
+    assert!(parse("[gateway]\nasync_store = \"\"\n").is_err());
+}
+
+#[test]
+fn queue_mode_is_accepted_with_its_queue_length() {
+    let cfg = parse(
+        "[functions.x]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.x.autoscaler]\ntype = \"queue\"\nqueue_length = 4\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.functions["x"].autoscaler.mode,
+        ScaleMode::Queue { queue_length: 4.0 }
+    );
+    assert!(cfg.describe().contains("type = queue, queue_length = 4"));
+}
+
+#[test]
+fn function_names_follow_dns_labels() {
+    assert!(is_valid_function_name("echo"));
+    assert!(is_valid_function_name("a-1"));
+    assert!(!is_valid_function_name("-a"));
+    assert!(!is_valid_function_name("a-"));
+    assert!(!is_valid_function_name("A"));
+    assert!(!is_valid_function_name(""));
+    assert!(!is_valid_function_name(&"a".repeat(64)));
+}
+
+#[test]
+fn check_config_prints_every_effective_setting() {
+    let cfg = parse(
+        r#"
+        [gateway]
+        admin_token = "t"
+        worker_threads = 2
+        max_body_bytes = 0
+
+        [functions.echo]
+        provider = "process"
+        command = ["python3", "fn/echo.py"]
+        env = { GREETING = "hi" }
+        max_queued_requests = -1
+        response_idle_timeout = 0
+
+        [functions.echo.autoscaler]
+        type = "concurrency"
+        min_replicas = 0
+
+        [functions.legacy]
+        provider = "static"
+        upstreams = ["http://127.0.0.1:9000"]
+        "#,
+    )
+    .unwrap();
+    let expected = r#"config/test.toml: ok
+[gateway] listen = 127.0.0.1:8080, worker_threads = 2, header_read_timeout = 10s, max_header_bytes = 65536, idle_timeout = 75s, drain_timeout = 30s, admin_token = set, async_store = config/test.async.redb
+
+[functions.echo]
+  provider             = process
+  command              = ["python3", "fn/echo.py"]
+  working_dir          = config
+  env                  = {"GREETING": "hi"}
+  readiness_path       = /
+  startup_timeout      = 30s
+  termination_grace    = 10s
+  max_ongoing_requests = 5 per replica
+  max_queued_requests  = unlimited
+  timeout              = 60s
+  response_idle_timeout = none
+  cold_start_timeout   = 30s
+  queue_timeout        = 30s
+  max_body_bytes       = unlimited
+  async                = max_backlog = 10000, concurrency = 25, max_attempts = 5, retry wait 1s doubling to 60s, max body 67108864 bytes
+  autoscaler           = type = concurrency, target_ongoing_requests = 2, replicas 0..=5, rate_seconds = 30s, polling_interval = 1s, cooldown_period = 300s
+
+[functions.legacy]
+  provider             = static
+  upstreams            = ["http://127.0.0.1:9000"]
+  max_ongoing_requests = 5 per replica
+  max_queued_requests  = 100
+  timeout              = 60s
+  response_idle_timeout = 300s
+  cold_start_timeout   = 30s
+  queue_timeout        = 30s
+  max_body_bytes       = unlimited
+  async                = max_backlog = 10000, concurrency = 5, max_attempts = 5, retry wait 1s doubling to 60s, max body 67108864 bytes
+  autoscaler           = type = none, replicas 1..=1, rate_seconds = 30s, polling_interval = 1s, cooldown_period = 300s
+"#;
+    assert_eq!(cfg.describe(), expected);
+}
+
+#[test]
+fn an_unknown_key_is_reported_at_its_line_with_the_keys_in_file_order() {
+    let err =
+        parse("[functions.x]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\ntimeot = 3\n")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.starts_with("config/test.toml: TOML parse error at line 4, column 1\n"),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(
+            "unknown field `timeot`, expected one of `provider`, `command`, `env`, `working_dir`, \
+             `readiness_path`, `startup_timeout`, `termination_grace`, `upstreams`, \
+             `max_ongoing_requests`, `max_queued_requests`, `timeout`, `response_idle_timeout`, \
+             `cold_start_timeout`, `queue_timeout`, `max_body_bytes`, `async_max_backlog`, \
+             `async_concurrency`, `async_max_attempts`, `async_initial_retry_wait`, \
+             `async_max_retry_wait`, `autoscaler`"
+        ),
+        "{err}"
+    );
+    let err = parse("[functions.x]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.x.autoscaler]\nkind = \"rps\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 5, column 1"), "{err}");
+    assert!(
+        err.contains("unknown field `kind`, expected one of `type`, `min_replicas`"),
+        "{err}"
+    );
+    let err = parse("[gateway]\nlisten = 8080\n").unwrap_err().to_string();
+    assert!(
+        err.ends_with("line 2, column 10\n  |\n2 | listen = 8080\n  |          ^^^^\ninvalid type: integer `8080`, expected a string"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gateway_defaults_under_defaults_under_the_function_key_by_key() {
+    let cfg = parse(
+        r#"
+        [gateway]
+        cold_start_timeout = "7s"
+        queue_timeout = "8s"
+
+        [defaults]
+        queue_timeout = "9s"
+        env = { A = "defaults", B = "defaults" }
+
+        [defaults.autoscaler]
+        min_replicas = 2
+        threshold = 7
+
+        [functions.x]
+        provider = "process"
+        command = ["x"]
+        env = { B = "x" }
+
+        [functions.x.autoscaler]
+        max_replicas = 9
+        "#,
+    )
+    .unwrap();
+    let x = &cfg.functions["x"];
+    assert_eq!(x.cold_start_timeout, Duration::from_secs(7));
+    assert_eq!(x.queue_timeout, Duration::from_secs(9));
+    match &x.provider {
+        ProviderConfig::Process(p) => {
+            assert_eq!(p.env["A"], "defaults");
+            assert_eq!(p.env["B"], "x");
+            assert_eq!(p.startup_timeout, Duration::from_secs(7));
+        }
+        other => panic!("unexpected provider {other:?}"),
+    }
+    assert_eq!(x.autoscaler.min_replicas, 2);
+    assert_eq!(x.autoscaler.max_replicas, 9);
+    assert_eq!(x.autoscaler.mode, ScaleMode::Rps { threshold: 7.0 });
+}
+
+#[test]
+fn provider_kinds_say_whether_they_scale_and_how_many_replicas_start() {
+    let cfg = parse(
+        "[functions.p]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.p.autoscaler]\nmin_replicas = 2\n\
+         [functions.s]\nprovider = \"static\"\nupstreams = [\"http://a:1\", \"http://b:1\", \"http://c:1\"]\n",
+    )
+    .unwrap();
+    let (p, s) = (&cfg.functions["p"], &cfg.functions["s"]);
+    assert!(p.provider.scalable());
+    assert_eq!(p.provider.initial_replicas(&p.autoscaler), 2);
+    assert!(!s.provider.scalable());
+    assert_eq!(s.provider.initial_replicas(&s.autoscaler), 3);
+    assert_eq!(s.autoscaler.mode, ScaleMode::None);
+    assert_eq!(
+        (s.autoscaler.min_replicas, s.autoscaler.max_replicas),
+        (3, 3)
+    );
+}
