@@ -85,10 +85,13 @@ impl std::fmt::Debug for Running {
 pub async fn start(config: Config) -> io::Result<Running> {
     let listener = TcpListener::bind(config.gateway.listen).await?;
     let metrics = Metrics::new();
+    let providers = provider::Providers {
+        cluster: connect_cluster(&config).await?,
+    };
     let functions = Functions::default();
     for fc in config.functions.values() {
         let function = Function::new(fc.clone(), &metrics);
-        let backend = provider::start(fc, function.publisher());
+        let backend = provider::start(fc, function.publisher(), &providers);
         function.attach(backend);
         functions.insert(function);
     }
@@ -167,6 +170,26 @@ impl Running {
         while stops.join_next().await.is_some() {}
         info!(clean, "stopped");
     }
+}
+
+/// The cluster connection, when some function uses `provider = "kubernetes"` or discovery is on.
+/// No request is made here: an unreachable API server is handled by the watches and writes.
+async fn connect_cluster(config: &Config) -> io::Result<Option<provider::kubernetes::Cluster>> {
+    let needed = config.gateway.kubernetes_discovery
+        || config
+            .functions
+            .values()
+            .any(|f| matches!(f.provider, config::ProviderConfig::Kubernetes(_)));
+    if !needed {
+        return Ok(None);
+    }
+    provider::kubernetes::Cluster::connect(
+        config.gateway.kubeconfig.as_deref(),
+        config.gateway.kubernetes_namespace.as_deref(),
+    )
+    .await
+    .map(Some)
+    .map_err(io::Error::other)
 }
 
 /// Runs the gateway until `signal` completes, then shuts down gracefully.

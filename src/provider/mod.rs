@@ -9,6 +9,7 @@
 //! recorder, in tests), and each [`Replica`] wraps the `upstream` [`Endpoint`] requests are sent to.
 
 pub mod fixed;
+pub mod kubernetes;
 pub mod process;
 
 use std::fmt;
@@ -200,9 +201,34 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
+/// What the backends of all functions share: the cluster connection, when a function needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Providers {
+    /// Set when some function uses `provider = "kubernetes"` (or discovery is on).
+    pub cluster: Option<kubernetes::Cluster>,
+}
+
 /// Starts the backend for one function. Must be called inside a Tokio runtime.
-pub fn start(config: &FunctionConfig, publisher: Publisher) -> Arc<dyn Backend> {
+///
+/// # Panics
+///
+/// If the function uses `provider = "kubernetes"` and `providers` has no cluster (`lib.rs: start`
+/// connects one whenever a function needs it).
+pub fn start(
+    config: &FunctionConfig,
+    publisher: Publisher,
+    providers: &Providers,
+) -> Arc<dyn Backend> {
     match &config.provider {
+        ProviderConfig::Kubernetes(k) => Arc::new(kubernetes::KubernetesBackend::start(
+            &config.name,
+            k,
+            providers
+                .cluster
+                .as_ref()
+                .expect("a cluster is connected for kubernetes functions"),
+            publisher,
+        )),
         ProviderConfig::Static(s) => Arc::new(fixed::StaticBackend::start(s, publisher)),
         ProviderConfig::Process(p) => Arc::new(process::ProcessBackend::start(
             &config.name,

@@ -1,0 +1,716 @@
+//! The `kubernetes` provider: a function is a Deployment, scaled only through its `scale`
+//! subresource; its replicas are the ready endpoints of its Service's EndpointSlices, watched.
+//!
+//! One task per function watches three things and publishes the ready set whenever one changes:
+//!
+//! * the Service's **EndpointSlices** (`kubernetes.io/service-name=<service>`): every endpoint that
+//!   is ready and not terminating becomes a [`Replica`] with its own per-replica cap, keeping its
+//!   identity (and its connection pool) across updates; one that turns not-ready or terminating
+//!   leaves the rotation at once and is marked draining;
+//! * the **Deployment** (by name): its `spec.replicas` is the count the gateway reports (read
+//!   back, never assumed), its deletion fails held requests with a reason, and its conditions
+//!   (`ProgressDeadlineExceeded`, `ReplicaFailure`) name why it cannot become ready;
+//! * its **Pods** (the Deployment's selector): while no endpoint is ready, a container waiting in
+//!   `CrashLoopBackOff`, `ImagePullBackOff`, `ErrImagePull`, … or a pod that cannot be scheduled is
+//!   published as a start failure, so held requests fail fast with that reason instead of waiting
+//!   out `cold_start_timeout`.
+//!
+//! Watches are kube-runtime watchers with the default backoff: a dropped watch resumes from its
+//! resourceVersion, an expired one relists, and while the API server is unreachable the last
+//! published endpoints keep serving (an error never publishes an empty set).
+//!
+//! Scale writes go through one writer task per function: `GET …/deployments/{name}/scale`, then
+//! `PUT` of the same object with `spec.replicas` changed and the resourceVersion just read, so a
+//! concurrent writer makes it fail with `409 Conflict` (re-read and retried) instead of being
+//! overwritten blindly. Failures are retried with backoff (100 ms doubling to 10 s) on the latest
+//! wish. A wake from zero writes only if the subresource still says 0: when KEDA or an HPA owns
+//! the count (`autoscaler.type = "none"`) the gateway moves it 0 → 1 and never touches it above.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::config::{KubernetesConfig, Upstream};
+use crate::provider::{Backend, BoxFuture, Endpoints, Publisher, Replica, StartFailure};
+
+/// One RBAC rule: an API group, a resource (`resource/subresource` for subresources) and verbs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiRule {
+    /// `""` is the core group.
+    pub group: &'static str,
+    /// E.g. `deployments/scale`.
+    pub resource: &'static str,
+    /// Exactly the verbs the provider uses.
+    pub verbs: &'static [&'static str],
+}
+
+/// Every call the provider makes, as RBAC rules: the Role in `deploy/` grants exactly these.
+pub const API_RULES: &[ApiRule] = &[
+    ApiRule {
+        group: "apps",
+        resource: "deployments",
+        verbs: &["list", "watch"],
+    },
+    ApiRule {
+        group: "apps",
+        resource: "deployments/scale",
+        verbs: &["get", "update"],
+    },
+    ApiRule {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["list", "watch"],
+    },
+    ApiRule {
+        group: "",
+        resource: "pods",
+        verbs: &["list", "watch"],
+    },
+];
+
+/// The label that names a Service on its EndpointSlices.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// First wait after a failed scale write; it doubles up to [`SCALE_RETRY_MAX`].
+pub const SCALE_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two attempts of a scale write.
+pub const SCALE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// A connection to the cluster, shared by every `kubernetes` function.
+#[derive(Clone)]
+pub struct Cluster {
+    client: kube::Client,
+    namespace: String,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Connects with `kubeconfig` if given, else as kube infers it (`$KUBECONFIG` or
+    /// `~/.kube/config`, then the in-cluster service account). `namespace` overrides the
+    /// client's default namespace.
+    pub async fn connect(
+        kubeconfig: Option<&std::path::Path>,
+        namespace: Option<&str>,
+    ) -> Result<Cluster, String> {
+        let mut config = match kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| format!("no Kubernetes configuration found: {e}"))?,
+        };
+        // Our own writer retries with backoff; kube's retry layer would hold a write for minutes.
+        config.default_retry = false;
+        config.connect_timeout = Some(Duration::from_secs(5));
+        let client = kube::Client::try_from(config.clone())
+            .map_err(|e| format!("Kubernetes client: {e}"))?;
+        Ok(Cluster::new(
+            client,
+            namespace.unwrap_or(&config.default_namespace),
+        ))
+    }
+
+    /// A cluster reached through `client` (tests use a `tower_test` mock or a loopback fake).
+    pub fn new(client: kube::Client, namespace: &str) -> Cluster {
+        Cluster {
+            client,
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    /// The namespace functions that name none live in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The client.
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+}
+
+/// What the writer is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wish {
+    /// Nothing yet.
+    None,
+    /// Set the count to this.
+    Set(u32),
+    /// Set it to this only if it is 0 now.
+    Wake(u32),
+}
+
+/// State shared by the backend's handle and its tasks.
+struct Shared {
+    function: Arc<str>,
+    namespace: String,
+    deployment: String,
+    /// `spec.replicas` as last read back (from a scale response or the Deployment watch).
+    observed: AtomicU32,
+    /// Whether `observed` was read at least once.
+    known: AtomicBool,
+    wish: watch::Sender<Wish>,
+}
+
+/// A function's Deployment and its Service's endpoints.
+pub struct KubernetesBackend {
+    shared: Arc<Shared>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for KubernetesBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubernetesBackend")
+            .field("namespace", &self.shared.namespace)
+            .field("deployment", &self.shared.deployment)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubernetesBackend {
+    /// Starts watching and the scale writer. Must be called inside a Tokio runtime.
+    pub fn start(
+        function: &str,
+        config: &KubernetesConfig,
+        cluster: &Cluster,
+        publisher: Publisher,
+    ) -> KubernetesBackend {
+        let namespace = config
+            .namespace
+            .clone()
+            .unwrap_or_else(|| cluster.namespace.clone());
+        let (wish, wishes) = watch::channel(Wish::None);
+        let shared = Arc::new(Shared {
+            function: Arc::from(function),
+            namespace: namespace.clone(),
+            deployment: config.deployment.clone(),
+            observed: AtomicU32::new(0),
+            known: AtomicBool::new(false),
+            wish,
+        });
+        let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), &namespace);
+        let writer = tokio::spawn(write_scale(shared.clone(), deployments.clone(), wishes));
+        let watcher = tokio::spawn(
+            Watch {
+                shared: shared.clone(),
+                publisher,
+                port: config.port.clone(),
+                slices: BTreeMap::new(),
+                replicas: HashMap::new(),
+                deployment: None,
+                deleted: false,
+                pods: BTreeMap::new(),
+                published: None,
+            }
+            .run(cluster.client.clone(), config.service.clone()),
+        );
+        KubernetesBackend {
+            shared,
+            tasks: Mutex::new(vec![writer, watcher]),
+        }
+    }
+}
+
+impl Backend for KubernetesBackend {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn scalable(&self) -> bool {
+        true
+    }
+
+    fn replicas(&self) -> u32 {
+        self.shared.observed.load(Ordering::Acquire)
+    }
+
+    fn set_replicas(&self, n: u32) {
+        self.shared.wish.send_replace(Wish::Set(n));
+    }
+
+    fn scale_from_zero(&self, n: u32) -> bool {
+        let s = &self.shared;
+        if s.known.load(Ordering::Acquire) && s.observed.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        // Exactly one of many arrivals wakes it: the first to replace a non-wake wish.
+        let mut woke = false;
+        s.wish.send_if_modified(|wish| match *wish {
+            Wish::Wake(_) => false,
+            Wish::Set(m) if m > 0 => false,
+            _ => {
+                *wish = Wish::Wake(n);
+                woke = true;
+                true
+            }
+        });
+        woke
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        // The Deployment belongs to the cluster: it keeps its replicas when the gateway stops.
+        let tasks: Vec<_> = self.tasks.lock().unwrap().drain(..).collect();
+        Box::pin(async move {
+            for task in tasks {
+                task.abort();
+                let _ = task.await;
+            }
+        })
+    }
+}
+
+/// The scale writer: applies the latest wish, retrying with backoff until it is written.
+async fn write_scale(shared: Arc<Shared>, api: Api<Deployment>, mut wishes: watch::Receiver<Wish>) {
+    loop {
+        if wishes.changed().await.is_err() {
+            return;
+        }
+        let mut wait = SCALE_RETRY_MIN;
+        loop {
+            let wish = *wishes.borrow_and_update();
+            match apply(&shared, &api, wish).await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(function = %shared.function, deployment = %shared.deployment, namespace = %shared.namespace, error = %e, retry_in = ?wait, "scale write failed");
+                    // A newer wish is applied at once; the same one after the backoff.
+                    tokio::select! {
+                        changed = wishes.changed() => if changed.is_err() { return },
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(SCALE_RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// One write of `wish`: read the scale, write it back changed with its resourceVersion; on a
+/// conflict (someone else wrote in between) read again.
+pub async fn apply_wish(
+    api: &Api<Deployment>,
+    deployment: &str,
+    set: Option<u32>,
+    wake: Option<u32>,
+) -> Result<Option<u32>, kube::Error> {
+    for _ in 0..5 {
+        let mut scale = api.get_scale(deployment).await?;
+        let current = scale
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(0)
+            .max(0) as u32;
+        let target = match (set, wake) {
+            (Some(n), _) => n,
+            (None, Some(n)) if current == 0 => n,
+            _ => return Ok(Some(current)),
+        };
+        if current == target {
+            return Ok(Some(current));
+        }
+        scale.spec.get_or_insert_with(Default::default).replicas = Some(target as i32);
+        match api
+            .replace_scale(deployment, &PostParams::default(), &scale)
+            .await
+        {
+            Ok(written) => {
+                return Ok(Some(
+                    written
+                        .spec
+                        .and_then(|s| s.replicas)
+                        .unwrap_or(target as i32)
+                        .max(0) as u32,
+                ))
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                debug!(deployment, "scale write conflicted; reading again");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+async fn apply(shared: &Shared, api: &Api<Deployment>, wish: Wish) -> Result<(), String> {
+    let (set, wake) = match wish {
+        Wish::None => return Ok(()),
+        Wish::Set(n) => (Some(n), None),
+        Wish::Wake(n) => (None, Some(n)),
+    };
+    match apply_wish(api, &shared.deployment, set, wake).await {
+        Ok(Some(now)) => {
+            shared.observed.store(now, Ordering::Release);
+            shared.known.store(true, Ordering::Release);
+            info!(function = %shared.function, deployment = %shared.deployment, replicas = now, "scale written");
+            Ok(())
+        }
+        Ok(None) => Err("the scale kept changing under five writes in a row".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What one pod says about why it is not ready.
+#[derive(Clone, Debug)]
+struct PodTrouble {
+    reason: String,
+}
+
+/// The watch task's state.
+struct Watch {
+    shared: Arc<Shared>,
+    publisher: Publisher,
+    port: Option<String>,
+    slices: BTreeMap<String, EndpointSlice>,
+    /// Published replicas by address, so each keeps its identity (cap, pool) across updates.
+    replicas: HashMap<SocketAddr, Arc<Replica>>,
+    deployment: Option<Deployment>,
+    deleted: bool,
+    pods: BTreeMap<String, PodTrouble>,
+    /// What was published last: the ready addresses and the failure reason.
+    published: Option<(Vec<SocketAddr>, Option<String>)>,
+}
+
+impl Watch {
+    async fn run(mut self, client: kube::Client, service: String) {
+        let ns = self.shared.namespace.clone();
+        let slices = watcher(
+            Api::<EndpointSlice>::namespaced(client.clone(), &ns),
+            watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}")),
+        )
+        .default_backoff()
+        .boxed();
+        let deployments = watcher(
+            Api::<Deployment>::namespaced(client.clone(), &ns),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.shared.deployment)),
+        )
+        .default_backoff()
+        .boxed();
+        tokio::pin!(slices, deployments);
+        let mut slice_buffer: Option<BTreeMap<String, EndpointSlice>> = None;
+        let mut deployment_buffer: Option<Option<Deployment>> = None;
+        // The pods watch follows the Deployment's selector; restarted when it changes.
+        let mut pods: Option<(String, futures::stream::BoxStream<'static, _>)> = None;
+        let mut pod_buffer: Option<BTreeMap<String, PodTrouble>> = None;
+        loop {
+            let pod_next = async {
+                match pods.as_mut() {
+                    Some((_, stream)) => stream.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(event) = slices.next() => match event {
+                    Ok(Event::Init) => slice_buffer = Some(BTreeMap::new()),
+                    Ok(Event::InitApply(s)) => {
+                        if let Some(buf) = slice_buffer.as_mut() {
+                            buf.insert(object_name(&s.metadata), s);
+                        }
+                    }
+                    Ok(Event::InitDone) => {
+                        if let Some(buf) = slice_buffer.take() {
+                            self.slices = buf;
+                        }
+                        self.publish();
+                    }
+                    Ok(Event::Apply(s)) => {
+                        self.slices.insert(object_name(&s.metadata), s);
+                        self.publish();
+                    }
+                    Ok(Event::Delete(s)) => {
+                        self.slices.remove(&object_name(&s.metadata));
+                        self.publish();
+                    }
+                    Err(e) => warn!(function = %self.shared.function, error = %e, "EndpointSlice watch failed; keeping the endpoints it last saw"),
+                },
+                Some(event) = deployments.next() => {
+                    let changed = match event {
+                        Ok(Event::Init) => { deployment_buffer = Some(None); false }
+                        Ok(Event::InitApply(d)) => {
+                            if let Some(buf) = deployment_buffer.as_mut() { *buf = Some(d); }
+                            false
+                        }
+                        Ok(Event::InitDone) => {
+                            let seen = deployment_buffer.take().flatten();
+                            self.deleted = seen.is_none();
+                            self.deployment = seen;
+                            true
+                        }
+                        Ok(Event::Apply(d)) => { self.deleted = false; self.deployment = Some(d); true }
+                        Ok(Event::Delete(_)) => { self.deleted = true; self.deployment = None; true }
+                        Err(e) => { warn!(function = %self.shared.function, error = %e, "Deployment watch failed; retrying"); false }
+                    };
+                    if changed {
+                        self.deployment_changed();
+                        let selector = self.deployment.as_ref().and_then(pod_selector);
+                        if selector.as_deref() != pods.as_ref().map(|(s, _)| s.as_str()) {
+                            pod_buffer = None;
+                            self.pods.clear();
+                            pods = selector.map(|sel| {
+                                let stream = watcher(
+                                    Api::<Pod>::namespaced(client.clone(), &ns),
+                                    watcher::Config::default().labels(&sel),
+                                )
+                                .default_backoff()
+                                .boxed();
+                                (sel, stream)
+                            });
+                        }
+                        self.publish();
+                    }
+                }
+                Some(event) = pod_next => {
+                    let changed = match event {
+                        Ok(Event::Init) => { pod_buffer = Some(BTreeMap::new()); false }
+                        Ok(Event::InitApply(p)) => {
+                            if let Some(buf) = pod_buffer.as_mut() {
+                                if let Some(t) = pod_trouble(&p) { buf.insert(object_name(&p.metadata), t); }
+                            }
+                            false
+                        }
+                        Ok(Event::InitDone) => {
+                            if let Some(buf) = pod_buffer.take() { self.pods = buf; }
+                            true
+                        }
+                        Ok(Event::Apply(p)) => {
+                            let name = object_name(&p.metadata);
+                            match pod_trouble(&p) {
+                                Some(t) => { self.pods.insert(name, t); }
+                                None => { self.pods.remove(&name); }
+                            }
+                            true
+                        }
+                        Ok(Event::Delete(p)) => { self.pods.remove(&object_name(&p.metadata)); true }
+                        Err(e) => { debug!(function = %self.shared.function, error = %e, "Pod watch failed; retrying"); false }
+                    };
+                    if changed { self.publish(); }
+                }
+            }
+        }
+    }
+
+    /// The Deployment changed: its `spec.replicas` is the count asked for.
+    fn deployment_changed(&self) {
+        let replicas = match &self.deployment {
+            Some(d) => d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as u32,
+            None => 0,
+        };
+        self.shared.observed.store(replicas, Ordering::Release);
+        self.shared.known.store(true, Ordering::Release);
+    }
+
+    /// Publishes the ready set (and why there is none, when that is known), if it changed.
+    fn publish(&mut self) {
+        let ready = ready_addresses(self.slices.values(), self.port.as_deref());
+        let failure = if !ready.is_empty() {
+            None
+        } else if self.deleted {
+            Some(format!(
+                "deployment {}/{} does not exist (deleted, or not created yet)",
+                self.shared.namespace, self.shared.deployment
+            ))
+        } else if let Some(reason) = self.deployment.as_ref().and_then(deployment_trouble) {
+            Some(reason)
+        } else {
+            self.pods.values().next().map(|t| t.reason.clone())
+        };
+        let now = (ready.clone(), failure.clone());
+        if self.published.as_ref() == Some(&now) {
+            return;
+        }
+        self.published = Some(now);
+        let mut next = HashMap::with_capacity(ready.len());
+        let mut replicas = Vec::with_capacity(ready.len());
+        for addr in &ready {
+            let replica = self.replicas.remove(addr).unwrap_or_else(|| {
+                let authority = addr
+                    .to_string()
+                    .parse()
+                    .expect("a socket address is an authority");
+                Replica::new(Upstream::http(authority))
+            });
+            replicas.push(replica.clone());
+            next.insert(*addr, replica);
+        }
+        // Whatever is left stopped being ready: no new requests (a request that loaded the old
+        // set cannot take it either), the ones in flight finish.
+        for (_, gone) in std::mem::replace(&mut self.replicas, next) {
+            tokio::spawn(async move { gone.drain().await });
+        }
+        if let Some(reason) = &failure {
+            warn!(function = %self.shared.function, reason = %reason, "function cannot become ready");
+        }
+        debug!(function = %self.shared.function, ready = replicas.len(), "endpoints");
+        self.publisher.publish(Endpoints {
+            replicas,
+            failure: failure.map(|reason| StartFailure {
+                reason: Arc::from(reason),
+                retry_at: None,
+            }),
+        });
+    }
+}
+
+fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.name.clone().unwrap_or_default()
+}
+
+/// The ready, not terminating endpoints of `slices`, each with the port named `port` (a name, or
+/// a number) of its own slice, else the slice's first port; deduplicated and sorted.
+pub fn ready_addresses<'a>(
+    slices: impl Iterator<Item = &'a EndpointSlice>,
+    port: Option<&str>,
+) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for slice in slices {
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        let ports = slice.ports.as_deref().unwrap_or_default();
+        let number = match port {
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) => Some(n as i32),
+                Err(_) => ports
+                    .iter()
+                    .find(|sp| sp.name.as_deref() == Some(p))
+                    .and_then(|sp| sp.port),
+            },
+            None => ports.first().and_then(|sp| sp.port),
+        };
+        let Some(number) = number.and_then(|n| u16::try_from(n).ok()) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            if !ready || terminating {
+                continue;
+            }
+            if let Some(ip) = endpoint
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+            {
+                out.push(SocketAddr::new(ip, number));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The label selector of a Deployment's pods (`matchLabels` only), if it has one.
+fn pod_selector(deployment: &Deployment) -> Option<String> {
+    let labels = deployment.spec.as_ref()?.selector.match_labels.as_ref()?;
+    if labels.is_empty() {
+        return None;
+    }
+    Some(
+        labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// Why a Deployment cannot make progress, from its conditions.
+fn deployment_trouble(deployment: &Deployment) -> Option<String> {
+    let name = deployment.metadata.name.as_deref().unwrap_or("");
+    let conditions = deployment.status.as_ref()?.conditions.as_ref()?;
+    conditions.iter().find_map(|c| {
+        let failed = (c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            || (c.type_ == "ReplicaFailure" && c.status == "True");
+        failed.then(|| {
+            format!(
+                "deployment {name}: {}: {}",
+                c.reason.as_deref().unwrap_or(&c.type_),
+                c.message.as_deref().unwrap_or("")
+            )
+        })
+    })
+}
+
+/// Container states that mean a pod will not become ready by waiting a little longer.
+const STUCK: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// Why a pod cannot become ready, read from its status, if it is stuck.
+fn pod_trouble(pod: &Pod) -> Option<PodTrouble> {
+    let name = pod.metadata.name.as_deref().unwrap_or("");
+    let status = pod.status.as_ref()?;
+    for c in status
+        .init_container_statuses
+        .iter()
+        .chain(status.container_statuses.iter())
+        .flatten()
+    {
+        let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        let Some(reason) = waiting.reason.as_deref().filter(|r| STUCK.contains(r)) else {
+            continue;
+        };
+        let mut text = format!("pod {name}: container {}: {reason}", c.name);
+        if let Some(message) = waiting.message.as_deref().filter(|m| !m.is_empty()) {
+            text.push_str(": ");
+            text.push_str(message);
+        }
+        if let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            text.push_str(&format!(" (last exit code {}", t.exit_code));
+            if let Some(m) = t.message.as_deref().or(t.reason.as_deref()) {
+                text.push_str(&format!(": {m}"));
+            }
+            text.push(')');
+        }
+        return Some(PodTrouble { reason: text });
+    }
+    let unschedulable = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    })?;
+    Some(PodTrouble {
+        reason: format!(
+            "pod {name} cannot be scheduled: {}",
+            unschedulable.message.as_deref().unwrap_or("Unschedulable")
+        ),
+    })
+}
