@@ -310,8 +310,8 @@ fn an_unknown_key_is_reported_at_its_line_with_the_keys_in_file_order() {
     assert!(
         err.ends_with(
             "unknown field `timeot`, expected one of `provider`, `command`, `env`, `working_dir`, \
-             `readiness_path`, `startup_timeout`, `termination_grace`, `upstreams`, \
-             `max_ongoing_requests`, `max_queued_requests`, `timeout`, `response_idle_timeout`, \
+             `readiness_path`, `startup_timeout`, `termination_grace`, `upstreams`, `deployment`, \
+             `service`, `namespace`, `port`, `max_ongoing_requests`, `max_queued_requests`, `timeout`, `response_idle_timeout`, \
              `cold_start_timeout`, `queue_timeout`, `max_body_bytes`, `async_max_backlog`, \
              `async_concurrency`, `async_max_attempts`, `async_initial_retry_wait`, \
              `async_max_retry_wait`, `autoscaler`"

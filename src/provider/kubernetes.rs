@@ -714,3 +714,270 @@ fn pod_trouble(pod: &Pod) -> Option<PodTrouble> {
         ),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use http::{Method, Request, Response};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+    use tower_test::mock::{self, Handle};
+
+    type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+    fn mock_api() -> (Api<Deployment>, ApiHandle) {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "fns");
+        (Api::namespaced(client, "fns"), handle)
+    }
+
+    fn scale(replicas: i32, rv: &str) -> Value {
+        json!({
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {"name": "f", "namespace": "fns", "resourceVersion": rv},
+            "spec": {"replicas": replicas},
+            "status": {"replicas": replicas, "selector": "app=f"}
+        })
+    }
+
+    fn reply(status: u16, body: Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+
+    fn conflict() -> Value {
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "Operation cannot be fulfilled on deployments.apps \"f\": the object has been modified; please apply your changes to the latest version and try again",
+            "reason": "Conflict", "details": {"name": "f", "group": "apps", "kind": "deployments"}, "code": 409
+        })
+    }
+
+    const SCALE_URI: &str = "/apis/apps/v1/namespaces/fns/deployments/f/scale";
+
+    /// Expects a `GET` of the scale and answers `replicas` at `rv`.
+    async fn expect_get(handle: &mut ApiHandle, replicas: i32, rv: &str) {
+        let (req, send) = handle.next_request().await.expect("a GET of the scale");
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri().to_string(), SCALE_URI);
+        send.send_response(reply(200, scale(replicas, rv)));
+    }
+
+    /// Expects a `PUT` of the scale; returns its body.
+    async fn expect_put(
+        handle: &mut ApiHandle,
+    ) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
+        let (req, send) = handle.next_request().await.expect("a PUT of the scale");
+        assert_eq!(req.method(), Method::PUT);
+        assert_eq!(req.uri().to_string(), format!("{SCALE_URI}?"));
+        assert_eq!(req.headers()["content-type"], "application/json");
+        let body = req.into_body().collect_bytes().await.unwrap();
+        (serde_json::from_slice(&body).unwrap(), send)
+    }
+
+    #[tokio::test]
+    async fn a_scale_write_reads_then_writes_only_the_subresource_with_its_resource_version() {
+        let (api, mut handle) = mock_api();
+        let server = tokio::spawn(async move {
+            expect_get(&mut handle, 0, "41").await;
+            let (body, send) = expect_put(&mut handle).await;
+            assert_eq!(body["kind"], "Scale");
+            assert_eq!(body["spec"]["replicas"], 3);
+            assert_eq!(body["metadata"]["resourceVersion"], "41");
+            send.send_response(reply(200, scale(3, "42")));
+        });
+        let written = apply_wish(&api, "f", Some(3), None).await.unwrap();
+        assert_eq!(written, Some(3));
+        tokio::time::timeout(Duration::from_secs(1), server)
+            .await
+            .expect("every expected call made")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_conflicting_write_is_read_again_and_retried() {
+        let (api, mut handle) = mock_api();
+        let server = tokio::spawn(async move {
+            expect_get(&mut handle, 1, "7").await;
+            let (body, send) = expect_put(&mut handle).await;
+            assert_eq!(body["metadata"]["resourceVersion"], "7");
+            send.send_response(reply(409, conflict()));
+            // Someone else wrote meanwhile: read the new version, write over it.
+            expect_get(&mut handle, 2, "9").await;
+            let (body, send) = expect_put(&mut handle).await;
+            assert_eq!(body["metadata"]["resourceVersion"], "9");
+            assert_eq!(body["spec"]["replicas"], 4);
+            send.send_response(reply(200, scale(4, "10")));
+        });
+        assert_eq!(apply_wish(&api, "f", Some(4), None).await.unwrap(), Some(4));
+        tokio::time::timeout(Duration::from_secs(1), server)
+            .await
+            .expect("every expected call made")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wake_writes_only_when_the_count_is_still_zero() {
+        let (api, mut handle) = mock_api();
+        let server = tokio::spawn(async move {
+            // An external scaler already moved it to 2: read, and no write.
+            expect_get(&mut handle, 2, "5").await;
+            // At zero: written to 1.
+            expect_get(&mut handle, 0, "6").await;
+            let (body, send) = expect_put(&mut handle).await;
+            assert_eq!(body["spec"]["replicas"], 1);
+            send.send_response(reply(200, scale(1, "7")));
+            // No further call.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), handle.next_request())
+                    .await
+                    .is_err(),
+                "no call after the wake"
+            );
+        });
+        assert_eq!(apply_wish(&api, "f", None, Some(1)).await.unwrap(), Some(2));
+        assert_eq!(apply_wish(&api, "f", None, Some(1)).await.unwrap(), Some(1));
+        tokio::time::timeout(Duration::from_secs(1), server)
+            .await
+            .expect("every expected call made")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_count_is_not_written() {
+        let (api, mut handle) = mock_api();
+        let server = tokio::spawn(async move {
+            expect_get(&mut handle, 3, "5").await;
+        });
+        assert_eq!(apply_wish(&api, "f", Some(3), None).await.unwrap(), Some(3));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_error_is_returned_for_the_writer_to_retry() {
+        let (api, mut handle) = mock_api();
+        let server = tokio::spawn(async move {
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_response(reply(
+                503,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": "the server is currently unable to handle the request",
+                       "reason": "ServiceUnavailable", "code": 503}),
+            ));
+        });
+        let err = apply_wish(&api, "f", Some(2), None).await.unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 503),
+            "{err}"
+        );
+        server.await.unwrap();
+    }
+
+    fn slice(value: Value) -> EndpointSlice {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn only_ready_not_terminating_endpoints_are_replicas_on_the_named_port() {
+        let a = slice(json!({
+            "metadata": {"name": "f-abc", "labels": {"kubernetes.io/service-name": "f"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "metrics", "port": 9090}, {"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": true, "terminating": true}},
+                {"addresses": ["10.0.0.4"]},
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}}
+            ]
+        }));
+        let b = slice(json!({
+            "metadata": {"name": "f-def"},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8081}],
+            "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": true}}]
+        }));
+        let fqdn = slice(json!({
+            "metadata": {"name": "f-x"}, "addressType": "FQDN",
+            "ports": [{"name": "http", "port": 80}],
+            "endpoints": [{"addresses": ["a.example"]}]
+        }));
+        let all = [a.clone(), b, fqdn];
+        let got: Vec<String> = ready_addresses(all.iter(), Some("http"))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, ["10.0.0.1:8080", "10.0.0.4:8080", "[fd00::5]:8081"]);
+        let first: Vec<String> = ready_addresses([a.clone()].iter(), None)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(first, ["10.0.0.1:9090", "10.0.0.4:9090"]);
+        let numbered = ready_addresses([a.clone()].iter(), Some("7000"));
+        assert_eq!(numbered[0].port(), 7000);
+        assert!(ready_addresses([a].iter(), Some("grpc")).is_empty());
+    }
+
+    #[test]
+    fn a_stuck_pod_names_its_reason_and_last_exit() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "f-7d9-x"},
+            "status": {"containerStatuses": [{
+                "name": "fn", "image": "f:1", "imageID": "", "ready": false, "restartCount": 4,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+                "lastState": {"terminated": {"exitCode": 3, "reason": "Error"}}
+            }]}
+        }))
+        .unwrap();
+        assert_eq!(
+            pod_trouble(&pod).unwrap().reason,
+            "pod f-7d9-x: container fn: CrashLoopBackOff: back-off 40s restarting failed container (last exit code 3: Error)"
+        );
+        let starting: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "status": {"containerStatuses": [{
+                "name": "fn", "image": "f:1", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}
+            }]}
+        }))
+        .unwrap();
+        assert!(
+            pod_trouble(&starting).is_none(),
+            "still starting is not stuck"
+        );
+        let pending: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                        "message": "0/3 nodes are available: 3 Insufficient cpu."}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            pod_trouble(&pending).unwrap().reason,
+            "pod p cannot be scheduled: 0/3 nodes are available: 3 Insufficient cpu."
+        );
+    }
+
+    #[test]
+    fn a_deployment_past_its_progress_deadline_is_trouble() {
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "f"},
+            "spec": {"selector": {"matchLabels": {"app": "f", "tier": "fn"}}, "template": {}},
+            "status": {"conditions": [
+                {"type": "Available", "status": "False"},
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                 "message": "ReplicaSet \"f-7d9\" has timed out progressing."}
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(
+            deployment_trouble(&d).unwrap(),
+            "deployment f: ProgressDeadlineExceeded: ReplicaSet \"f-7d9\" has timed out progressing."
+        );
+        assert_eq!(pod_selector(&d).unwrap(), "app=f,tier=fn");
+    }
+}
