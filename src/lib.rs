@@ -32,6 +32,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod discovery;
 pub mod error;
 pub mod forwarding;
 pub mod function;
@@ -114,6 +115,14 @@ pub async fn start(config: Config) -> io::Result<Running> {
         if let Some(scaler) = autoscaler::Autoscaler::new(f) {
             loops.push(tokio::spawn(scaler.run(stop_rx.clone())));
         }
+    }
+    if config.gateway.kubernetes_discovery {
+        loops.push(discovery::start(
+            gateway.clone(),
+            Arc::new(config.clone()),
+            providers.clone(),
+            stop_rx.clone(),
+        ));
     }
     let server = Server::start(listener, gateway.clone())?;
     info!(

@@ -201,6 +201,46 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
+/// A function that cannot run at all (e.g. a discovered Deployment with a bad annotation): no
+/// replicas, ever, and every request answered `503` with `reason`.
+#[derive(Debug)]
+pub struct Unavailable {
+    kind: &'static str,
+}
+
+impl Unavailable {
+    /// Publishes the failure at once.
+    pub fn start(kind: &'static str, reason: &str, publisher: Publisher) -> Unavailable {
+        publisher.publish(Endpoints {
+            replicas: Vec::new(),
+            failure: Some(StartFailure {
+                reason: Arc::from(reason),
+                retry_at: None,
+            }),
+        });
+        Unavailable { kind }
+    }
+}
+
+impl Backend for Unavailable {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    fn scalable(&self) -> bool {
+        false
+    }
+    fn replicas(&self) -> u32 {
+        0
+    }
+    fn set_replicas(&self, _n: u32) {}
+    fn scale_from_zero(&self, _n: u32) -> bool {
+        false
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
 /// What the backends of all functions share: the cluster connection, when a function needs it.
 #[derive(Clone, Debug, Default)]
 pub struct Providers {
