@@ -8,14 +8,14 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | 1 | [`server`] | accept, per-connection timeouts, drain |
+//! | 1 | [`server`], [`discovery`] | accept, per-connection timeouts, drain; functions found in a cluster while running |
 //! | 2 | [`gateway`] | route once; a request's phases (count, limits, admit, forward, respond) |
 //! | 3 | [`system`], [`queue`] | the admin API; async invocations: accept, store, dispatch, callbacks |
 //! | 4 | [`proxy`] | forward with a permit: rewrite, send, stream back, map upstream errors |
 //! | 5 | [`error`], [`body`] | the gateway's own answers; the body that carries permit and guard |
 //! | 6 | [`simulate`] → [`autoscaler`] | the control loop (and its offline replay on virtual time) |
 //! | 7 | [`function`] | per-function state: window, admission, queue, cold start, figures |
-//! | 8 | [`provider`] | where replicas come from; the [`provider::Subscriber`] seam it publishes to |
+//! | 8 | [`provider`] | where replicas come from (`process`, `static`, `kubernetes`); the [`provider::Subscriber`] seam it publishes to |
 //! | 9 | [`upstream`] | pooled HTTP/1.1 connections to an [`upstream::Endpoint`] |
 //! | 10 | [`h1`], [`forwarding`], [`conn`], [`router`], [`metrics`], [`demo`] | leaves: codec, header rules, connection state, paths, metric families, the demo function |
 //! | 11 | [`config`] | the only module that reads files or the environment |

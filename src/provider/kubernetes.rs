@@ -251,24 +251,35 @@ impl Backend for KubernetesBackend {
     }
 
     fn set_replicas(&self, n: u32) {
-        self.shared.wish.send_replace(Wish::Set(n));
+        // The same wish again (the autoscaler repeats itself while a write is retried) does not
+        // cut the writer's backoff short.
+        self.shared.wish.send_if_modified(|wish| {
+            let changed = *wish != Wish::Set(n);
+            *wish = Wish::Set(n);
+            changed
+        });
     }
 
     fn scale_from_zero(&self, n: u32) -> bool {
         let s = &self.shared;
-        if s.known.load(Ordering::Acquire) && s.observed.load(Ordering::Acquire) > 0 {
-            return false;
-        }
-        // Exactly one of many arrivals wakes it: the first to replace a non-wake wish.
+        // Exactly one of many arrivals wakes it: the first to turn the wish into a wake.
         let mut woke = false;
-        s.wish.send_if_modified(|wish| match *wish {
-            Wish::Wake(_) => false,
-            Wish::Set(m) if m > 0 => false,
-            _ => {
+        s.wish.send_if_modified(|wish| {
+            let at_zero = match *wish {
+                // Going to zero, not written yet: wake instead.
+                Wish::Set(0) => true,
+                // Already on its way up.
+                Wish::Set(_) | Wish::Wake(_) => false,
+                // Nothing pending: what the API last said (unknown counts as zero).
+                Wish::None => {
+                    !(s.known.load(Ordering::Acquire) && s.observed.load(Ordering::Acquire) > 0)
+                }
+            };
+            if at_zero {
                 *wish = Wish::Wake(n);
                 woke = true;
-                true
             }
+            at_zero
         });
         woke
     }
@@ -295,7 +306,16 @@ async fn write_scale(shared: Arc<Shared>, api: Api<Deployment>, mut wishes: watc
         loop {
             let wish = *wishes.borrow_and_update();
             match apply(&shared, &api, wish).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    // Done: nothing is pending any more, unless a newer wish came meanwhile.
+                    shared.wish.send_if_modified(|now| {
+                        if *now == wish {
+                            *now = Wish::None;
+                        }
+                        false
+                    });
+                    break;
+                }
                 Err(e) => {
                     warn!(function = %shared.function, deployment = %shared.deployment, namespace = %shared.namespace, error = %e, retry_in = ?wait, "scale write failed");
                     // A newer wish is applied at once; the same one after the backoff.
