@@ -750,39 +750,30 @@ fn the_service_monitor_and_scrape_annotations_reach_the_gateway_port() {
 /// `<key>`; a value that is a TOML integer, float or boolean is one, anything else a string. A
 /// discovered function also named in the file is a duplicate table, so an error.
 fn config_with_discovered(docs: &[Doc]) -> Config {
-    let mut text = gateway_config_text(docs);
+    let text = gateway_config_text(docs);
+    let mut config = Config::parse(Path::new(CONFIG_PATH), &text, None)
+        .unwrap_or_else(|e| panic!("the gateway's config: {e}\n{text}"));
     for (name, doc) in discovered(docs) {
-        let annotations = doc
-            .typed::<Deployment>()
+        let deployment = doc.typed::<Deployment>();
+        let annotations: BTreeMap<String, String> = deployment
             .metadata
             .annotations
-            .unwrap_or_default();
-        let mut keys = String::from("provider = \"kubernetes\"\n");
-        let mut autoscaler = String::new();
-        for (key, value) in &annotations {
-            let Some(key) = key.strip_prefix(KEY_ANNOTATION) else {
-                continue;
-            };
-            let literal = if value.parse::<i64>().is_ok()
-                || value.parse::<f64>().is_ok_and(f64::is_finite)
-                || value.parse::<bool>().is_ok()
-            {
-                value.clone()
-            } else {
-                toml::Value::String(value.clone()).to_string()
-            };
-            match key.strip_prefix("autoscaler.") {
-                Some(key) => autoscaler.push_str(&format!("{key} = {literal}\n")),
-                None => keys.push_str(&format!("{key} = {literal}\n")),
-            }
-        }
-        text.push_str(&format!("\n[functions.{name}]\n{keys}"));
-        if !autoscaler.is_empty() {
-            text.push_str(&format!("[functions.{name}.autoscaler]\n{autoscaler}"));
-        }
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(KEY_ANNOTATION)?.to_owned(), v)))
+            .collect();
+        // Read exactly as the gateway's discovery reads them.
+        let function = config
+            .discovered(
+                &name,
+                &deployment.metadata.namespace.unwrap_or_default(),
+                &deployment.metadata.name.unwrap_or_default(),
+                &annotations,
+            )
+            .unwrap_or_else(|e| panic!("discovered function {name}: {e}"));
+        config.functions.insert(name, function);
     }
-    Config::parse(Path::new(CONFIG_PATH), &text, None)
-        .unwrap_or_else(|e| panic!("with the discovered functions: {e}\n{text}"))
+    config
 }
 
 /// Deployments labelled for discovery, by function name.
