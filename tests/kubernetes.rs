@@ -6,7 +6,9 @@ mod common;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::fake_kube::{crash_loop_status, FakeEndpoint, FakeKube, Resource};
 use common::{body, until, Backend, Gw};
@@ -115,10 +117,7 @@ async fn scale_from_zero_writes_only_the_scale_and_releases_held_requests_when_a
     );
     // The count is read back.
     until("replicas read back", Duration::from_secs(5), || {
-        gw.function("echo")
-            .figures(tokio::time::Instant::now())
-            .replicas
-            == 1
+        gw.function("echo").figures(Instant::now()).replicas == 1
     })
     .await;
     gw.shutdown().await;
@@ -384,12 +383,7 @@ async fn with_an_external_scaler_the_gateway_only_wakes_from_zero() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(writes(&fake).is_empty(), "{:?}", writes(&fake));
-    assert_eq!(
-        gw.function("keda")
-            .figures(tokio::time::Instant::now())
-            .replicas,
-        2
-    );
+    assert_eq!(gw.function("keda").figures(Instant::now()).replicas, 2);
     gw.shutdown().await;
 }
 
