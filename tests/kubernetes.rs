@@ -545,3 +545,76 @@ async fn wake_gap() {
     println!("wake gap (endpoint published -> request at the pod), microseconds: {micros:?}");
     gw.shutdown().await;
 }
+
+/// The RBAC rule a recorded request needs: (API group, resource[/subresource], verb).
+fn rule_of(r: &common::fake_kube::Recorded) -> (String, String, String) {
+    let parts: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
+    // /api/v1/namespaces/{ns}/{resource}[/{name}[/{sub}]] or /apis/{group}/{version}/…
+    let (group, rest) = match parts.first() {
+        Some(&"api") => ("", &parts[2..]),
+        Some(&"apis") => (parts[1], &parts[3..]),
+        _ => panic!("not an API path: {r:?}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => panic!("unexpected path {r:?}"),
+    };
+    let verb = match (r.method.as_str(), named) {
+        ("GET", _) if r.is_watch() => "watch",
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("POST", _) => "create",
+        ("DELETE", _) => "delete",
+        (m, _) => panic!("method {m}"),
+    };
+    (group.to_owned(), resource, verb.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_call_is_one_the_role_grants_and_every_grant_is_used() {
+    let fake = FakeKube::start().await;
+    fake.apply_deployment(NS, "echo", 0, &[], &[], &[("app", "echo")]);
+    let p = pod(0, Arc::new(Mutex::new(Vec::new()))).await;
+    fake.bind_replicas(NS, "echo", "echo", vec![p.addr], Duration::from_millis(20));
+    let gw = gateway(
+        &fake,
+        "rbac",
+        "kubernetes_discovery = true",
+        &kube_fn("echo", "", "min_replicas = 0\nmax_replicas = 1"),
+    )
+    .await;
+    fake.until_watching(Resource::Pods).await;
+    assert_eq!(gw.get("/function/echo/").await.status, 200);
+    gw.shutdown().await;
+
+    let used: std::collections::BTreeSet<(String, String, String)> =
+        fake.requests().iter().map(rule_of).collect();
+    let granted: std::collections::BTreeSet<(String, String, String)> =
+        sluicegate::provider::kubernetes::API_RULES
+            .iter()
+            .flat_map(|rule| {
+                rule.verbs.iter().map(|v| {
+                    (
+                        rule.group.to_owned(),
+                        rule.resource.to_owned(),
+                        (*v).to_owned(),
+                    )
+                })
+            })
+            .collect();
+    let ungranted: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        ungranted.is_empty(),
+        "calls the Role does not grant: {ungranted:?}"
+    );
+    let unused: Vec<_> = granted.difference(&used).collect();
+    assert!(unused.is_empty(), "grants no call needs: {unused:?}");
+}
