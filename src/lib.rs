@@ -8,14 +8,14 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | 1 | [`server`] | accept, per-connection timeouts, drain |
+//! | 1 | [`server`], [`discovery`] | accept, per-connection timeouts, drain; functions found in a cluster while running |
 //! | 2 | [`gateway`] | route once; a request's phases (count, limits, admit, forward, respond) |
 //! | 3 | [`system`], [`queue`] | the admin API; async invocations: accept, store, dispatch, callbacks |
 //! | 4 | [`proxy`] | forward with a permit: rewrite, send, stream back, map upstream errors |
 //! | 5 | [`error`], [`body`] | the gateway's own answers; the body that carries permit and guard |
 //! | 6 | [`simulate`] → [`autoscaler`] | the control loop (and its offline replay on virtual time) |
 //! | 7 | [`function`] | per-function state: window, admission, queue, cold start, figures |
-//! | 8 | [`provider`] | where replicas come from; the [`provider::Subscriber`] seam it publishes to |
+//! | 8 | [`provider`] | where replicas come from (`process`, `static`, `kubernetes`); the [`provider::Subscriber`] seam it publishes to |
 //! | 9 | [`upstream`] | pooled HTTP/1.1 connections to an [`upstream::Endpoint`] |
 //! | 10 | [`h1`], [`forwarding`], [`conn`], [`router`], [`metrics`], [`demo`] | leaves: codec, header rules, connection state, paths, metric families, the demo function |
 //! | 11 | [`config`] | the only module that reads files or the environment |
@@ -32,6 +32,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod discovery;
 pub mod error;
 pub mod forwarding;
 pub mod function;
@@ -85,10 +86,13 @@ impl std::fmt::Debug for Running {
 pub async fn start(config: Config) -> io::Result<Running> {
     let listener = TcpListener::bind(config.gateway.listen).await?;
     let metrics = Metrics::new();
+    let providers = provider::Providers {
+        cluster: connect_cluster(&config).await?,
+    };
     let functions = Functions::default();
     for fc in config.functions.values() {
         let function = Function::new(fc.clone(), &metrics);
-        let backend = provider::start(fc, function.publisher());
+        let backend = provider::start(fc, function.publisher(), &providers);
         function.attach(backend);
         functions.insert(function);
     }
@@ -111,6 +115,14 @@ pub async fn start(config: Config) -> io::Result<Running> {
         if let Some(scaler) = autoscaler::Autoscaler::new(f) {
             loops.push(tokio::spawn(scaler.run(stop_rx.clone())));
         }
+    }
+    if config.gateway.kubernetes_discovery {
+        loops.push(discovery::start(
+            gateway.clone(),
+            Arc::new(config.clone()),
+            providers.clone(),
+            stop_rx.clone(),
+        ));
     }
     let server = Server::start(listener, gateway.clone())?;
     info!(
@@ -167,6 +179,26 @@ impl Running {
         while stops.join_next().await.is_some() {}
         info!(clean, "stopped");
     }
+}
+
+/// The cluster connection, when some function uses `provider = "kubernetes"` or discovery is on.
+/// No request is made here: an unreachable API server is handled by the watches and writes.
+async fn connect_cluster(config: &Config) -> io::Result<Option<provider::kubernetes::Cluster>> {
+    let needed = config.gateway.kubernetes_discovery
+        || config
+            .functions
+            .values()
+            .any(|f| matches!(f.provider, config::ProviderConfig::Kubernetes(_)));
+    if !needed {
+        return Ok(None);
+    }
+    provider::kubernetes::Cluster::connect(
+        config.gateway.kubeconfig.as_deref(),
+        config.gateway.kubernetes_namespace.as_deref(),
+    )
+    .await
+    .map(Some)
+    .map_err(io::Error::other)
 }
 
 /// Runs the gateway until `signal` completes, then shuts down gracefully.

@@ -136,3 +136,35 @@ fn a_shape_runs_without_a_trace_file() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_kubernetes_provider_config_is_simulated_with_the_cold_start_given() {
+    let dir = scratch("kubernetes");
+    std::fs::write(
+        dir.join("sim.toml"),
+        "[gateway]\nkubernetes_namespace = \"fns\"\n\n[functions.resize]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n[functions.resize.autoscaler]\nmin_replicas = 0\nmax_replicas = 6\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "simulate",
+            "--shape",
+            "onoff",
+            "--duration",
+            "120s",
+            "--rps",
+            "20",
+            "--cold-start",
+            "8s",
+        ])
+        .arg("--config")
+        .arg(dir.join("sim.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("cold start 8s"), "{stdout}");
+    assert!(stdout.contains("resize"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -265,7 +265,7 @@ pub(super) fn resolve(
     // A process replica's startup_timeout defaults to the cold start timeout as written.
     let cold_start = raw.keys.cold_start_timeout;
     let cold_start = cold_start.map_or(DEFAULT_COLD_START_TIMEOUT, Duration::from);
-    let provider = provider::resolve(raw.provider, &at, base_dir, cold_start)?;
+    let provider = provider::resolve(raw.provider, name, &at, base_dir, cold_start)?;
     let autoscaler = autoscaler::resolve(raw.autoscaler, &provider, &at.table("autoscaler"))?;
     FunctionConfig::resolve(raw.keys, &at, name.to_owned(), provider, autoscaler)
 }

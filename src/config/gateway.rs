@@ -79,6 +79,32 @@ table! {
             /// overrides both.
             pub async_store: PathBuf = store(async_store, path, base_dir),
         },
+        kubeconfig: String => {
+            /// The kubeconfig file the `kubernetes` provider connects with (relative to the config
+            /// file); `None` is kube's inference: `$KUBECONFIG` or `~/.kube/config`, then the
+            /// in-cluster service account.
+            pub kubeconfig: Option<PathBuf> = Ok(kubeconfig.map(|k| base_dir.join(k))),
+        },
+        kubernetes_namespace: String => {
+            /// The namespace of `provider = "kubernetes"` functions that name none, and the one
+            /// discovery watches; `None` is the client's (kubeconfig context or the pod's own).
+            pub kubernetes_namespace: Option<String> = namespace_name(kubernetes_namespace),
+        },
+        kubernetes_discovery: bool => {
+            /// Serve every Deployment labelled `sluicegate.io/function=<name>` in
+            /// `kubernetes_namespace` as a `kubernetes` function, settings from its
+            /// `sluicegate.io/<key>` annotations over `[defaults]`.
+            pub kubernetes_discovery: bool = given(kubernetes_discovery, false),
+        },
+    }
+}
+
+fn namespace_name(written: Option<String>) -> Result<Option<String>, String> {
+    match written {
+        Some(ns) if !crate::config::is_valid_function_name(&ns) => {
+            Err(format!("`{ns}` is not a namespace name"))
+        }
+        other => Ok(other),
     }
 }
 
@@ -112,6 +138,22 @@ impl GatewayConfig {
             if self.admin_token.is_some() { "set" } else { "not set" },
             self.async_store.display()
         );
+        if self.kubeconfig.is_some()
+            || self.kubernetes_namespace.is_some()
+            || self.kubernetes_discovery
+        {
+            let _ = writeln!(
+                out,
+                "[gateway] kubeconfig = {}, kubernetes_namespace = {}, kubernetes_discovery = {}",
+                self.kubeconfig
+                    .as_deref()
+                    .map_or("(inferred)".into(), |p| p.display().to_string()),
+                self.kubernetes_namespace
+                    .as_deref()
+                    .unwrap_or("(the client's)"),
+                self.kubernetes_discovery
+            );
+        }
     }
 }
 

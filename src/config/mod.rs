@@ -99,6 +99,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Every configured function, by name, with `[defaults]` already applied.
     pub functions: BTreeMap<String, FunctionConfig>,
+    /// `[defaults]` over `[gateway]`'s function keys, for functions discovered while running.
+    defaults: RawFunction,
 }
 
 /// The file as written.
@@ -164,7 +166,58 @@ impl Config {
             path: path.to_owned(),
             gateway,
             functions,
+            defaults,
         })
+    }
+
+    /// The config of function `name` discovered as Deployment `namespace/deployment`: its
+    /// `sluicegate.io/<key>` annotations (given here without the prefix; `autoscaler.<key>` for
+    /// the autoscaler's keys) over `[defaults]`, checked exactly as the file's keys are. A value
+    /// is read as a TOML value when it is one (`10`, `true`, `2.5`), else as a string (`"30s"`).
+    /// `provider`, `deployment` and `namespace` come from the object, not from annotations.
+    pub fn discovered(
+        &self,
+        name: &str,
+        namespace: &str,
+        deployment: &str,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<FunctionConfig, ConfigError> {
+        let origin = PathBuf::from(format!(
+            "deployment {namespace}/{deployment}, annotation sluicegate.io"
+        ));
+        let at = At::new(&origin, "/".into());
+        let mut table = toml::Table::new();
+        let mut autoscaler = toml::Table::new();
+        for (key, value) in annotations {
+            if matches!(key.as_str(), "provider" | "deployment" | "namespace") {
+                return Err(at.invalid(
+                    key,
+                    "is set by discovery (the Deployment is the function), not by an annotation",
+                ));
+            }
+            let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.clone()));
+            match key.strip_prefix("autoscaler.") {
+                Some(key) => autoscaler.insert(key.to_owned(), value),
+                None => table.insert(key.clone(), value),
+            };
+        }
+        if !autoscaler.is_empty() {
+            table.insert("autoscaler".into(), toml::Value::Table(autoscaler));
+        }
+        table.insert("provider".into(), "kubernetes".into());
+        table.insert("deployment".into(), deployment.into());
+        table.insert("namespace".into(), namespace.into());
+        let raw = RawFunction::deserialize(toml::Value::Table(table))
+            .map_err(|e| at.invalid("", e.to_string()))?;
+        let base_dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        function::resolve(name, raw.over(self.defaults.clone()), &origin, &base_dir)
     }
 
     /// The effective per-function settings, as `sluicegate check-config` prints them.

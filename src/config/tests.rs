@@ -310,8 +310,8 @@ fn an_unknown_key_is_reported_at_its_line_with_the_keys_in_file_order() {
     assert!(
         err.ends_with(
             "unknown field `timeot`, expected one of `provider`, `command`, `env`, `working_dir`, \
-             `readiness_path`, `startup_timeout`, `termination_grace`, `upstreams`, \
-             `max_ongoing_requests`, `max_queued_requests`, `timeout`, `response_idle_timeout`, \
+             `readiness_path`, `startup_timeout`, `termination_grace`, `upstreams`, `deployment`, \
+             `service`, `namespace`, `port`, `max_ongoing_requests`, `max_queued_requests`, `timeout`, `response_idle_timeout`, \
              `cold_start_timeout`, `queue_timeout`, `max_body_bytes`, `async_max_backlog`, \
              `async_concurrency`, `async_max_attempts`, `async_initial_retry_wait`, \
              `async_max_retry_wait`, `autoscaler`"
@@ -392,4 +392,87 @@ fn provider_kinds_say_whether_they_scale_and_how_many_replicas_start() {
         (s.autoscaler.min_replicas, s.autoscaler.max_replicas),
         (3, 3)
     );
+}
+
+#[test]
+fn a_kubernetes_function_defaults_its_objects_to_its_name_and_refuses_other_providers_keys() {
+    let cfg = parse(
+        "[functions.resize]\nprovider = \"kubernetes\"\n[functions.thumb]\nprovider = \"kubernetes\"\ndeployment = \"thumb-v2\"\nservice = \"thumb-svc\"\nnamespace = \"fns\"\nport = \"http\"\n",
+    )
+    .unwrap();
+    let ProviderConfig::Kubernetes(k) = &cfg.functions["resize"].provider else {
+        panic!("kubernetes provider");
+    };
+    assert_eq!(
+        (k.deployment.as_str(), k.service.as_str()),
+        ("resize", "resize")
+    );
+    assert_eq!((k.namespace.as_deref(), k.port.as_deref()), (None, None));
+    assert!(cfg.functions["resize"].provider.scalable());
+    let ProviderConfig::Kubernetes(k) = &cfg.functions["thumb"].provider else {
+        panic!("kubernetes provider");
+    };
+    assert_eq!(k.deployment, "thumb-v2");
+    assert_eq!(k.service, "thumb-svc");
+    assert_eq!(k.namespace.as_deref(), Some("fns"));
+    assert_eq!(k.port.as_deref(), Some("http"));
+
+    let err = parse("[functions.f]\nprovider = \"kubernetes\"\ncommand = [\"x\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("functions.f.command"), "{err}");
+    assert!(
+        err.contains("only provider \"process\" takes command"),
+        "{err}"
+    );
+    let err = parse("[functions.f]\nprovider = \"kubernetes\"\ndeployment = \"Bad_Name\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("functions.f.deployment"), "{err}");
+    assert!(err.contains("not a Kubernetes object name"), "{err}");
+}
+
+#[test]
+fn discovered_functions_read_annotations_over_defaults_and_name_a_bad_key() {
+    let cfg = parse(
+        "[gateway]\nkubernetes_discovery = true\n[defaults]\nmax_ongoing_requests = 7\ntimeout = \"20s\"\n",
+    )
+    .unwrap();
+    assert!(cfg.gateway.kubernetes_discovery);
+    let annotations: BTreeMap<String, String> = [
+        ("max_queued_requests", "50"),
+        ("timeout", "45s"),
+        ("autoscaler.type", "none"),
+        ("service", "echo-svc"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let f = cfg
+        .discovered("echo", "fns", "echo-v1", &annotations)
+        .unwrap();
+    assert_eq!(f.max_ongoing_requests, 7, "[defaults] apply");
+    assert_eq!(f.max_queued_requests, Some(50));
+    assert_eq!(f.timeout, Duration::from_secs(45));
+    assert_eq!(f.autoscaler.mode, ScaleMode::None);
+    let ProviderConfig::Kubernetes(k) = &f.provider else {
+        panic!("kubernetes provider");
+    };
+    assert_eq!(k.deployment, "echo-v1");
+    assert_eq!(k.service, "echo-svc");
+    assert_eq!(k.namespace.as_deref(), Some("fns"));
+
+    let bad = |key: &str, value: &str| {
+        let one: BTreeMap<String, String> = [(key.to_owned(), value.to_owned())].into();
+        cfg.discovered("echo", "fns", "echo-v1", &one)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = bad("max_ongoing_requests", "lots");
+    assert!(err.contains("deployment fns/echo-v1"), "{err}");
+    assert!(err.contains("max_ongoing_requests"), "{err}");
+    let err = bad("max_ongoing_request", "3");
+    assert!(err.contains("unknown field `max_ongoing_request`"), "{err}");
+    let err = bad("provider", "process");
+    assert!(err.contains("set by discovery"), "{err}");
 }

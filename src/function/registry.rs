@@ -33,6 +33,11 @@ impl Functions {
         self.map.insert(function.name.to_string(), function);
     }
 
+    /// Removes a function (requests already holding it finish).
+    pub fn remove(&self, name: &str) -> Option<Arc<Function>> {
+        self.map.remove(name).map(|(_, f)| f)
+    }
+
     /// How many there are.
     pub fn len(&self) -> usize {
         self.map.len()

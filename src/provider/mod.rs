@@ -9,6 +9,7 @@
 //! recorder, in tests), and each [`Replica`] wraps the `upstream` [`Endpoint`] requests are sent to.
 
 pub mod fixed;
+pub mod kubernetes;
 pub mod process;
 
 use std::fmt;
@@ -200,9 +201,74 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
+/// A function that cannot run at all (e.g. a discovered Deployment with a bad annotation): no
+/// replicas, ever, and every request answered `503` with `reason`.
+#[derive(Debug)]
+pub struct Unavailable {
+    kind: &'static str,
+}
+
+impl Unavailable {
+    /// Publishes the failure at once.
+    pub fn start(kind: &'static str, reason: &str, publisher: Publisher) -> Unavailable {
+        publisher.publish(Endpoints {
+            replicas: Vec::new(),
+            failure: Some(StartFailure {
+                reason: Arc::from(reason),
+                retry_at: None,
+            }),
+        });
+        Unavailable { kind }
+    }
+}
+
+impl Backend for Unavailable {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    fn scalable(&self) -> bool {
+        false
+    }
+    fn replicas(&self) -> u32 {
+        0
+    }
+    fn set_replicas(&self, _n: u32) {}
+    fn scale_from_zero(&self, _n: u32) -> bool {
+        false
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// What the backends of all functions share: the cluster connection, when a function needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Providers {
+    /// Set when some function uses `provider = "kubernetes"` (or discovery is on).
+    pub cluster: Option<kubernetes::Cluster>,
+}
+
 /// Starts the backend for one function. Must be called inside a Tokio runtime.
-pub fn start(config: &FunctionConfig, publisher: Publisher) -> Arc<dyn Backend> {
+///
+/// # Panics
+///
+/// If the function uses `provider = "kubernetes"` and `providers` has no cluster (`lib.rs: start`
+/// connects one whenever a function needs it).
+pub fn start(
+    config: &FunctionConfig,
+    publisher: Publisher,
+    providers: &Providers,
+) -> Arc<dyn Backend> {
     match &config.provider {
+        ProviderConfig::Kubernetes(k) => Arc::new(kubernetes::KubernetesBackend::start(
+            &config.name,
+            k,
+            providers
+                .cluster
+                .as_ref()
+                .expect("a cluster is connected for kubernetes functions"),
+            publisher,
+        )),
         ProviderConfig::Static(s) => Arc::new(fixed::StaticBackend::start(s, publisher)),
         ProviderConfig::Process(p) => Arc::new(process::ProcessBackend::start(
             &config.name,

@@ -49,6 +49,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use http::header::{HeaderValue, CONTENT_LENGTH, EXPECT};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -78,10 +79,13 @@ pub use store::{
 pub struct AsyncQueue {
     store: Result<Arc<dyn AsyncStore>, String>,
     pending_at_start: u64,
-    lanes: HashMap<Arc<str>, Arc<Lane>>,
+    /// One lane per function; a concurrent map because discovered functions come and go.
+    lanes: DashMap<Arc<str>, Arc<Lane>>,
     stop: watch::Sender<bool>,
     deadline: watch::Sender<Option<Instant>>,
-    dispatchers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    client: HttpClient,
+    /// Each function's dispatcher task.
+    dispatchers: Mutex<HashMap<Arc<str>, tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for AsyncQueue {
@@ -123,8 +127,8 @@ impl AsyncQueue {
         functions: Vec<Arc<Function>>,
         client: HttpClient,
     ) -> AsyncQueue {
-        let (stop, stop_rx) = watch::channel(false);
-        let (deadline, deadline_rx) = watch::channel(None);
+        let (stop, _) = watch::channel(false);
+        let (deadline, _) = watch::channel(None);
         let (store, pending) = match store {
             Ok(store) => match store.pending().await {
                 Ok(pending) => (Ok(store), pending),
@@ -137,40 +141,68 @@ impl AsyncQueue {
             },
             Err(reason) => (Err(reason), BTreeMap::new()),
         };
-        let mut lanes = HashMap::new();
+        let queue = AsyncQueue {
+            pending_at_start: pending.values().sum(),
+            store,
+            lanes: DashMap::new(),
+            stop,
+            deadline,
+            client,
+            dispatchers: Mutex::new(HashMap::new()),
+        };
         for function in functions {
             let stored = pending.get(&*function.name).copied().unwrap_or(0);
-            function.metrics.async_backlog.set(stored as i64);
-            lanes.insert(function.name.clone(), Arc::new(Lane::new(function, stored)));
+            queue.add_lane(function, stored);
         }
         for (name, count) in &pending {
-            if !lanes.contains_key(name.as_str()) {
+            if !queue.lanes.contains_key(name.as_str()) {
                 warn!(function = %name, pending = count, "async store holds invocations of a function that is not configured; they stay stored");
             }
         }
-        let mut dispatchers = Vec::new();
-        if let Ok(store) = &store {
+        if let Ok(store) = &queue.store {
             debug!(?store, "async store open");
-            for lane in lanes.values() {
-                let dispatcher = Dispatcher {
-                    ctx: Arc::new(Ctx {
-                        lane: lane.clone(),
-                        store: store.clone(),
-                        client: client.clone(),
-                        stop: stop_rx.clone(),
-                    }),
-                    deadline: deadline_rx.clone(),
-                };
-                dispatchers.push(tokio::spawn(dispatcher.run()));
-            }
         }
-        AsyncQueue {
-            pending_at_start: pending.values().sum(),
-            store,
-            lanes,
-            stop,
-            deadline,
-            dispatchers: Mutex::new(dispatchers),
+        queue
+    }
+
+    /// Adds a function that appeared while the gateway runs (Kubernetes discovery): its backlog
+    /// gauge is what the store holds for it, and its dispatcher starts.
+    pub async fn add_function(&self, function: Arc<Function>) {
+        let stored = match &self.store {
+            Ok(store) => store.pending_count(&function.name).await.unwrap_or(0),
+            Err(_) => 0,
+        };
+        self.add_lane(function, stored);
+    }
+
+    /// Stops dispatching a function that went away. What the store holds for it stays stored
+    /// and is dispatched again if the function comes back.
+    pub fn remove_function(&self, name: &str) {
+        self.lanes.remove(name);
+        if let Some(dispatcher) = self.dispatchers.lock().unwrap().remove(name) {
+            dispatcher.abort();
+        }
+    }
+
+    fn add_lane(&self, function: Arc<Function>, stored: u64) {
+        function.metrics.async_backlog.set(stored as i64);
+        let name = function.name.clone();
+        let lane = Arc::new(Lane::new(function, stored));
+        self.lanes.insert(name.clone(), lane.clone());
+        if let Ok(store) = &self.store {
+            let dispatcher = Dispatcher {
+                ctx: Arc::new(Ctx {
+                    lane,
+                    store: store.clone(),
+                    client: self.client.clone(),
+                    stop: self.stop.subscribe(),
+                }),
+                deadline: self.deadline.subscribe(),
+            };
+            let task = tokio::spawn(dispatcher.run());
+            if let Some(old) = self.dispatchers.lock().unwrap().insert(name, task) {
+                old.abort();
+            }
         }
     }
 
@@ -198,9 +230,13 @@ impl AsyncQueue {
             .store
             .as_ref()
             .map_err(|reason| GatewayError::AsyncStoreUnavailable(reason.clone()))?;
-        let lane = self.lanes.get(&*function.name).ok_or_else(|| {
-            GatewayError::Internal(format!("no async lane for {}", function.name))
-        })?;
+        let lane = self
+            .lanes
+            .get(&*function.name)
+            .map(|l| l.value().clone())
+            .ok_or_else(|| {
+                GatewayError::Internal(format!("no async lane for {}", function.name))
+            })?;
 
         // 1. The callback URL, if any, must be one we can call.
         let callback = match req.headers().get(&CALLBACK_URL) {
@@ -266,15 +302,17 @@ impl AsyncQueue {
 
     /// Stops starting attempts (called when the gateway begins to drain).
     pub fn begin_shutdown(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
     }
 
     /// Lets attempts in flight finish until `deadline`, abandons the rest (they stay stored and
     /// run again at the next start), and closes the store.
     pub async fn shutdown(&self, deadline: Instant) {
-        let _ = self.deadline.send(Some(deadline));
-        let _ = self.stop.send(true);
-        let dispatchers: Vec<_> = std::mem::take(&mut *self.dispatchers.lock().unwrap());
+        self.deadline.send_replace(Some(deadline));
+        self.stop.send_replace(true);
+        let dispatchers: Vec<_> = std::mem::take(&mut *self.dispatchers.lock().unwrap())
+            .into_values()
+            .collect();
         for d in dispatchers {
             let _ = d.await;
         }

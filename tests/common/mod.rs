@@ -1,6 +1,8 @@
 //! Test vocabulary: an in-process gateway on 127.0.0.1:0, in-process backends, raw sockets.
 #![allow(dead_code)]
 
+pub mod fake_kube;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;

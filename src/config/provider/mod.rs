@@ -2,6 +2,7 @@
 //! what the rest of the crate asks of a provider kind (can it scale, how many replicas to start).
 
 mod fixed;
+mod kubernetes;
 mod process;
 
 use std::path::Path;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use serde::de::MapAccess;
 
 pub use self::fixed::*;
+pub use self::kubernetes::*;
 pub use self::process::*;
 use super::autoscaler::AutoscalerConfig;
 use super::line;
@@ -24,6 +26,8 @@ pub enum ProviderConfig {
     Process(ProcessConfig),
     /// Fixed upstream URLs; no scaling.
     Static(StaticConfig),
+    /// A Deployment scaled through its `scale` subresource; its Service's ready endpoints.
+    Kubernetes(KubernetesConfig),
 }
 
 impl ProviderConfig {
@@ -32,6 +36,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Process(_) => "process",
             ProviderConfig::Static(_) => "static",
+            ProviderConfig::Kubernetes(_) => "kubernetes",
         }
     }
 
@@ -39,7 +44,7 @@ impl ProviderConfig {
     /// `None` for a provider that scales.
     pub fn fixed_replicas(&self) -> Option<u32> {
         match self {
-            ProviderConfig::Process(_) => None,
+            ProviderConfig::Process(_) | ProviderConfig::Kubernetes(_) => None,
             ProviderConfig::Static(s) => Some(s.upstreams.len() as u32),
         }
     }
@@ -61,6 +66,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Process(p) => p.describe(out),
             ProviderConfig::Static(s) => s.describe(out),
+            ProviderConfig::Kubernetes(k) => k.describe(out),
         }
     }
 }
@@ -71,6 +77,7 @@ pub(in crate::config) struct RawProvider {
     kind: Option<String>,
     process: RawProcess,
     fixed: RawStatic,
+    kubernetes: RawKubernetes,
 }
 
 impl Merge for RawProvider {
@@ -79,6 +86,7 @@ impl Merge for RawProvider {
             kind: self.kind.over(under.kind),
             process: self.process.over(under.process),
             fixed: self.fixed.over(under.fixed),
+            kubernetes: self.kubernetes.over(under.kubernetes),
         }
     }
 }
@@ -86,7 +94,15 @@ impl Merge for RawProvider {
 impl Table for RawProvider {
     fn keys() -> &'static [&'static str] {
         static KEYS: OnceLock<Vec<&str>> = OnceLock::new();
-        KEYS.get_or_init(|| [&["provider"], RawProcess::keys(), RawStatic::keys()].concat())
+        KEYS.get_or_init(|| {
+            [
+                &["provider"],
+                RawProcess::keys(),
+                RawStatic::keys(),
+                RawKubernetes::keys(),
+            ]
+            .concat()
+        })
     }
 
     fn read<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<bool, A::Error> {
@@ -94,14 +110,17 @@ impl Table for RawProvider {
             self.kind = Some(map.next_value()?);
             return Ok(true);
         }
-        Ok(self.process.read(key, map)? || self.fixed.read(key, map)?)
+        Ok(self.process.read(key, map)?
+            || self.fixed.read(key, map)?
+            || self.kubernetes.read(key, map)?)
     }
 }
 
-/// Resolves the provider of the function whose keys are `at`. `base_dir` is the config file's
+/// Resolves the provider of function `name`, whose keys are `at`. `base_dir` is the config file's
 /// directory; `cold_start` is the function's cold start timeout as written (or its default).
 pub(super) fn resolve(
     raw: RawProvider,
+    name: &str,
     at: &At<'_>,
     base_dir: &Path,
     cold_start: Duration,
@@ -110,33 +129,56 @@ pub(super) fn resolve(
         kind,
         process,
         fixed,
+        kubernetes,
     } = raw;
+    // A key of another provider is a mistake worth naming, not something to ignore.
+    let foreign = |kind: &str| -> Result<(), ConfigError> {
+        let written: [(&str, &str, bool); 7] = [
+            ("command", "process", process.command.is_some()),
+            ("env", "process", process.env.is_some()),
+            (
+                "readiness_path",
+                "process",
+                process.readiness_path.is_some(),
+            ),
+            ("upstreams", "static", fixed.upstreams.is_some()),
+            ("deployment", "kubernetes", kubernetes.deployment.is_some()),
+            ("service", "kubernetes", kubernetes.service.is_some()),
+            ("port", "kubernetes", kubernetes.port.is_some()),
+        ];
+        match written.iter().find(|(_, owner, set)| *set && *owner != kind) {
+            Some((key, owner, _)) => Err(at.invalid(
+                key,
+                format!("only provider \"{owner}\" takes {key} (this function's provider is \"{kind}\")"),
+            )),
+            None => Ok(()),
+        }
+    };
     match kind.as_deref() {
         Some("process") => {
+            foreign("process")?;
             let config = ProcessConfig::resolve(process, at, base_dir, cold_start)?;
-            if fixed.upstreams.is_some() {
-                return Err(at.invalid("upstreams", "only provider \"static\" takes upstreams"));
-            }
             Ok(ProviderConfig::Process(config))
         }
         Some("static") => {
+            foreign("static")?;
             let config = StaticConfig::resolve(fixed, at)?;
-            if process.command.is_some() {
-                return Err(at.invalid("command", "only provider \"process\" takes a command"));
-            }
             Ok(ProviderConfig::Static(config))
         }
-        Some("kubernetes") => Err(at.invalid(
-            "provider",
-            "provider \"kubernetes\" is not available in this build yet; use \"process\" or \"static\"",
-        )),
+        Some("kubernetes") => {
+            foreign("kubernetes")?;
+            let config = KubernetesConfig::resolve(kubernetes, at, name)?;
+            Ok(ProviderConfig::Kubernetes(config))
+        }
         Some(other) => Err(at.invalid(
             "provider",
-            format!("unknown provider `{other}` (expected \"process\" or \"static\")"),
+            format!(
+                "unknown provider `{other}` (expected \"process\", \"static\" or \"kubernetes\")"
+            ),
         )),
         None => Err(at.invalid(
             "provider",
-            "missing: set provider = \"process\" or \"static\"",
+            "missing: set provider = \"process\", \"static\" or \"kubernetes\"",
         )),
     }
 }

@@ -660,7 +660,9 @@ mod tests {
             path_and_query: format!("/p/{n}?q=1"),
             headers: vec![("x-a".into(), Bytes::from_static(b"1"))],
             body: Bytes::from(vec![n as u8; 100]),
-            callback: (n % 2 == 0).then(|| "http://127.0.0.1:1/cb".to_owned()),
+            callback: n
+                .is_multiple_of(2)
+                .then(|| "http://127.0.0.1:1/cb".to_owned()),
             accepted_unix_ms: 1_700_000_000_000 + n as u64,
         }
     }
