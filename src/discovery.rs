@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::autoscaler::Autoscaler;
 use crate::config::Config;
-use crate::function::Function;
+use crate::function::{ClusterView, Function};
 use crate::gateway::Gateway;
 use crate::provider::{self, Backend, Endpoints, Providers, StartFailure};
 
@@ -38,6 +38,7 @@ pub fn start(
     gateway: Arc<Gateway>,
     config: Arc<Config>,
     providers: Providers,
+    cluster: Option<Arc<dyn ClusterView>>,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(
@@ -45,6 +46,7 @@ pub fn start(
             gateway,
             config,
             providers,
+            cluster,
             stop,
             found: HashMap::new(),
         }
@@ -69,6 +71,7 @@ struct Discovery {
     gateway: Arc<Gateway>,
     config: Arc<Config>,
     providers: Providers,
+    cluster: Option<Arc<dyn ClusterView>>,
     stop: watch::Receiver<bool>,
     found: HashMap<String, Found>,
 }
@@ -212,6 +215,9 @@ impl Discovery {
             }
         };
         function.attach(backend);
+        if let Some(view) = &self.cluster {
+            function.join_cluster(view.clone());
+        }
         self.gateway.functions.insert(function.clone());
         if let Some(queue) = self.gateway.queue() {
             queue.add_function(function.clone()).await;

@@ -29,6 +29,7 @@
 
 pub mod autoscaler;
 pub mod body;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod demo;
@@ -72,6 +73,7 @@ pub struct Running {
     server: Server,
     stop_loops: watch::Sender<bool>,
     loops: Vec<JoinHandle<()>>,
+    cluster: Option<cluster::Cluster>,
 }
 
 impl std::fmt::Debug for Running {
@@ -116,11 +118,34 @@ pub async fn start(config: Config) -> io::Result<Running> {
             loops.push(tokio::spawn(scaler.run(stop_rx.clone())));
         }
     }
+    let cluster = match &config.gateway.cluster {
+        Some(url) => {
+            let id = config
+                .gateway
+                .gateway_id
+                .clone()
+                .unwrap_or_else(cluster::default_id);
+            let joined = cluster::Cluster::join(
+                gateway.clone(),
+                url,
+                &id,
+                config.gateway.cluster_lease,
+                stop_rx.clone(),
+            )
+            .await
+            .map_err(io::Error::other)?;
+            Some(joined)
+        }
+        None => None,
+    };
     if config.gateway.kubernetes_discovery {
         loops.push(discovery::start(
             gateway.clone(),
             Arc::new(config.clone()),
             providers.clone(),
+            cluster
+                .as_ref()
+                .map(|c| c.view().clone() as Arc<dyn function::ClusterView>),
             stop_rx.clone(),
         ));
     }
@@ -137,6 +162,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         server,
         stop_loops,
         loops,
+        cluster,
     })
 }
 
@@ -144,6 +170,11 @@ impl Running {
     /// The address the gateway listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// This gateway's view of its cluster, when it is one of several.
+    pub fn cluster(&self) -> Option<&Arc<cluster::View>> {
+        self.cluster.as_ref().map(|c| c.view())
     }
 
     /// The gateway's shared state (for tests and embedding).
@@ -169,6 +200,11 @@ impl Running {
         let _ = self.stop_loops.send(true);
         for task in self.loops {
             let _ = task.await;
+        }
+        if let Some(cluster) = self.cluster {
+            // Give the lease task its moment to hand the lease over, then stop the rest.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            cluster.stop();
         }
         // Every function's replicas stop in parallel.
         let mut stops = tokio::task::JoinSet::new();

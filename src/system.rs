@@ -47,11 +47,41 @@ pub struct FunctionStatus {
     pub max_replicas: u32,
     /// Autoscaler mode.
     pub autoscaler: String,
+    /// When this gateway is one of several: the whole cluster's figures for the function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A function's figures over every live gateway of a cluster (this one included).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// Live gateways.
+    pub gateways: u32,
+    /// Requests being served, all gateways.
+    pub ongoing: u64,
+    /// Requests waiting, all gateways.
+    pub queued: u64,
+    /// Arrivals in the window, all gateways.
+    pub window_requests: u64,
+    /// This gateway's share of `max_ongoing_requests` per replica.
+    pub share: u32,
+    /// Whether this gateway is the autoscaler leader.
+    pub leader: bool,
 }
 
 /// Status of one function now.
 pub fn status(f: &Function) -> FunctionStatus {
-    let figures = f.figures(Instant::now());
+    let now = Instant::now();
+    let figures = f.figures(now);
+    let cluster = f.peer_figures(now).map(|p| ClusterStatus {
+        gateways: p.gateways + 1,
+        ongoing: figures.ongoing + p.ongoing,
+        queued: figures.queued + p.queued,
+        window_requests: figures.window_requests + p.window_requests,
+        share: f.share(),
+        leader: f.is_leader(),
+    });
     FunctionStatus {
         name: f.name.to_string(),
         provider: f.backend().kind().to_owned(),
@@ -65,6 +95,7 @@ pub fn status(f: &Function) -> FunctionStatus {
         min_replicas: f.config.autoscaler.min_replicas,
         max_replicas: f.config.autoscaler.max_replicas,
         autoscaler: f.config.autoscaler.mode.name().to_owned(),
+        cluster,
     }
 }
 

@@ -220,7 +220,7 @@ impl Autoscaler {
     /// One sample; with `decide`, one decision. Public for tests on paused time.
     pub fn step(&mut self, now: Instant, decide: bool) {
         let t = now.saturating_duration_since(self.origin);
-        let figures = self.function.figures(now);
+        let figures = self.function.decision_figures(now);
         let manual = self.function.take_manual();
         let step = self.controller.step(t, &figures, manual, decide);
         if let Some(up) = step.burst {
@@ -233,13 +233,17 @@ impl Autoscaler {
     }
 
     fn apply(&self, desired: u32, inputs: &Inputs, figures: &Figures, why: &'static str) {
+        // Of several gateways only the leader scales; the others keep their samples warm.
+        if !self.function.is_leader() {
+            return;
+        }
         let current = self.function.backend().replicas();
         if desired == current {
             return;
         }
         if desired == 0 {
             // Re-read at the last moment: a request may have arrived since the figures were taken.
-            let now = self.function.figures(Instant::now());
+            let now = self.function.decision_figures(Instant::now());
             if now.ongoing + now.queued + now.backlog > 0 {
                 return;
             }

@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// Time in-flight requests have to finish after SIGTERM before the gateway exits anyway.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the autoscaler leader's lease lasts without renewal (`[gateway] cluster_lease`).
+pub const DEFAULT_CLUSTER_LEASE: Duration = Duration::from_secs(10);
 /// File name suffix of the default async store, next to the config file (`demo.toml` →
 /// `demo.async.redb`).
 pub const DEFAULT_ASYNC_STORE_SUFFIX: &str = ".async.redb";
@@ -79,6 +81,23 @@ table! {
             /// overrides both.
             pub async_store: PathBuf = store(async_store, path, base_dir),
         },
+        cluster: String => {
+            /// `nats://host:port` of the NATS server through which several gateways act as one:
+            /// each publishes its per-function figures there about once a second, one leader
+            /// (a JetStream key-value lease) runs the autoscalers on everyone's figures, and each
+            /// admits its share of `max_ongoing_requests` per replica. `None`: a single gateway.
+            pub cluster: Option<String> = nats_url(cluster),
+        },
+        cluster_lease: Dur => {
+            /// How long the autoscaler leader's lease lasts without renewal: a leader that stops
+            /// renewing stops deciding within it, and another takes over after it.
+            pub cluster_lease: Duration = positive(cluster_lease, DEFAULT_CLUSTER_LEASE),
+        },
+        gateway_id: String => {
+            /// This gateway's name among its peers (default: `$HOSTNAME` or the host name, plus
+            /// the process id). Must be unique in the cluster.
+            pub gateway_id: Option<String> = Ok(gateway_id.filter(|s| !s.is_empty())),
+        },
         kubeconfig: String => {
             /// The kubeconfig file the `kubernetes` provider connects with (relative to the config
             /// file); `None` is kube's inference: `$KUBECONFIG` or `~/.kube/config`, then the
@@ -96,6 +115,15 @@ table! {
             /// `sluicegate.io/<key>` annotations over `[defaults]`.
             pub kubernetes_discovery: bool = given(kubernetes_discovery, false),
         },
+    }
+}
+
+fn nats_url(written: Option<String>) -> Result<Option<String>, String> {
+    match written {
+        Some(url) if !url.starts_with("nats://") => Err(format!(
+            "`{url}` is not a NATS URL like \"nats://127.0.0.1:4222\""
+        )),
+        other => Ok(other),
     }
 }
 
@@ -138,6 +166,16 @@ impl GatewayConfig {
             if self.admin_token.is_some() { "set" } else { "not set" },
             self.async_store.display()
         );
+        if let Some(url) = &self.cluster {
+            let _ = writeln!(
+                out,
+                "[gateway] cluster = {url}, cluster_lease = {:?}, gateway_id = {}",
+                self.cluster_lease,
+                self.gateway_id
+                    .as_deref()
+                    .unwrap_or("(host name and process id)")
+            );
+        }
         if self.kubeconfig.is_some()
             || self.kubernetes_namespace.is_some()
             || self.kubernetes_discovery

@@ -20,7 +20,7 @@ pub use registry::{Fnv, Functions, NameHasher};
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -182,6 +182,36 @@ pub struct Function {
     service_micros: AtomicU64,
     service_count: AtomicU64,
     manual: Mutex<Option<u32>>,
+    /// This gateway's share of `max_ongoing_requests` per replica: all of it for a single
+    /// gateway, a part of it when several share the replicas (see `cluster`).
+    share: AtomicU32,
+    /// The other gateways' view, when there are several (set once at start).
+    cluster: OnceLock<Arc<dyn ClusterView>>,
+}
+
+/// What the other gateways of a cluster add to this one's view of a function.
+pub trait ClusterView: Send + Sync {
+    /// The sum of the live peers' figures for `function` (this gateway's own excluded).
+    fn peers(&self, function: &str, now: Instant) -> PeerFigures;
+    /// Whether this gateway runs the autoscalers now.
+    fn is_leader(&self) -> bool;
+}
+
+/// The live peers' figures for one function, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PeerFigures {
+    /// Peers that reported recently (this gateway not counted).
+    pub gateways: u32,
+    /// Their requests being served.
+    pub ongoing: u64,
+    /// Their requests waiting.
+    pub queued: u64,
+    /// Their arrivals in the window.
+    pub window_requests: u64,
+    /// Their arrivals in the burst window.
+    pub burst_requests: u64,
+    /// The shortest time since a peer last saw activity, if any peer reported the function.
+    pub idle_for: Option<Duration>,
 }
 
 impl std::fmt::Debug for Function {
@@ -251,6 +281,8 @@ impl Function {
             service_micros: AtomicU64::new(0),
             service_count: AtomicU64::new(0),
             manual: Mutex::new(None),
+            share: AtomicU32::new(config.max_ongoing_requests),
+            cluster: OnceLock::new(),
             config,
         })
     }
@@ -312,7 +344,7 @@ impl Function {
         if n == 0 {
             return None;
         }
-        let max = self.config.max_ongoing_requests;
+        let max = self.share.load(Ordering::Relaxed);
         for _ in 0..4 {
             let start = if n == 1 {
                 0
@@ -573,7 +605,7 @@ impl Function {
             return 1;
         }
         let mean = self.service_micros.load(Ordering::Relaxed) as f64 / count as f64 / 1e6;
-        let capacity = (ready as u64 * self.config.max_ongoing_requests as u64).max(1);
+        let capacity = (ready as u64 * self.share.load(Ordering::Relaxed) as u64).max(1);
         let ahead = self.metrics.queued.get().max(0) as u64 + 1;
         retry_seconds(Some(mean * ahead as f64 / capacity as f64))
     }
@@ -583,6 +615,54 @@ impl Function {
         let count = self.service_count.load(Ordering::Relaxed);
         (count > 0)
             .then(|| Duration::from_micros(self.service_micros.load(Ordering::Relaxed) / count))
+    }
+
+    /// Joins a cluster of gateways: the autoscaler decides on everyone's figures, and only on
+    /// the leader (see [`Function::decision_figures`], [`Function::is_leader`]).
+    pub fn join_cluster(&self, view: Arc<dyn ClusterView>) {
+        let _ = self.cluster.set(view);
+    }
+
+    /// The per-replica cap this gateway admits up to.
+    pub fn share(&self) -> u32 {
+        self.share.load(Ordering::Relaxed)
+    }
+
+    /// Sets this gateway's share of `max_ongoing_requests` per replica (at least 1, at most all
+    /// of it); a larger share admits waiting requests at once.
+    pub fn set_share(self: &Arc<Self>, n: u32) {
+        let n = n.clamp(1, self.config.max_ongoing_requests.max(1));
+        let before = self.share.swap(n, Ordering::Relaxed);
+        if n > before {
+            self.dispatch();
+        }
+    }
+
+    /// The other gateways' figures for this function, when there are others.
+    pub fn peer_figures(&self, now: Instant) -> Option<PeerFigures> {
+        self.cluster.get().map(|c| c.peers(&self.name, now))
+    }
+
+    /// The figures the autoscaler decides on: this gateway's, plus its live peers' when it is one
+    /// of several (ready and asked-for replicas are the backend's, shared by all).
+    pub fn decision_figures(&self, now: Instant) -> Figures {
+        let mut f = self.figures(now);
+        if let Some(p) = self.peer_figures(now) {
+            f.ongoing += p.ongoing;
+            f.queued += p.queued;
+            f.window_requests += p.window_requests;
+            f.burst_requests += p.burst_requests;
+            if let Some(idle) = p.idle_for {
+                f.idle_for = f.idle_for.min(idle);
+            }
+        }
+        f
+    }
+
+    /// Whether this gateway's autoscaler may act: always for a single gateway, only on the
+    /// leader for several.
+    pub fn is_leader(&self) -> bool {
+        self.cluster.get().is_none_or(|c| c.is_leader())
     }
 
     /// Asks the backend for `n` replicas (the autoscaler uses this).
