@@ -5,12 +5,17 @@
 //!   [`REPORT_EVERY`], and keeps the latest report of every peer. A peer whose last report is
 //!   older than [`PEER_EXPIRY`] no longer counts: its figures drop out and it leaves the
 //!   membership. Nothing waits for a peer: a slow or dead one only stops counting.
-//! * **One autoscaler leader.** A JetStream key-value bucket whose entries live for
-//!   `cluster_lease`; the holder of key `autoscaler` renews it every third of that. A gateway is
-//!   leader only until the lease it last renewed would expire (by its own clock, from the moment
-//!   it sent the renewal), so a leader cut off from NATS stops deciding within one lease period,
-//!   and another takes over once the entry has expired. Only the leader's autoscalers write
-//!   replica counts, deciding on the sum of everyone's figures; the others keep sampling.
+//! * **One autoscaler leader**, holding a lease of `cluster_lease` that it renews every third of
+//!   it. On Kubernetes (when a cluster is connected) the lease is a `coordination.k8s.io` Lease
+//!   named [`LEASE_NAME`]: read, then written back with its resourceVersion (a concurrent writer
+//!   gets `409` and loses), a rival's record trusted by *our* clock only — it is taken over once
+//!   it has not changed for the lease duration since we first saw it, as client-go's leader
+//!   election does. Elsewhere it is a JetStream key-value bucket whose entries live for
+//!   `cluster_lease`, key `autoscaler`, created if absent and updated with its revision. Either
+//!   way a gateway is leader only until the lease it last renewed would expire (from the moment
+//!   it sent the renewal), so a leader cut off stops deciding within one lease period, and
+//!   another takes over once the lease has expired. Only the leader's autoscalers write replica
+//!   counts, deciding on the sum of everyone's figures; the others keep sampling.
 //! * **Per-replica caps shared.** With G live gateways (sorted by id, this one at rank r), each
 //!   admits at most `floor(max / G)` in flight per replica, the first `max mod G` of them one
 //!   more, so the caps add up to exactly `max_ongoing_requests`; at least 1 each, so when G is
@@ -35,6 +40,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use k8s_openapi::api::coordination::v1::Lease;
+
 use crate::function::{ClusterView, PeerFigures};
 use crate::gateway::Gateway;
 
@@ -48,6 +55,8 @@ pub const FIGURES_SUBJECT: &str = "sluicegate.cluster.figures";
 pub const LEASE_BUCKET: &str = "sluicegate_cluster";
 /// The lease's key.
 pub const LEASE_KEY: &str = "autoscaler";
+/// The Kubernetes Lease's name (in the gateway's namespace).
+pub const LEASE_NAME: &str = "sluicegate-autoscaler";
 
 /// One gateway's report: per function `[window, burst, ongoing, queued, idle_ms]`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -207,6 +216,7 @@ impl Cluster {
         url: &str,
         id: &str,
         lease: Duration,
+        kubernetes: Option<&crate::provider::kubernetes::Cluster>,
         stop: watch::Receiver<bool>,
     ) -> Result<Cluster, String> {
         let client = async_nats::ConnectOptions::new()
@@ -233,7 +243,15 @@ impl Cluster {
                 view.clone(),
                 stop.clone(),
             )),
-            tokio::spawn(hold_lease(client, view.clone(), lease, stop)),
+            match kubernetes {
+                Some(k) => tokio::spawn(hold_kube_lease(
+                    kube::Api::namespaced(k.client().clone(), k.namespace()),
+                    view.clone(),
+                    lease,
+                    stop,
+                )),
+                None => tokio::spawn(hold_lease(client, view.clone(), lease, stop)),
+            },
         ];
         Ok(Cluster { view, tasks })
     }
@@ -413,6 +431,133 @@ async fn hold_lease(
             }
             return;
         }
+    }
+}
+
+/// Holds (or waits for) the Kubernetes Lease, client-go style.
+pub async fn hold_kube_lease(
+    api: kube::Api<Lease>,
+    view: Arc<View>,
+    lease: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = lease / 3;
+    // The rival's record as last seen, and when (our clock) it last changed.
+    let mut seen: Option<(String, Instant)> = None;
+    loop {
+        let sent = Instant::now();
+        match try_lease(&api, &view, lease, &mut seen, sent).await {
+            Ok(true) => {
+                if !view.leader.load(Ordering::Acquire) {
+                    info!(gateway = %view.id, lease = LEASE_NAME, "leader: this gateway runs the autoscalers");
+                }
+                view.lead_until(sent + lease);
+            }
+            Ok(false) => {
+                if view.leader.load(Ordering::Acquire) {
+                    warn!(gateway = %view.id, "leader Lease taken by another gateway: autoscalers stop deciding here");
+                }
+                view.step_down();
+            }
+            // Unreachable: leadership lapses by itself when the renewal deadline passes.
+            Err(e) => debug!(error = %e, "Lease not renewed"),
+        }
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if stopping {
+            let was = view.leader.load(Ordering::Acquire);
+            view.step_down();
+            if was {
+                // Release: an empty holder lets the next gateway take it at once.
+                if let Ok(Some(mut l)) = api.get_opt(LEASE_NAME).await {
+                    if let Some(spec) = l.spec.as_mut() {
+                        spec.holder_identity = None;
+                    }
+                    let _ = api.replace(LEASE_NAME, &Default::default(), &l).await;
+                }
+            }
+            return;
+        }
+    }
+}
+
+/// One round: `Ok(true)` when this gateway holds the Lease now.
+async fn try_lease(
+    api: &kube::Api<Lease>,
+    view: &View,
+    lease: Duration,
+    seen: &mut Option<(String, Instant)>,
+    now: Instant,
+) -> Result<bool, kube::Error> {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let stamp = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let seconds = lease.as_secs().max(1) as i32;
+    let Some(mut current) = api.get_opt(LEASE_NAME).await? else {
+        let fresh = Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(LEASE_NAME.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(view.id.clone()),
+                lease_duration_seconds: Some(seconds),
+                acquire_time: Some(stamp.clone()),
+                renew_time: Some(stamp),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        return match api.create(&Default::default(), &fresh).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = current.spec.get_or_insert_with(Default::default);
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    let ours = holder == view.id;
+    if !ours && !holder.is_empty() {
+        // Trust only our own clock: the record must stay unchanged for a whole lease duration.
+        let record = format!(
+            "{holder}@{}",
+            current
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default()
+        );
+        let duration = spec
+            .lease_duration_seconds
+            .map_or(lease, |s| Duration::from_secs(s.max(1) as u64));
+        match seen {
+            Some((last, since)) if *last == record => {
+                if now.saturating_duration_since(*since) < duration {
+                    return Ok(false);
+                }
+            }
+            _ => {
+                *seen = Some((record, now));
+                return Ok(false);
+            }
+        }
+    }
+    if !ours {
+        spec.acquire_time = Some(stamp.clone());
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.holder_identity = Some(view.id.clone());
+    spec.lease_duration_seconds = Some(seconds);
+    spec.renew_time = Some(stamp);
+    match api.replace(LEASE_NAME, &Default::default(), &current).await {
+        Ok(_) => {
+            *seen = None;
+            Ok(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -130,6 +130,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
                 url,
                 &id,
                 config.gateway.cluster_lease,
+                providers.cluster.as_ref(),
                 stop_rx.clone(),
             )
             .await

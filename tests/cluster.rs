@@ -205,12 +205,56 @@ async fn drive(gws: &[Gw], function: &str, per_gateway: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_process_hands_over_within_the_lease() {
     let nats = NatsServer::start().await;
+    kill_the_leader(&nats, None).await;
+}
+
+/// The same on Kubernetes: the leader holds a `coordination.k8s.io` Lease on the fake API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_holding_the_kubernetes_lease_hands_over_within_the_lease() {
+    let nats = NatsServer::start().await;
+    let fake = FakeKube::start().await;
+    kill_the_leader(&nats, Some(&fake)).await;
+    let lease = fake
+        .object(Resource::Leases, "fns", "sluicegate-autoscaler")
+        .expect("the Lease exists");
+    assert!(
+        lease["spec"]["leaseTransitions"].as_i64().unwrap() >= 1,
+        "{lease}"
+    );
+    // Only reads, the one create and resourceVersion-checked replaces of the Lease.
+    for r in fake.requests() {
+        if r.path.contains("/leases") {
+            assert!(matches!(r.method.as_str(), "GET" | "POST" | "PUT"), "{r:?}");
+        }
+    }
+}
+
+async fn kill_the_leader(nats: &NatsServer, fake: Option<&FakeKube>) {
     let ok = Backend::ok().await;
     let function = format!(
         "[functions.echo]\nprovider = \"static\"\nupstreams = [\"{}\"]\n",
         ok.url()
     );
-    let dir = std::env::temp_dir().join(format!("sluicegate-cluster-kill-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "sluicegate-cluster-kill-{}-{}",
+        std::process::id(),
+        fake.is_some()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    // With a cluster connected, the leader holds a Kubernetes Lease instead of the NATS KV one.
+    let kube_keys = fake
+        .map(|f| {
+            format!(
+                "kubeconfig = {:?}\n",
+                f.write_kubeconfig(&dir, "fns").display().to_string()
+            )
+        })
+        .unwrap_or_default();
+    let function = if fake.is_some() {
+        "[functions.echo]\nprovider = \"kubernetes\"\n".to_owned()
+    } else {
+        function
+    };
     let mut gateways = Vec::new();
     for id in ["a", "b", "c"] {
         let sub = dir.join(id);
@@ -220,8 +264,8 @@ async fn killing_the_leader_process_hands_over_within_the_lease() {
             &sub,
             port,
             &format!(
-                "{}\nasync_store = \"{}\"",
-                cluster_keys(&nats, id, "2s"),
+                "{}\n{kube_keys}async_store = \"{}\"",
+                cluster_keys(nats, id, "2s"),
                 sub.join("async.redb").display()
             ),
             &function,

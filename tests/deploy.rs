@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use sluicegate::config::{Config, ProviderConfig, ScaleMode};
-use sluicegate::provider::kubernetes::API_RULES;
+use sluicegate::provider::kubernetes::{API_RULES, LEASE_RULES};
 
 /// Where the ConfigMap is mounted, as the image's ENTRYPOINT expects it.
 const CONFIG_PATH: &str = "/etc/sluicegate/sluicegate.toml";
@@ -476,11 +476,13 @@ fn grants(rules: &[PolicyRule]) -> Result<BTreeSet<(String, String, String)>, St
     Ok(out)
 }
 
-/// `Ok` when `rules` grant exactly `API_RULES`; else every difference, one per line.
+/// `Ok` when `rules` grant exactly `API_RULES` and `LEASE_RULES`; else every difference, one per
+/// line.
 fn compare_with_api_rules(rules: &[PolicyRule]) -> Result<(), String> {
     let granted = grants(rules)?;
     let needed: BTreeSet<(String, String, String)> = API_RULES
         .iter()
+        .chain(LEASE_RULES)
         .flat_map(|r| {
             r.verbs
                 .iter()

@@ -82,6 +82,14 @@ pub const API_RULES: &[ApiRule] = &[
     },
 ];
 
+/// What several gateways add on Kubernetes (`[gateway] cluster`): the autoscaler leader's
+/// Lease (see `cluster`). The Role in `deploy/` grants these too.
+pub const LEASE_RULES: &[ApiRule] = &[ApiRule {
+    group: "coordination.k8s.io",
+    resource: "leases",
+    verbs: &["get", "create", "update"],
+}];
+
 /// The label that names a Service on its EndpointSlices.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 

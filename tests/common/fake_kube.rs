@@ -79,16 +79,24 @@ pub enum Resource {
     EndpointSlices,
     /// `v1` Pods.
     Pods,
+    /// `coordination.k8s.io/v1` Leases (create and replace with resourceVersion checks).
+    Leases,
 }
 
 impl Resource {
-    const ALL: [Resource; 3] = [Self::Deployments, Self::EndpointSlices, Self::Pods];
+    const ALL: [Resource; 4] = [
+        Self::Deployments,
+        Self::EndpointSlices,
+        Self::Pods,
+        Self::Leases,
+    ];
 
     fn group(self) -> &'static str {
         match self {
             Self::Deployments => "apps",
             Self::EndpointSlices => "discovery.k8s.io",
             Self::Pods => "",
+            Self::Leases => "coordination.k8s.io",
         }
     }
 
@@ -97,6 +105,7 @@ impl Resource {
             Self::Deployments => "apps/v1",
             Self::EndpointSlices => "discovery.k8s.io/v1",
             Self::Pods => "v1",
+            Self::Leases => "coordination.k8s.io/v1",
         }
     }
 
@@ -105,6 +114,7 @@ impl Resource {
             Self::Deployments => "Deployment",
             Self::EndpointSlices => "EndpointSlice",
             Self::Pods => "Pod",
+            Self::Leases => "Lease",
         }
     }
 
@@ -113,6 +123,7 @@ impl Resource {
             Self::Deployments => "deployments",
             Self::EndpointSlices => "endpointslices",
             Self::Pods => "pods",
+            Self::Leases => "leases",
         }
     }
 
@@ -1253,6 +1264,62 @@ fn route(
                 st.write_scale(&namespace, name, scale)
             })?;
             Ok(json_response(200, &scale))
+        }
+        (&Method::POST, None) if target.resource == Resource::Leases => {
+            let mut lease: Value = serde_json::from_str(&request.body)
+                .map_err(|e| ApiError::new(400, format!("couldn't decode the Lease: {e}")))?;
+            let name = lease["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            inner
+                .mutate(|st| {
+                    if st.get(Resource::Leases, &namespace, &name).is_some() {
+                        return Err(ApiError::new(
+                            409,
+                            format!("leases.coordination.k8s.io {name:?} already exists"),
+                        ));
+                    }
+                    lease["metadata"]["namespace"] = json!(namespace);
+                    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+                    lease["kind"] = json!("Lease");
+                    st.put(Resource::Leases, lease);
+                    Ok(st
+                        .get(Resource::Leases, &namespace, &name)
+                        .cloned()
+                        .unwrap_or_default())
+                })
+                .map(|created| json_response(201, &created))
+        }
+        (&Method::PUT, Some(name)) if target.resource == Resource::Leases => {
+            let mut lease: Value = serde_json::from_str(&request.body)
+                .map_err(|e| ApiError::new(400, format!("couldn't decode the Lease: {e}")))?;
+            inner
+                .mutate(|st| {
+                    let current = st
+                        .get(Resource::Leases, &namespace, name)
+                        .ok_or_else(|| ApiError::not_found(Resource::Leases, name))?;
+                    let given = lease["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default();
+                    if given
+                        != current["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or_default()
+                    {
+                        return Err(ApiError::conflict(Resource::Leases, name));
+                    }
+                    lease["metadata"]["namespace"] = json!(namespace);
+                    lease["metadata"]["name"] = json!(name);
+                    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+                    lease["kind"] = json!("Lease");
+                    st.put(Resource::Leases, lease);
+                    Ok(st
+                        .get(Resource::Leases, &namespace, name)
+                        .cloned()
+                        .unwrap_or_default())
+                })
+                .map(|replaced| json_response(200, &replaced))
         }
         _ => Err(ApiError::new(
             405,
