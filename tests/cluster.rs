@@ -339,3 +339,58 @@ async fn kill_the_leader(nats: &NatsServer, fake: Option<&FakeKube>) {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Cold requests reaching three gateways at once wake the function once, without the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_requests_on_three_gateways_make_one_scale_up() {
+    let nats = NatsServer::start().await;
+    let fake = FakeKube::start().await;
+    fake.apply_deployment("fns", "cold", 0, &[], &[], &[("app", "cold")]);
+    let pods = [Backend::ok().await, Backend::ok().await];
+    fake.bind_replicas(
+        "fns",
+        "cold",
+        "cold",
+        pods.iter().map(|p| p.addr).collect(),
+        Duration::from_millis(100),
+    );
+    let dir = std::env::temp_dir().join(format!("sluicegate-cluster-cold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.write_kubeconfig(&dir, "fns");
+    let function = "[functions.cold]\nprovider = \"kubernetes\"\n[functions.cold.autoscaler]\nmin_replicas = 0\nmax_replicas = 2\n";
+    let mut gws = Vec::new();
+    for id in ["a", "b", "c"] {
+        let keys = format!(
+            "{}\nkubeconfig = {:?}",
+            cluster_keys(&nats, id, "3s"),
+            kubeconfig.display().to_string()
+        );
+        gws.push(Gw::start_with(&keys, function).await);
+    }
+    fake.until_watches(Resource::EndpointSlices, 3).await;
+    let held: Vec<_> = gws
+        .iter()
+        .flat_map(|gw| (0..3).map(|_| gw.spawn_get("/function/cold/")))
+        .collect();
+    for h in held {
+        let resp = h.await.unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    assert_eq!(
+        fake.deployment_replicas("fns", "cold"),
+        Some(1),
+        "one scale-up, to 1"
+    );
+    let puts = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.ends_with("/cold/scale"))
+        .count();
+    assert!(
+        (1..=3).contains(&puts),
+        "at most one wake write per gateway: {puts}"
+    );
+    for gw in gws {
+        gw.shutdown().await;
+    }
+}
