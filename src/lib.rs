@@ -8,7 +8,7 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | 1 | [`server`], [`discovery`] | accept, per-connection timeouts, drain; functions found in a cluster while running |
+//! | 1 | [`server`], [`discovery`], [`cluster`] | accept, per-connection timeouts, drain; functions found in a cluster while running; several gateways as one |
 //! | 2 | [`gateway`] | route once; a request's phases (count, limits, admit, forward, respond) |
 //! | 3 | [`system`], [`queue`] | the admin API; async invocations: accept, store, dispatch, callbacks |
 //! | 4 | [`proxy`] | forward with a permit: rewrite, send, stream back, map upstream errors |
