@@ -35,6 +35,25 @@ async fn until_members(gws: &[&Gw], function: &str, n: u32) {
     .await;
 }
 
+/// Three gateways ("a", "b", "c") in one cluster on `nats`, connected to `fake` (namespace
+/// `fns`), serving `function`.
+async fn three_on_kube(nats: &NatsServer, fake: &FakeKube, test: &str, function: &str) -> Vec<Gw> {
+    let dir =
+        std::env::temp_dir().join(format!("sluicegate-cluster-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.write_kubeconfig(&dir, "fns");
+    let mut gws = Vec::new();
+    for id in ["a", "b", "c"] {
+        let keys = format!(
+            "{}\nkubeconfig = {:?}",
+            cluster_keys(nats, id, "3s"),
+            kubeconfig.display().to_string()
+        );
+        gws.push(Gw::start_with(&keys, function).await);
+    }
+    gws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_never_sees_more_than_its_cap_from_three_gateways_together() {
     let nats = NatsServer::start().await;
@@ -115,21 +134,10 @@ async fn the_leader_decides_on_the_load_all_three_gateways_see() {
         pods.iter().map(|p| p.addr).collect(),
         Duration::from_millis(20),
     );
-    let dir = std::env::temp_dir().join(format!("sluicegate-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = fake.write_kubeconfig(&dir, "fns");
     let function = "[functions.busy]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n\
                     [functions.busy.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 2\n\
                     min_replicas = 1\nmax_replicas = 8\nrate_seconds = \"2s\"\npolling_interval = \"200ms\"\n";
-    let mut gws = Vec::new();
-    for id in ["a", "b", "c"] {
-        let keys = format!(
-            "{}\nkubeconfig = {:?}",
-            cluster_keys(&nats, id, "3s"),
-            kubeconfig.display().to_string()
-        );
-        gws.push(Gw::start_with(&keys, function).await);
-    }
+    let gws = three_on_kube(&nats, &fake, "busy", function).await;
     fake.until_watches(Resource::EndpointSlices, 3).await;
     until_members(&gws.iter().collect::<Vec<_>>(), "busy", 3).await;
     until("one leader", Duration::from_secs(10), || {
@@ -157,6 +165,9 @@ async fn the_leader_decides_on_the_load_all_three_gateways_see() {
         pods.iter().map(|p| p.addr).collect(),
         Duration::from_millis(20),
     );
+    let dir = std::env::temp_dir().join(format!("sluicegate-cluster-solo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.write_kubeconfig(&dir, "fns");
     let one = Gw::start_with(
         &format!("kubeconfig = {:?}", kubeconfig.display().to_string()),
         &function.replace("busy", "solo"),
@@ -354,19 +365,8 @@ async fn cold_requests_on_three_gateways_make_one_scale_up() {
         pods.iter().map(|p| p.addr).collect(),
         Duration::from_millis(100),
     );
-    let dir = std::env::temp_dir().join(format!("sluicegate-cluster-cold-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = fake.write_kubeconfig(&dir, "fns");
     let function = "[functions.cold]\nprovider = \"kubernetes\"\n[functions.cold.autoscaler]\nmin_replicas = 0\nmax_replicas = 2\n";
-    let mut gws = Vec::new();
-    for id in ["a", "b", "c"] {
-        let keys = format!(
-            "{}\nkubeconfig = {:?}",
-            cluster_keys(&nats, id, "3s"),
-            kubeconfig.display().to_string()
-        );
-        gws.push(Gw::start_with(&keys, function).await);
-    }
+    let gws = three_on_kube(&nats, &fake, "cold", function).await;
     fake.until_watches(Resource::EndpointSlices, 3).await;
     let held: Vec<_> = gws
         .iter()
