@@ -100,7 +100,10 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let queue = queue::AsyncQueue::start(
         &config.gateway.async_store,
         functions.all(),
-        upstream::http_client(),
+        upstream::CallbackClient::new(
+            config.gateway.callback.clone(),
+            Some(listener.local_addr()?),
+        ),
     )
     .await;
     let gateway = Arc::new(Gateway::new(

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::callback::{callback_rules, CallbackRules};
 use super::duration::Dur;
 use super::function::RawFunctionKeys;
 use super::table::{count, given, positive, table};
@@ -71,6 +72,16 @@ table! {
             /// default: such a listener with no `admin_token` answers `/system` with `403`.
             pub admin_open: bool = given(admin_open, false),
         },
+        callback_allow: Vec<String> => {
+            /// Where `X-Callback-Url` may point: host names (`hooks.example.com`,
+            /// `*.example.com`), addresses and networks (`10.0.0.0/8`); empty: anywhere but the
+            /// addresses always refused (link-local and metadata, the gateway's own listener).
+            /// With `callback_ports` and `callback_allow_loopback`; checked after DNS resolution.
+            pub callback: CallbackRules =
+                callback_rules(callback_allow, callback_ports, callback_allow_loopback),
+        },
+        callback_ports: Vec<u16>,
+        callback_allow_loopback: bool,
         worker_threads: usize => {
             /// Threads serving requests; `0` is one per available CPU. With one thread the
             /// gateway runs a single-threaded runtime, which costs measurably less CPU per
@@ -162,6 +173,7 @@ impl GatewayConfig {
             self.admin_access(),
             self.async_store.display()
         );
+        let _ = writeln!(out, "[gateway] {}", self.callback.describe());
         if self.kubeconfig.is_some()
             || self.kubernetes_namespace.is_some()
             || self.kubernetes_discovery

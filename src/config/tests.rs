@@ -291,6 +291,7 @@ fn check_config_prints_every_effective_setting() {
     .unwrap();
     let expected = r#"config/test.toml: ok
 [gateway] listen = 127.0.0.1:8080, worker_threads = 2, header_read_timeout = 10s, max_header_bytes = 65536, idle_timeout = 75s, drain_timeout = 30s, admin_token = set, admin = bearer token, async_store = config/test.async.redb
+[gateway] callback_allow = (any but link-local, metadata, the gateway), callback_ports = (any), callback_allow_loopback = true
 
 [functions.echo]
   provider             = process
