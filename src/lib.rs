@@ -36,6 +36,7 @@ pub mod discovery;
 pub mod error;
 pub mod forwarding;
 pub mod function;
+pub mod fuzzing;
 pub mod gateway;
 pub mod h1;
 pub mod metrics;

@@ -72,7 +72,8 @@ pub use callback::{
 };
 pub use retry::{retry_wait, MAX_HONOURED_RETRY_AFTER};
 pub use store::{
-    AsyncStore, DeadLetter, Invocation, Pending, RedbStore, Settlement, StoreError, StoreFuture,
+    check_record_round_trip, AsyncStore, DeadLetter, Invocation, Pending, RedbStore, Settlement,
+    StoreError, StoreFuture,
 };
 
 /// The async queue of every configured function: the store, and one dispatcher per function.
