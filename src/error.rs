@@ -51,6 +51,9 @@ pub enum GatewayError {
     /// `/system` without the right bearer token.
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// `/system` on a listener that is not loopback, with no admin token and `admin_open` off.
+    #[error("{0}")]
+    AdminClosed(&'static str),
 
     // Capacity.
     /// Admission turned the request away.
@@ -124,6 +127,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::AdminClosed(_) => StatusCode::FORBIDDEN,
             GatewayError::Rejected(_)
             | GatewayError::Draining
             | GatewayError::AsyncBacklogFull { .. }
@@ -148,6 +152,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::BadCallbackUrl(_) => "bad_callback_url",
             GatewayError::Unauthorized => "unauthorized",
+            GatewayError::AdminClosed(_) => "admin_closed",
             GatewayError::Rejected(r) => r.reason().label(),
             GatewayError::Draining => "draining",
             GatewayError::AsyncBacklogFull { .. } => "async_backlog_full",

@@ -120,7 +120,8 @@ impl Gateway {
     fn admin(&self) -> Admin<'_> {
         Admin {
             functions: &self.functions,
-            token: self.config.admin_token.as_deref(),
+            token: self.config.admin_token.as_ref().map(|t| t.expose()),
+            refusal: self.config.admin_refusal(),
         }
     }
 

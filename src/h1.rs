@@ -12,7 +12,7 @@
 //!   `Content-Length`, chunked otherwise.
 //! * Responses: `1xx` other than `101` are skipped; `HEAD`, `204` and `304` have no body;
 //!   `Transfer-Encoding` wins over `Content-Length` (which is then dropped, so it is never passed
-//!   on beside a body it does not describe) and means chunked when chunked is the final coding,
+//!   on beside a body it does not describe, and the connection is not reused) and means chunked when chunked is the final coding,
 //!   else the body runs to the end of the connection; several different `Content-Length` values,
 //!   or one that is not a number, are an error; with neither header the body runs to the end of
 //!   the connection.
@@ -302,7 +302,11 @@ pub fn parse_response(
     {
         Decoder::Done
     } else if let Some(chunked) = chunked {
-        headers.remove(header::CONTENT_LENGTH);
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            // Both framings: the replica and the gateway may disagree on where the body ends
+            // (RFC 9112 §6.3), so nothing more is read from this connection.
+            keep_alive = false;
+        }
         if chunked {
             Decoder::Chunked(Chunk::Size)
         } else {
@@ -557,6 +561,15 @@ mod tests {
         parse_response(&mut BytesMut::from(raw), head_request)
     }
 
+    #[test]
+    fn a_response_with_both_framings_is_read_chunked_and_its_connection_not_reused() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (head, decoder, keep_alive) = final_head(raw);
+        assert_eq!(decoder, Decoder::Chunked(Chunk::Size));
+        assert!(head.headers().get(header::CONTENT_LENGTH).is_none());
+        assert!(!keep_alive);
+    }
+
     fn final_head(raw: &[u8]) -> (Response<()>, Decoder, bool) {
         match parse(raw, false).unwrap().unwrap() {
             Parsed::Final {
@@ -705,12 +718,13 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        // Transfer-Encoding wins and Content-Length is dropped.
+        // Transfer-Encoding wins and Content-Length is dropped; with both, the connection is
+        // not reused (RFC 9112 §6.3).
         let (head, body, keep) = final_head(
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
         );
         assert_eq!(body, Decoder::Chunked(Chunk::Size));
-        assert!(keep);
+        assert!(!keep);
         assert!(head.headers().get("content-length").is_none());
         // A final coding other than chunked: to the end of the connection.
         let (_, body, keep) = final_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n");

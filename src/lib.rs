@@ -37,6 +37,7 @@ pub mod discovery;
 pub mod error;
 pub mod forwarding;
 pub mod function;
+pub mod fuzzing;
 pub mod gateway;
 pub mod h1;
 pub mod metrics;
@@ -102,7 +103,10 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let queue = queue::AsyncQueue::start(
         &config.gateway.async_store,
         functions.all(),
-        upstream::http_client(),
+        upstream::CallbackClient::new(
+            config.gateway.callback.clone(),
+            Some(listener.local_addr()?),
+        ),
     )
     .await;
     let gateway = Arc::new(Gateway::new(

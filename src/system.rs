@@ -1,7 +1,8 @@
 //! The admin API under `/system`: function status (OpenFaaS field names) and manual scaling.
 //!
 //! When an admin token is configured, every `/system` request needs `Authorization: Bearer TOKEN`;
-//! without it the answer is `401`.
+//! without it the answer is `401`. Without a token, a listener that is not loopback refuses
+//! `/system` with `403` unless `[gateway] admin_open` is set.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -106,11 +107,16 @@ pub struct Admin<'a> {
     pub functions: &'a Functions,
     /// `Authorization: Bearer TOKEN` is required when set.
     pub token: Option<&'a str>,
+    /// Without a token: why `/system` is refused (a listener that is not loopback), if it is.
+    pub refusal: Option<&'static str>,
 }
 
 fn authorize<B>(admin: Admin<'_>, req: &Request<B>) -> Result<(), GatewayError> {
     let Some(token) = admin.token else {
-        return Ok(());
+        return match admin.refusal {
+            Some(reason) => Err(GatewayError::AdminClosed(reason)),
+            None => Ok(()),
+        };
     };
     let given = req
         .headers()
@@ -126,11 +132,18 @@ fn authorize<B>(admin: Admin<'_>, req: &Request<B>) -> Result<(), GatewayError> 
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
+/// `given == secret`, in a time that depends only on `given`'s length: every byte of `given` is
+/// compared (against `secret` repeated), with no early exit, so neither the position of the
+/// first difference nor the secret's length shows in the timing.
+fn constant_time_eq(given: &[u8], secret: &[u8]) -> bool {
+    if secret.is_empty() {
         return false;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let mut diff = u8::from(given.len() != secret.len());
+    for (i, g) in given.iter().enumerate() {
+        diff |= g ^ secret[i % secret.len()];
+    }
+    std::hint::black_box(diff) == 0
 }
 
 fn json<T: Serialize>(value: &T) -> Response<ResponseBody> {
@@ -210,4 +223,19 @@ pub async fn scale(
     info!(function = %name, asked = request.replicas, replicas, "manual scale");
     f.scale_manually(replicas);
     Ok(json(&status(&f)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison_needs_every_byte_and_the_length() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"s3crets3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3creT", b"s3cret"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
+        assert!(!constant_time_eq(b"", b""));
+    }
 }

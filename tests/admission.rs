@@ -340,6 +340,70 @@ async fn system_routes_need_the_admin_token_when_set() {
     gw.shutdown().await;
 }
 
+/// A gateway listening on `0.0.0.0:0` (every address: not loopback), reached through 127.0.0.1.
+async fn start_on_every_address(gateway_keys: &str, functions: &str) -> Gw {
+    let store = temp_store_path();
+    let text = format!(
+        "[gateway]\nlisten = \"0.0.0.0:0\"\n{}\n{gateway_keys}\n{functions}",
+        async_store(&store)
+    );
+    let config = sluicegate::config::Config::parse(std::path::Path::new("t.toml"), &text, None)
+        .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let mut gw = Gw::start_config(config).await;
+    assert!(gw.addr.ip().is_unspecified());
+    gw.temp_store = Some(store);
+    gw.addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    gw
+}
+
+#[tokio::test]
+async fn system_refuses_with_403_on_a_listener_that_is_not_loopback_without_a_token() {
+    let backend = Backend::ok().await;
+    let echo = static_fn("echo", &backend.url(), "");
+    let gw = start_on_every_address("", &echo).await;
+    for path in ["/system/functions", "/system/function/echo"] {
+        let r = gw.get(path).await;
+        assert_eq!(r.status, 403, "{path}");
+        assert_eq!(r.header("x-sluicegate-reason"), Some("admin_closed"));
+        assert_eq!(r.body.lines().count(), 1, "{}", r.body);
+        assert!(r.body.contains("admin_token"), "{}", r.body);
+    }
+    let r = gw
+        .post("/system/scale-function/echo", "{\"replicas\": 1}")
+        .await;
+    assert_eq!(r.status, 403);
+    // Function traffic and metrics are not affected.
+    assert_eq!(gw.get("/function/echo/").await.status, 200);
+    assert_eq!(gw.get("/metrics").await.status, 200);
+    gw.shutdown().await;
+
+    // Explicitly opened, or with a token: served.
+    let gw = start_on_every_address("admin_open = true", &echo).await;
+    assert_eq!(gw.get("/system/functions").await.status, 200);
+    gw.shutdown().await;
+    let gw = start_on_every_address("admin_token = \"s3cret\"", &echo).await;
+    assert_eq!(gw.get("/system/functions").await.status, 401);
+    let r = gw
+        .send(
+            Request::get(gw.url("/system/functions"))
+                .header("authorization", "Bearer s3cret")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(!r.body.contains("s3cret"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn system_is_open_without_a_token_on_a_loopback_listener() {
+    let backend = Backend::ok().await;
+    let gw = Gw::start(&static_fn("echo", &backend.url(), "")).await;
+    assert_eq!(gw.get("/system/functions").await.status, 200);
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn promtool_finds_no_problems_in_a_scrape_taken_under_load() {
     let promtool = which("promtool").expect(

@@ -772,3 +772,133 @@ async fn an_unavailable_store_refuses_async_calls_and_keeps_serving_sync_ones() 
     let _ = std::fs::remove_file(blocker);
     let _ = std::fs::remove_file(shared);
 }
+
+#[tokio::test]
+async fn callback_urls_to_link_local_metadata_or_the_gateway_itself_are_refused_at_accept() {
+    let (function, calls) = recorder(ok_answer).await;
+    let gw = Gw::start_static("echo", &function.url(), "").await;
+    let store = store_of(&gw);
+    let own = format!("http://127.0.0.1:{}/system/functions", gw.addr.port());
+    for bad in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/x",
+        "http://[::ffff:169.254.169.254]/x",
+        "http://0.0.0.0:9/x",
+        own.as_str(),
+    ] {
+        let r = gw
+            .send(post_async(
+                &gw,
+                "/async-function/echo",
+                "x",
+                &[("x-callback-url", bad)],
+            ))
+            .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.header("x-sluicegate-reason"), Some("bad_callback_url"));
+        assert_eq!(r.body.lines().count(), 1, "{}", r.body);
+    }
+    assert_eq!(store.pending_count("echo").await.unwrap(), 0);
+    assert!(calls.lock().unwrap().is_empty());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_loopback_is_refused_when_loopback_is_not_allowed() {
+    let (receiver, callbacks) = recorder(ok_answer).await;
+    let (function, calls) = recorder(ok_answer).await;
+    let echo = static_fn("echo", &function.url(), "");
+    let hook = format!("http://localhost:{}/hook", receiver.addr.port());
+    for keys in [
+        "callback_allow_loopback = false",
+        "callback_allow = [\"10.0.0.0/8\", \"hooks.example.com\"]",
+    ] {
+        let gw = Gw::start_with(keys, &echo).await;
+        let r = gw
+            .send(post_async(
+                &gw,
+                "/async-function/echo",
+                "x",
+                &[("x-callback-url", &hook)],
+            ))
+            .await;
+        assert_eq!(r.status, 400, "{keys}: {}", r.body);
+        assert_eq!(r.header("x-sluicegate-reason"), Some("bad_callback_url"));
+        assert!(
+            r.body.contains("`localhost` resolves to 127.0.0.1"),
+            "{}",
+            r.body
+        );
+        gw.shutdown().await;
+    }
+    // Allowed by name, or with the default rules: accepted and called back.
+    for keys in ["callback_allow = [\"localhost\"]", ""] {
+        let gw = Gw::start_with(keys, &echo).await;
+        let before = callbacks.lock().unwrap().len();
+        let r = gw
+            .send(post_async(
+                &gw,
+                "/async-function/echo",
+                "x",
+                &[("x-callback-url", &hook)],
+            ))
+            .await;
+        assert_eq!(r.status, 202, "{keys}: {}", r.body);
+        until("the callback", Duration::from_secs(10), || {
+            callbacks.lock().unwrap().len() > before
+        })
+        .await;
+        gw.shutdown().await;
+    }
+    assert_eq!(calls.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_callback_refused_at_delivery_dead_letters_the_invocation_with_the_reason() {
+    let store_path = temp_store_path();
+    let store_key = async_store(&store_path);
+    let (receiver, callbacks) = recorder(ok_answer).await;
+    let hook = format!("http://localhost:{}/hook", receiver.addr.port());
+    // Accepted while loopback callbacks are allowed; the function is down and waits an hour.
+    let down = format!("http://127.0.0.1:{}", closed_port());
+    let gw = Gw::start_with(
+        &store_key,
+        &static_fn("job", &down, "async_initial_retry_wait = \"1h\""),
+    )
+    .await;
+    let r = gw
+        .send(post_async(
+            &gw,
+            "/async-function/job",
+            "x",
+            &[("x-callback-url", &hook), ("x-call-id", "moved-1")],
+        ))
+        .await;
+    assert_eq!(r.status, 202);
+    gw.shutdown().await;
+
+    // Delivered by a gateway whose rules refuse where the name now leads.
+    let (function, calls) = recorder(ok_answer).await;
+    let gw = Gw::start_with(
+        &format!("{store_key}\ncallback_allow_loopback = false"),
+        &static_fn("job", &function.url(), ""),
+    )
+    .await;
+    let store = store_of(&gw);
+    until_store(
+        "the invocation is dead-lettered",
+        Duration::from_secs(10),
+        || {
+            let store = store.clone();
+            async move { store.dead_letters("job").await.unwrap().len() == 1 }
+        },
+    )
+    .await;
+    let dead = &store.dead_letters("job").await.unwrap()[0];
+    assert_eq!(dead.invocation.call_id, "moved-1");
+    assert!(dead.reason.contains("callback refused"), "{}", dead.reason);
+    assert!(dead.reason.contains("localhost"), "{}", dead.reason);
+    assert_eq!(calls.lock().unwrap().len(), 1, "the function ran");
+    assert!(callbacks.lock().unwrap().is_empty(), "nothing was POSTed");
+    gw.shutdown().await;
+}

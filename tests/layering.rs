@@ -24,8 +24,9 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
 ];
 
-/// Not part of the order: the crate root and the shared unit-test fixtures.
-const OUTSIDE: &[&str] = &["lib", "main", "test_support"];
+/// Not part of the order: the crate root, the shared unit-test fixtures and the fuzz targets'
+/// entry points.
+const OUTSIDE: &[&str] = &["lib", "main", "test_support", "fuzzing"];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::callback::{callback_rules, CallbackRules};
 use super::duration::Dur;
 use super::function::RawFunctionKeys;
 use super::table::{count, given, positive, table};
@@ -64,9 +65,25 @@ table! {
             pub drain_timeout: Duration = given(drain_timeout, DEFAULT_DRAIN_TIMEOUT),
         },
         admin_token: String => {
-            /// Bearer token required on `/system/*`; `None` leaves `/system` open.
-            pub admin_token: Option<String> = token(env_admin_token, admin_token),
+            /// Bearer token required on `/system/*`; `None`: no token (then `/system` answers
+            /// only on a loopback listener, unless `admin_open`). Its `Debug` is redacted.
+            pub admin_token: Option<Secret> = token(env_admin_token, admin_token),
         },
+        admin_open: bool => {
+            /// Serve `/system/*` without a token on a listener that is not loopback. Off by
+            /// default: such a listener with no `admin_token` answers `/system` with `403`.
+            pub admin_open: bool = given(admin_open, false),
+        },
+        callback_allow: Vec<String> => {
+            /// Where `X-Callback-Url` may point: host names (`hooks.example.com`,
+            /// `*.example.com`), addresses and networks (`10.0.0.0/8`); empty: anywhere but the
+            /// addresses always refused (link-local and metadata, the gateway's own listener).
+            /// With `callback_ports` and `callback_allow_loopback`; checked after DNS resolution.
+            pub callback: CallbackRules =
+                callback_rules(callback_allow, callback_ports, callback_allow_loopback),
+        },
+        callback_ports: Vec<u16>,
+        callback_allow_loopback: bool,
         worker_threads: usize => {
             /// Threads serving requests; `0` is one per available CPU. With one thread the
             /// gateway runs a single-threaded runtime, which costs measurably less CPU per
@@ -149,11 +166,28 @@ impl RawGateway {
 }
 
 impl GatewayConfig {
+    /// Whether `/system` is served without a token although the listener is not loopback: only
+    /// when `admin_open` says so. `Some` is the one-line reason `/system` is refused.
+    pub fn admin_refusal(&self) -> Option<&'static str> {
+        (self.admin_token.is_none() && !self.listen.ip().is_loopback() && !self.admin_open).then_some(
+            "/system is closed: the listener is not loopback and [gateway] admin_token is not set (set admin_token, or admin_open = true to serve it without one)",
+        )
+    }
+
+    fn admin_access(&self) -> &'static str {
+        match (&self.admin_token, self.admin_refusal()) {
+            (Some(_), _) => "bearer token",
+            (None, Some(_)) => "closed (not loopback, no admin_token)",
+            (None, None) if self.listen.ip().is_loopback() => "open (loopback listener)",
+            (None, None) => "open (admin_open = true)",
+        }
+    }
+
     /// Appends the `check-config` line of `[gateway]`.
     pub(super) fn describe(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, async_store = {}",
+            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, admin = {}, async_store = {}",
             self.listen,
             match self.worker_threads {
                 0 => "one per CPU".to_owned(),
@@ -164,8 +198,10 @@ impl GatewayConfig {
             self.idle_timeout,
             self.drain_timeout,
             if self.admin_token.is_some() { "set" } else { "not set" },
+            self.admin_access(),
             self.async_store.display()
         );
+        let _ = writeln!(out, "[gateway] {}", self.callback.describe());
         if let Some(url) = &self.cluster {
             let _ = writeln!(
                 out,
@@ -202,8 +238,32 @@ fn address(listen: Option<String>) -> Result<SocketAddr, String> {
 }
 
 /// `SLUICEGATE_ADMIN_TOKEN` over the file's token; an empty token is none.
-fn token(env: Option<String>, file: Option<String>) -> Result<Option<String>, String> {
-    Ok(env.or(file).filter(|t| !t.is_empty()))
+fn token(env: Option<String>, file: Option<String>) -> Result<Option<Secret>, String> {
+    Ok(env.or(file).filter(|t| !t.is_empty()).map(Secret))
+}
+
+/// A secret value from the config (the admin token): its `Debug` and `Display` print
+/// `<redacted>`, so that logging a config, an error or a status never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one comparison that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 fn store(file: Option<String>, path: &Path, base_dir: &Path) -> Result<PathBuf, String> {

@@ -32,6 +32,7 @@
 //! an arm of `scale_mode`, and the autoscaler's policy).
 
 mod autoscaler;
+mod callback;
 mod duration;
 mod function;
 mod gateway;
@@ -47,6 +48,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use self::autoscaler::*;
+pub use self::callback::{CallbackRules, Cidr};
 pub use self::duration::parse_duration;
 pub use self::function::*;
 pub use self::gateway::*;

@@ -159,7 +159,17 @@ macro_rules! written_value_wins {
     };
 }
 
-written_value_wins!(String, Vec<String>, bool, i64, u64, usize, f64, Dur);
+written_value_wins!(
+    String,
+    Vec<String>,
+    Vec<u16>,
+    bool,
+    i64,
+    u64,
+    usize,
+    f64,
+    Dur
+);
 
 impl Merge for BTreeMap<String, String> {
     fn over(mut self, mut under: Self) -> Self {

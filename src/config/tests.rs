@@ -153,7 +153,36 @@ fn env_token_overrides_file_token() {
         Some("env".into()),
     )
     .unwrap();
-    assert_eq!(cfg.gateway.admin_token.as_deref(), Some("env"));
+    assert_eq!(
+        cfg.gateway.admin_token.as_ref().map(Secret::expose),
+        Some("env")
+    );
+}
+
+#[test]
+fn the_admin_token_never_shows_in_check_config_or_debug_output() {
+    let cfg =
+        parse("[gateway]\nlisten = \"0.0.0.0:8080\"\nadmin_token = \"hunter2-token\"\n").unwrap();
+    assert!(!cfg.describe().contains("hunter2"), "{}", cfg.describe());
+    assert!(!format!("{cfg:?}").contains("hunter2"));
+    assert!(!format!("{:?}", cfg.gateway).contains("hunter2"));
+    assert!(cfg.describe().contains("admin = bearer token"));
+}
+
+#[test]
+fn system_is_closed_without_a_token_on_a_listener_that_is_not_loopback() {
+    let closed = parse("[gateway]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+    let reason = closed.gateway.admin_refusal().expect("refused");
+    assert!(reason.contains("admin_token") && reason.contains("admin_open"));
+    assert!(closed.describe().contains("admin = closed"));
+    let open = parse("[gateway]\nlisten = \"0.0.0.0:8080\"\nadmin_open = true\n").unwrap();
+    assert_eq!(open.gateway.admin_refusal(), None);
+    let token = parse("[gateway]\nlisten = \"0.0.0.0:8080\"\nadmin_token = \"t\"\n").unwrap();
+    assert_eq!(token.gateway.admin_refusal(), None);
+    for loopback in ["127.0.0.1:8080", "127.0.0.2:8080", "[::1]:8080"] {
+        let cfg = parse(&format!("[gateway]\nlisten = \"{loopback}\"\n")).unwrap();
+        assert_eq!(cfg.gateway.admin_refusal(), None, "{loopback}");
+    }
 }
 
 #[test]
@@ -261,7 +290,8 @@ fn check_config_prints_every_effective_setting() {
     )
     .unwrap();
     let expected = r#"config/test.toml: ok
-[gateway] listen = 127.0.0.1:8080, worker_threads = 2, header_read_timeout = 10s, max_header_bytes = 65536, idle_timeout = 75s, drain_timeout = 30s, admin_token = set, async_store = config/test.async.redb
+[gateway] listen = 127.0.0.1:8080, worker_threads = 2, header_read_timeout = 10s, max_header_bytes = 65536, idle_timeout = 75s, drain_timeout = 30s, admin_token = set, admin = bearer token, async_store = config/test.async.redb
+[gateway] callback_allow = (any but link-local, metadata, the gateway), callback_ports = (any), callback_allow_loopback = true
 
 [functions.echo]
   provider             = process

@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::callback::deliver_callback;
+use super::callback::{deliver_callback, Delivery};
 use super::dispatch::Ctx;
 use super::retry::{retry_after_header, retry_wait, retryable};
 use super::store::{Pending, Settlement};
@@ -271,13 +271,22 @@ pub(super) async fn finish(
             debug!(function = %function.name, call_id = %inv.call_id, status = report.status, attempts = report.attempts, "async invocation finished")
         }
     }
+    let mut refused = None;
     if let Some(url) = &inv.callback {
-        if !deliver_callback(&ctx, url, &inv.call_id, &report).await {
+        match deliver_callback(&ctx, url, &inv.call_id, &report).await {
+            Delivery::Settled => {}
             // Shutting down mid-delivery: keep the invocation stored, it runs again at the next start.
-            return;
+            Delivery::Stopping => return,
+            Delivery::Refused(reason) => refused = Some(reason),
         }
     }
-    let settlement = if outcome == AsyncOutcome::DeadLettered {
+    let settlement = if let Some(reason) = refused {
+        Settlement::DeadLetter {
+            attempts: report.attempts,
+            status: report.status,
+            reason,
+        }
+    } else if outcome == AsyncOutcome::DeadLettered {
         Settlement::DeadLetter {
             attempts: report.attempts,
             status: report.status,

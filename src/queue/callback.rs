@@ -14,7 +14,7 @@ use super::retry::{retry_after_header, retry_wait, retryable};
 use crate::error::{GatewayError, REASON_HEADER};
 use crate::forwarding::CALL_ID;
 use crate::metrics::CallbackResult;
-use crate::upstream::UpstreamBody;
+use crate::upstream::{self, refusal, CallbackClient, Refused, UpstreamBody};
 
 /// Request header naming where to POST the outcome.
 pub static CALLBACK_URL: HeaderName = HeaderName::from_static("x-callback-url");
@@ -32,45 +32,55 @@ pub const CALLBACK_ATTEMPTS: u32 = 4;
 /// Time a callback receiver has to answer.
 pub const CALLBACK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Checks `X-Callback-Url`: an absolute `http://` URL with a host.
-pub(super) fn parse_callback_url(value: &HeaderValue) -> Result<String, GatewayError> {
+/// Checks `X-Callback-Url`: an absolute `http://` URL with a host, whose every address the
+/// gateway's callback rules allow (resolved now; a refusal is `400 bad_callback_url`).
+pub(super) async fn parse_callback_url(
+    value: &HeaderValue,
+    client: &CallbackClient,
+) -> Result<String, GatewayError> {
     let text = value
         .to_str()
         .map_err(|_| GatewayError::BadCallbackUrl("not visible ASCII".into()))?
         .trim();
-    let uri: Uri = text
-        .parse()
-        .map_err(|_| GatewayError::BadCallbackUrl(format!("`{text}` is not a URL")))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => {
-            return Err(GatewayError::BadCallbackUrl(format!(
-                "`{text}`: scheme `{other}` is not supported (only http)"
-            )))
-        }
-        None => {
-            return Err(GatewayError::BadCallbackUrl(format!(
-                "`{text}` is not an absolute http:// URL"
-            )))
-        }
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(GatewayError::BadCallbackUrl(format!(
-            "`{text}` has no host"
-        )));
-    }
+    let uri = upstream::parse_callback_url(text)
+        .map_err(|Refused(why)| GatewayError::BadCallbackUrl(why))?;
+    client
+        .check(&uri)
+        .await
+        .map_err(|Refused(why)| GatewayError::BadCallbackUrl(format!("`{text}`: {why}")))?;
     Ok(text.to_owned())
 }
 
-/// POSTs the report to the callback URL, retrying a few times. `false` when the gateway began
-/// shutting down before the delivery was settled.
-pub(super) async fn deliver_callback(ctx: &Ctx, url: &str, call_id: &str, report: &Report) -> bool {
+/// How a callback delivery ended.
+pub(super) enum Delivery {
+    /// Delivered, or given up after its attempts: the invocation is settled as it ended.
+    Settled,
+    /// The gateway began shutting down first: the invocation stays stored.
+    Stopping,
+    /// The URL's address is refused now (its name resolves elsewhere than at accept, or the
+    /// rules changed): the invocation becomes a dead letter with this reason.
+    Refused(String),
+}
+
+/// POSTs the report to the callback URL, retrying a few times; the address is checked again
+/// first (and at every connection).
+pub(super) async fn deliver_callback(
+    ctx: &Ctx,
+    url: &str,
+    call_id: &str,
+    report: &Report,
+) -> Delivery {
     let function = ctx.function();
     let config = &function.config;
     let Ok(uri) = url.parse::<Uri>() else {
         function.metrics.callback(CallbackResult::Failed);
-        return true;
+        return Delivery::Settled;
     };
+    if let Err(Refused(why)) = ctx.client.check(&uri).await {
+        function.metrics.callback(CallbackResult::Failed);
+        warn!(function = %function.name, call_id, reason = %why, "async callback refused");
+        return Delivery::Refused(format!("callback refused: {why}"));
+    }
     let mut stop = ctx.stop.clone();
     for n in 1..=CALLBACK_ATTEMPTS {
         let mut req = Request::new(UpstreamBody::Full(
@@ -106,6 +116,11 @@ pub(super) async fn deliver_callback(ctx: &Ctx, url: &str, call_id: &str, report
                 (Some(status), retry_after)
             }
             Ok(Err(e)) => {
+                if let Some(Refused(why)) = refusal(&e) {
+                    function.metrics.callback(CallbackResult::Failed);
+                    warn!(function = %function.name, call_id, reason = %why, "async callback refused");
+                    return Delivery::Refused(format!("callback refused: {why}"));
+                }
                 debug!(function = %function.name, call_id, error = %e, "callback failed");
                 (None, None)
             }
@@ -113,13 +128,13 @@ pub(super) async fn deliver_callback(ctx: &Ctx, url: &str, call_id: &str, report
         };
         if status.is_some_and(|s| s.is_success()) {
             function.metrics.callback(CallbackResult::Delivered);
-            return true;
+            return Delivery::Settled;
         }
         let again = status.is_none_or(|s| retryable(s.as_u16()));
         if !again || n == CALLBACK_ATTEMPTS {
             function.metrics.callback(CallbackResult::Failed);
             warn!(function = %function.name, call_id, url, status = status.map(|s| s.as_u16()), attempts = n, "async callback not delivered; giving up");
-            return true;
+            return Delivery::Settled;
         }
         function.metrics.callback(CallbackResult::Retried);
         let wait = retry_wait(
@@ -130,27 +145,8 @@ pub(super) async fn deliver_callback(ctx: &Ctx, url: &str, call_id: &str, report
         );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => return false,
+            _ = stop.wait_for(|s| *s) => return Delivery::Stopping,
         }
     }
-    true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn callback_urls_must_be_absolute_http() {
-        let ok = |s: &'static str| parse_callback_url(&HeaderValue::from_static(s));
-        assert_eq!(
-            ok("http://127.0.0.1:9/cb?x=1").unwrap(),
-            "http://127.0.0.1:9/cb?x=1"
-        );
-        assert!(ok("https://example.com/").is_err());
-        assert!(ok("/relative").is_err());
-        assert!(ok("example.com/cb").is_err());
-        assert!(ok("not a url").is_err());
-        assert!(ok("ftp://x/").is_err());
-    }
+    Delivery::Settled
 }

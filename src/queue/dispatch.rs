@@ -14,7 +14,7 @@ use super::backlog::Lane;
 use super::store::{AsyncStore, Pending, Settlement, StoreError};
 use crate::function::{Function, Rejection};
 use crate::metrics::AsyncOutcome;
-use crate::upstream::HttpClient;
+use crate::upstream::CallbackClient;
 
 /// Pause after the store failed a read, before the dispatcher asks again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -23,7 +23,7 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 pub(super) struct Ctx {
     pub(super) lane: Arc<Lane>,
     pub(super) store: Arc<dyn AsyncStore>,
-    pub(super) client: HttpClient,
+    pub(super) client: CallbackClient,
     /// `true` once the gateway stops starting attempts.
     pub(super) stop: watch::Receiver<bool>,
 }
@@ -203,7 +203,7 @@ mod tests {
     async fn start(store: &Arc<MemoryStore>, extra: &str) -> (AsyncQueue, Arc<Function>) {
         let (f, _) = test_support::function(extra);
         let store = store.clone() as Arc<dyn AsyncStore>;
-        let client = crate::upstream::http_client();
+        let client = CallbackClient::new(Default::default(), None);
         let queue = AsyncQueue::with_store(Ok(store), vec![f.clone()], client).await;
         (queue, f)
     }

@@ -61,7 +61,7 @@ use tracing::{debug, warn};
 use crate::error::GatewayError;
 use crate::forwarding::{self, Peer};
 use crate::function::Function;
-use crate::upstream::HttpClient;
+use crate::upstream::CallbackClient;
 use backlog::Lane;
 use callback::parse_callback_url;
 use dispatch::{Ctx, Dispatcher};
@@ -72,7 +72,8 @@ pub use callback::{
 };
 pub use retry::{retry_wait, MAX_HONOURED_RETRY_AFTER};
 pub use store::{
-    AsyncStore, DeadLetter, Invocation, Pending, RedbStore, Settlement, StoreError, StoreFuture,
+    check_record_round_trip, AsyncStore, DeadLetter, Invocation, Pending, RedbStore, Settlement,
+    StoreError, StoreFuture,
 };
 
 /// The async queue of every configured function: the store, and one dispatcher per function.
@@ -83,7 +84,7 @@ pub struct AsyncQueue {
     lanes: DashMap<Arc<str>, Arc<Lane>>,
     stop: watch::Sender<bool>,
     deadline: watch::Sender<Option<Instant>>,
-    client: HttpClient,
+    client: CallbackClient,
     /// Each function's dispatcher task.
     dispatchers: Mutex<HashMap<Arc<str>, tokio::task::JoinHandle<()>>>,
 }
@@ -104,7 +105,7 @@ impl AsyncQueue {
     pub async fn start(
         path: &std::path::Path,
         functions: Vec<Arc<Function>>,
-        client: HttpClient,
+        client: CallbackClient,
     ) -> AsyncQueue {
         let owned = path.to_owned();
         let opened = tokio::task::spawn_blocking(move || RedbStore::open(&owned))
@@ -125,7 +126,7 @@ impl AsyncQueue {
     pub async fn with_store(
         store: Result<Arc<dyn AsyncStore>, String>,
         functions: Vec<Arc<Function>>,
-        client: HttpClient,
+        client: CallbackClient,
     ) -> AsyncQueue {
         let (stop, _) = watch::channel(false);
         let (deadline, _) = watch::channel(None);
@@ -240,7 +241,7 @@ impl AsyncQueue {
 
         // 1. The callback URL, if any, must be one we can call.
         let callback = match req.headers().get(&CALLBACK_URL) {
-            Some(value) => Some(parse_callback_url(value)?),
+            Some(value) => Some(parse_callback_url(value, &self.client).await?),
             None => None,
         };
 

@@ -41,7 +41,12 @@ use crate::forwarding::Forwarded;
 use crate::h1::{self, Decoder, Parsed, ProtocolError, RequestFraming};
 
 mod body;
+mod callback;
 pub use body::{BodyLimitExceeded, ClientBodyError, UpstreamBody};
+pub use callback::{
+    parse_callback_url, refusal, CallbackClient, CallbackConnector, CallbackGuard, Refused,
+    CALLBACK_CONNECT_TIMEOUT,
+};
 
 /// Idle connections kept per replica.
 const MAX_IDLE: usize = 1024;
@@ -778,24 +783,4 @@ pub async fn send_upgrade(
     Ok(resp.map(|inner| PooledBody {
         kind: Kind::Hyper(inner),
     }))
-}
-
-/// hyper-util's pooled HTTP/1.1 client, for URLs outside any replica set (async callbacks).
-/// Replicas are reached through [`send`] and their endpoints' pools instead.
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    UpstreamBody,
->;
-
-/// Builds the [`HttpClient`]: keep-alive pooling, a 5 s connect timeout, no Nagle.
-pub fn http_client() -> HttpClient {
-    use hyper_util::rt::{TokioExecutor, TokioTimer};
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
 }

@@ -83,7 +83,7 @@ pub struct Gw {
     pub addr: SocketAddr,
     pub client: Client<HttpConnector, TestBody>,
     /// The async store file this harness chose (deleted at shutdown), if the config named none.
-    temp_store: Option<PathBuf>,
+    pub temp_store: Option<PathBuf>,
 }
 
 /// A fresh async store path under the system temp directory, unique in this test run.

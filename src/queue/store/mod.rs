@@ -25,6 +25,17 @@ use bytes::Bytes;
 
 pub use self::redb::RedbStore;
 
+/// For the fuzz target of record decoding: `data` decodes or fails cleanly, and what decodes
+/// re-encodes to a record that decodes and encodes to the same bytes.
+#[doc(hidden)]
+pub fn check_record_round_trip(data: &[u8]) {
+    if let Ok(inv) = record::decode(data) {
+        let once = record::encode(&inv);
+        let again = record::decode(&once).expect("an encoded record decodes");
+        assert_eq!(record::encode(&again), once);
+    }
+}
+
 /// A store operation under way: boxed, so that [`AsyncStore`] is object-safe.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
