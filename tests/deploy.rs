@@ -668,7 +668,11 @@ fn the_gateway_config_parses_and_fits_its_pod() {
     );
 
     // The async store is on a writable volume (the root filesystem is read-only).
-    let store = &config.gateway.async_store;
+    let store = config
+        .gateway
+        .async_store
+        .file()
+        .expect("gateway.yaml keeps the embedded redb store");
     let state = mounts
         .iter()
         .find(|m| store.starts_with(&m.mount_path))

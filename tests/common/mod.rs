@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_kube;
+pub mod nats;
 
 use std::convert::Infallible;
 use std::future::Future;
