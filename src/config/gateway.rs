@@ -48,7 +48,9 @@ impl AsyncStoreLocation {
         }
         if let Some(rest) = written.strip_prefix("nats://") {
             if rest.is_empty() || rest.contains(char::is_whitespace) {
-                return Err(format!("`{written}` is not a NATS URL like \"nats://127.0.0.1:4222\""));
+                return Err(format!(
+                    "`{written}` is not a NATS URL like \"nats://127.0.0.1:4222\""
+                ));
             }
             return Ok(AsyncStoreLocation::Nats(written.to_owned()));
         }
@@ -226,11 +228,7 @@ fn token(env: Option<String>, file: Option<String>) -> Result<Option<String>, St
     Ok(env.or(file).filter(|t| !t.is_empty()))
 }
 
-fn store(
-    file: Option<String>,
-    path: &Path,
-    base_dir: &Path,
-) -> Result<AsyncStoreLocation, String> {
+fn store(file: Option<String>, path: &Path, base_dir: &Path) -> Result<AsyncStoreLocation, String> {
     match file.as_deref() {
         Some(written) => AsyncStoreLocation::parse(written, base_dir),
         None => {

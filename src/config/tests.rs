@@ -212,10 +212,9 @@ fn async_keys_have_defaults_merge_from_defaults_and_are_validated() {
 
 #[test]
 fn a_nats_url_selects_the_jetstream_store() {
-    let cfg = parse(
-        "[gateway]\nasync_store = \"nats://127.0.0.1:4222\"\nasync_ack_wait = \"10s\"\n",
-    )
-    .unwrap();
+    let cfg =
+        parse("[gateway]\nasync_store = \"nats://127.0.0.1:4222\"\nasync_ack_wait = \"10s\"\n")
+            .unwrap();
     assert_eq!(
         cfg.gateway.async_store,
         AsyncStoreLocation::Nats("nats://127.0.0.1:4222".into())

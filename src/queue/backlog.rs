@@ -68,7 +68,9 @@ impl Lane {
         // Saturating: a shared store's count may have been read after the invocation left it.
         let _ = self
             .stored
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     /// The store says it holds `stored` invocations of the function (it is shared with other

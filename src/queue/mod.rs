@@ -188,7 +188,8 @@ impl AsyncQueue {
         if let Ok(store) = &queue.store {
             debug!(?store, "async store open");
             if store.shared() {
-                let task = backlog::resync(store.clone(), queue.lanes.clone(), queue.stop.subscribe());
+                let task =
+                    backlog::resync(store.clone(), queue.lanes.clone(), queue.stop.subscribe());
                 *queue.resync.lock().unwrap() = Some(tokio::spawn(task));
             }
         }

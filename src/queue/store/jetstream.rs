@@ -67,12 +67,16 @@ pub const CONSUMER_PREFIX: &str = "fn-";
 pub const EXTRA_DELIVERIES: i64 = 10;
 /// JetStream drops a publish whose `Nats-Msg-Id` it saw within this window.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long starting the store waits for the first connection before going on without it.
+const INITIAL_CONNECT_WAIT: Duration = Duration::from_secs(2);
 /// How long one pull request waits at the server for a message.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How often `next` looks at the connection while NATS is unreachable.
 const RECONNECT_POLL: Duration = Duration::from_millis(200);
 /// Time a JetStream API request or publish ack has before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long closing the store may take to give back what it holds.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most dead letters [`AsyncStore::dead_letters`] lists for a function.
 const MAX_LISTED: usize = 10_000;
 
@@ -111,7 +115,8 @@ impl std::fmt::Debug for JetStreamStore {
 }
 
 impl JetStreamStore {
-    /// A store on the NATS server at `url`. Returns at once: the client connects in the
+    /// A store on the NATS server at `url`. Waits up to two seconds for the first connection,
+    /// then returns: the client goes on connecting in the
     /// background and reconnects by itself for as long as the gateway runs; meanwhile every
     /// operation fails with the reason (`async_store_unavailable`) and `next` waits.
     pub async fn connect(url: &str, ack_wait: Duration) -> Result<JetStreamStore, StoreError> {
@@ -137,6 +142,12 @@ impl JetStreamStore {
             .connect(url)
             .await
             .map_err(|e| db_error("connect", e))?;
+        // A server that is up is connected before the gateway starts answering; one that is
+        // not is waited for in the background.
+        let deadline = Instant::now() + INITIAL_CONNECT_WAIT;
+        while client.connection_state() != State::Connected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let js = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
@@ -282,8 +293,7 @@ impl JetStreamStore {
             .send_publish(format!("{DLQ_SUBJECT_PREFIX}{function}"), publish)
             .await
             .map_err(|e| db_error("publish dead letter", e))?;
-        ack.await
-            .map_err(|e| db_error("publish dead letter", e))?;
+        ack.await.map_err(|e| db_error("publish dead letter", e))?;
         Ok(())
     }
 }
@@ -316,7 +326,12 @@ impl AsyncStore for JetStreamStore {
             };
             match acked {
                 Ok(ack) => {
-                    debug!(function, seq = ack.sequence, duplicate = ack.duplicate, "async invocation stored in JetStream");
+                    debug!(
+                        function,
+                        seq = ack.sequence,
+                        duplicate = ack.duplicate,
+                        "async invocation stored in JetStream"
+                    );
                     Ok(())
                 }
                 Err(e) => {
@@ -398,11 +413,7 @@ impl AsyncStore for JetStreamStore {
         settlement: Settlement,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let held = self
-                .out
-                .lock()
-                .unwrap()
-                .remove(&(function.to_owned(), seq));
+            let held = self.out.lock().unwrap().remove(&(function.to_owned(), seq));
             let Some(held) = held else {
                 return Err(StoreError::Database(format!(
                     "{function}/{seq} is not handed out by this gateway"
@@ -411,10 +422,7 @@ impl AsyncStore for JetStreamStore {
             held.renew.abort();
             let message = held.message;
             match settlement {
-                Settlement::Done => message
-                    .double_ack()
-                    .await
-                    .map_err(|e| db_error("ack", e)),
+                Settlement::Done => message.double_ack().await.map_err(|e| db_error("ack", e)),
                 Settlement::Retry { after, .. } => message
                     .ack_with(AckKind::Nak(Some(after)))
                     .await
@@ -505,7 +513,12 @@ impl AsyncStore for JetStreamStore {
                 match decode_dead(message.sequence, &message.payload) {
                     Ok(letter) => letters.push(letter),
                     Err(reason) => {
-                        warn!(function, seq = message.sequence, reason, "NATS: unreadable dead letter skipped")
+                        warn!(
+                            function,
+                            seq = message.sequence,
+                            reason,
+                            "NATS: unreadable dead letter skipped"
+                        )
                     }
                 }
             }
@@ -547,13 +560,21 @@ impl AsyncStore for JetStreamStore {
             }
             // What this gateway holds and did not finish goes back at once, for another gateway
             // (or the next start), rather than after its lease runs out.
+            // Bounded: with NATS away this would wait for it (JetStream redelivers them anyway).
             let held: Vec<_> = self.out.lock().unwrap().drain().collect();
-            for (_, held) in held {
-                held.renew.abort();
-                let _ = held.message.ack_with(AckKind::Nak(None)).await;
-            }
-            if let Err(e) = self.client.flush().await {
-                debug!(error = %e, "NATS: flush at close failed");
+            let give_back = async {
+                for (_, held) in held {
+                    held.renew.abort();
+                    let _ = held.message.ack_with(AckKind::Nak(None)).await;
+                }
+                self.client.flush().await
+            };
+            match tokio::time::timeout(CLOSE_TIMEOUT, give_back).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "NATS: flush at close failed"),
+                Err(_) => debug!(
+                    "NATS: not reachable at close; held deliveries come back after their ack wait"
+                ),
             }
         })
     }
