@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::{HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -192,6 +192,7 @@ fn check_document(doc: &Doc) -> Result<(), String> {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(v),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(v),
         ("apps/v1", "Deployment") => round_trip::<Deployment>(v),
+        ("apps/v1", "StatefulSet") => round_trip::<StatefulSet>(v),
         ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(v),
         ("autoscaling/v2", "HorizontalPodAutoscaler") => round_trip::<HorizontalPodAutoscaler>(v),
         ("keda.sh/v1alpha1", "ScaledObject") => check_scaled_object(v),
@@ -1080,4 +1081,72 @@ fn the_dockerfile_runs_the_config_the_manifests_mount() {
             }
         }
     }
+}
+
+#[test]
+fn the_nats_example_keeps_jetstream_on_a_volume_claim_behind_the_service_gateway_yaml_names() {
+    let docs = manifests();
+    // The gateway config's JetStream line (commented out beside the redb one) parses, and names
+    // the Service.
+    let text = gateway_config_text(&docs);
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("# async_store = \"nats://"))
+        .expect("gateway.yaml shows the JetStream async_store");
+    let jetstream = text.replace(
+        "async_store = \"/var/lib/sluicegate/async.redb\"",
+        &format!("async_store = \"nats://{line}"),
+    );
+    let config = parse(&jetstream);
+    let url = match &config.gateway.async_store {
+        sluicegate::config::AsyncStoreLocation::Nats(url) => url.clone(),
+        other => panic!("{other:?}"),
+    };
+    let service: Service = one(&docs, "Service", "nats").typed();
+    let namespace = service.metadata.namespace.clone().unwrap();
+    assert_eq!(
+        url,
+        format!("nats://nats.{namespace}.svc.cluster.local:4222")
+    );
+    let spec = service.spec.unwrap();
+    assert!(spec
+        .ports
+        .unwrap()
+        .iter()
+        .any(|p| p.port == 4222 && p.target_port == Some(IntOrString::String("client".into()))));
+
+    // The server: selected by the Service, its store on a PersistentVolumeClaim, fsync always.
+    let set: StatefulSet = one(&docs, "StatefulSet", "nats").typed();
+    let set = set.spec.unwrap();
+    let labels = set.template.metadata.unwrap().labels.unwrap();
+    for (k, v) in spec.selector.unwrap() {
+        assert_eq!(labels.get(&k), Some(&v), "the Service selects the NATS pod");
+    }
+    let claims = set.volume_claim_templates.unwrap();
+    let pod = set.template.spec.unwrap();
+    let container = &pod.containers[0];
+    let data = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            claims
+                .iter()
+                .any(|c| c.metadata.name.as_deref() == Some(&m.name))
+        })
+        .expect("a volume claim is mounted");
+    let map: ConfigMap = one(&docs, "ConfigMap", "nats-config").typed();
+    let conf = map.data.unwrap().remove("nats.conf").unwrap();
+    assert!(
+        conf.contains(&format!("store_dir: \"{}\"", data.mount_path)),
+        "{conf}"
+    );
+    assert!(conf.contains("sync_interval: always"), "{conf}");
+    assert!(container
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|a| a.starts_with("/etc/nats/")));
 }
