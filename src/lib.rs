@@ -102,6 +102,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     // The async queue before the autoscalers, so that their first look sees the stored backlog.
     let queue = queue::AsyncQueue::start(
         &config.gateway.async_store,
+        config.gateway.async_ack_wait,
         functions.all(),
         upstream::CallbackClient::new(
             config.gateway.callback.clone(),
@@ -158,7 +159,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     info!(
         listen = %server.local_addr(),
         functions = gateway.functions.len(),
-        async_store = %config.gateway.async_store.display(),
+        async_store = %config.gateway.async_store,
         async_pending = gateway.queue().map_or(0, |q| q.pending_at_start()),
         "sluicegate listening"
     );

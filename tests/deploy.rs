@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::{HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -192,6 +192,7 @@ fn check_document(doc: &Doc) -> Result<(), String> {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(v),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(v),
         ("apps/v1", "Deployment") => round_trip::<Deployment>(v),
+        ("apps/v1", "StatefulSet") => round_trip::<StatefulSet>(v),
         ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(v),
         ("autoscaling/v2", "HorizontalPodAutoscaler") => round_trip::<HorizontalPodAutoscaler>(v),
         ("keda.sh/v1alpha1", "ScaledObject") => check_scaled_object(v),
@@ -669,15 +670,17 @@ fn the_gateway_config_parses_and_fits_its_pod() {
         "sluicegate-config"
     );
 
-    // The async store is on a writable volume (the root filesystem is read-only).
-    let store = &config.gateway.async_store;
-    let state = mounts
-        .iter()
-        .find(|m| store.starts_with(&m.mount_path))
-        .unwrap_or_else(|| panic!("{} is on no volume", store.display()));
-    assert_ne!(state.read_only, Some(true));
-    let volume = volumes.iter().find(|v| v.name == state.name).unwrap();
-    assert!(volume.config_map.is_none() && volume.secret.is_none());
+    // An embedded async store must be on a writable volume (the root filesystem is read-only);
+    // the three gateways of the example share theirs in JetStream (checked below).
+    if let Some(store) = config.gateway.async_store.file() {
+        let state = mounts
+            .iter()
+            .find(|m| store.starts_with(&m.mount_path))
+            .unwrap_or_else(|| panic!("{} is on no volume", store.display()));
+        assert_ne!(state.read_only, Some(true));
+        let volume = volumes.iter().find(|v| v.name == state.name).unwrap();
+        assert!(volume.config_map.is_none() && volume.secret.is_none());
+    }
     let security = container.security_context.clone().unwrap();
     assert_eq!(security.read_only_root_filesystem, Some(true));
 
@@ -1078,4 +1081,64 @@ fn the_dockerfile_runs_the_config_the_manifests_mount() {
             }
         }
     }
+}
+
+#[test]
+fn the_gateways_share_jetstream_and_the_cluster_through_the_nats_service_on_a_volume_claim() {
+    let docs = manifests();
+    // The three gateways keep their async invocations in JetStream and act as one through the
+    // same NATS Service.
+    let config = parse(&gateway_config_text(&docs));
+    let url = match &config.gateway.async_store {
+        sluicegate::config::AsyncStoreLocation::Nats(url) => url.clone(),
+        other => panic!("gateway.yaml's async_store is not JetStream: {other:?}"),
+    };
+    assert_eq!(config.gateway.cluster.as_deref(), Some(url.as_str()));
+    let service: Service = one(&docs, "Service", "nats").typed();
+    let namespace = service.metadata.namespace.clone().unwrap();
+    assert_eq!(
+        url,
+        format!("nats://nats.{namespace}.svc.cluster.local:4222")
+    );
+    let spec = service.spec.unwrap();
+    assert!(spec
+        .ports
+        .unwrap()
+        .iter()
+        .any(|p| p.port == 4222 && p.target_port == Some(IntOrString::String("client".into()))));
+
+    // The server: selected by the Service, its store on a PersistentVolumeClaim, fsync always.
+    let set: StatefulSet = one(&docs, "StatefulSet", "nats").typed();
+    let set = set.spec.unwrap();
+    let labels = set.template.metadata.unwrap().labels.unwrap();
+    for (k, v) in spec.selector.unwrap() {
+        assert_eq!(labels.get(&k), Some(&v), "the Service selects the NATS pod");
+    }
+    let claims = set.volume_claim_templates.unwrap();
+    let pod = set.template.spec.unwrap();
+    let container = &pod.containers[0];
+    let data = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            claims
+                .iter()
+                .any(|c| c.metadata.name.as_deref() == Some(&m.name))
+        })
+        .expect("a volume claim is mounted");
+    let map: ConfigMap = one(&docs, "ConfigMap", "nats-config").typed();
+    let conf = map.data.unwrap().remove("nats.conf").unwrap();
+    assert!(
+        conf.contains(&format!("store_dir: \"{}\"", data.mount_path)),
+        "{conf}"
+    );
+    assert!(conf.contains("sync_interval: always"), "{conf}");
+    assert!(container
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|a| a.starts_with("/etc/nats/")));
 }

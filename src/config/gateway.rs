@@ -25,6 +25,58 @@ pub const DEFAULT_CLUSTER_LEASE: Duration = Duration::from_secs(10);
 /// File name suffix of the default async store, next to the config file (`demo.toml` →
 /// `demo.async.redb`).
 pub const DEFAULT_ASYNC_STORE_SUFFIX: &str = ".async.redb";
+/// How long a JetStream delivery is leased to the gateway that pulled it before JetStream hands
+/// it to another (`async_ack_wait`); the gateway renews the lease while it works on it.
+pub const DEFAULT_ASYNC_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Where accepted async invocations are kept (`[gateway] async_store`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AsyncStoreLocation {
+    /// An embedded redb database file: one gateway's own store (the default).
+    File(PathBuf),
+    /// A NATS server with JetStream (`nats://host:port`): one store shared by every gateway
+    /// that names it.
+    Nats(String),
+}
+
+impl AsyncStoreLocation {
+    /// `async_store` as written (or as `SLUICEGATE_ASYNC_STORE` gives it): a `nats://` URL
+    /// selects JetStream, anything else is a file relative to `base_dir`.
+    pub fn parse(written: &str, base_dir: &Path) -> Result<AsyncStoreLocation, String> {
+        if written.is_empty() {
+            return Err(
+                "must name a file, e.g. \"/var/lib/sluicegate/async.redb\", or a NATS server, e.g. \"nats://127.0.0.1:4222\""
+                    .into(),
+            );
+        }
+        if let Some(rest) = written.strip_prefix("nats://") {
+            if rest.is_empty() || rest.contains(char::is_whitespace) {
+                return Err(format!(
+                    "`{written}` is not a NATS URL like \"nats://127.0.0.1:4222\""
+                ));
+            }
+            return Ok(AsyncStoreLocation::Nats(written.to_owned()));
+        }
+        Ok(AsyncStoreLocation::File(base_dir.join(written)))
+    }
+
+    /// The redb file, when the store is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            AsyncStoreLocation::File(path) => Some(path),
+            AsyncStoreLocation::Nats(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for AsyncStoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AsyncStoreLocation::File(path) => write!(f, "{}", path.display()),
+            AsyncStoreLocation::Nats(url) => f.write_str(url),
+        }
+    }
+}
 
 table! {
     /// `[gateway]` as written.
@@ -92,11 +144,19 @@ table! {
                 .map_err(|reason| format!("{reason} (0: one per available CPU)")),
         },
         async_store: String => {
-            /// The file holding accepted async invocations (an embedded redb database):
-            /// `async_store` relative to the config file's directory, else
-            /// `<config name>.async.redb` beside the config file; `SLUICEGATE_ASYNC_STORE`
-            /// overrides both.
-            pub async_store: PathBuf = store(async_store, path, base_dir),
+            /// Where accepted async invocations are kept. A `nats://host:port` URL selects NATS
+            /// JetStream, shared by every gateway naming the same server; anything else is the
+            /// file of an embedded redb database, relative to the config file's directory
+            /// (default `<config name>.async.redb` beside the config file).
+            /// `SLUICEGATE_ASYNC_STORE` overrides both.
+            pub async_store: AsyncStoreLocation = store(async_store, path, base_dir),
+        },
+        async_ack_wait: Dur => {
+            /// JetStream store only: how long a delivery is leased to the gateway that pulled
+            /// it. The gateway renews the lease every third of it while the invocation is
+            /// being worked on, so this is not a time limit on the function; it is how soon
+            /// another gateway takes over an invocation whose gateway died.
+            pub async_ack_wait: Duration = positive(async_ack_wait, DEFAULT_ASYNC_ACK_WAIT),
         },
         cluster: String => {
             /// `nats://host:port` of the NATS server through which several gateways act as one:
@@ -199,7 +259,7 @@ impl GatewayConfig {
             self.drain_timeout,
             if self.admin_token.is_some() { "set" } else { "not set" },
             self.admin_access(),
-            self.async_store.display()
+            self.async_store
         );
         let _ = writeln!(out, "[gateway] {}", self.callback.describe());
         if let Some(url) = &self.cluster {
@@ -266,17 +326,18 @@ impl std::fmt::Display for Secret {
     }
 }
 
-fn store(file: Option<String>, path: &Path, base_dir: &Path) -> Result<PathBuf, String> {
+fn store(file: Option<String>, path: &Path, base_dir: &Path) -> Result<AsyncStoreLocation, String> {
     match file.as_deref() {
-        Some("") => Err("must name a file, e.g. \"/var/lib/sluicegate/async.redb\"".into()),
-        Some(file) => Ok(base_dir.join(file)),
+        Some(written) => AsyncStoreLocation::parse(written, base_dir),
         None => {
             let stem = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "sluicegate".to_owned());
-            Ok(base_dir.join(format!("{stem}{DEFAULT_ASYNC_STORE_SUFFIX}")))
+            Ok(AsyncStoreLocation::File(
+                base_dir.join(format!("{stem}{DEFAULT_ASYNC_STORE_SUFFIX}")),
+            ))
         }
     }
 }

@@ -128,8 +128,18 @@ impl Config {
             .ok()
             .filter(|t| !t.is_empty());
         let mut config = Config::parse(path, &text, env_token)?;
-        if let Some(store) = std::env::var_os(ASYNC_STORE_ENV).filter(|s| !s.is_empty()) {
-            config.gateway.async_store = PathBuf::from(store);
+        if let Some(store) = std::env::var(ASYNC_STORE_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+        {
+            config.gateway.async_store =
+                AsyncStoreLocation::parse(&store, Path::new("")).map_err(|reason| {
+                    ConfigError::Invalid {
+                        path: path.to_owned(),
+                        key: ASYNC_STORE_ENV.into(),
+                        reason,
+                    }
+                })?;
         }
         Ok(config)
     }

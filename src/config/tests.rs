@@ -203,7 +203,7 @@ fn async_keys_have_defaults_merge_from_defaults_and_are_validated() {
     assert_eq!(x.async_max_body_bytes(), DEFAULT_MAX_BODY_BYTES);
     assert_eq!(
         cfg.gateway.async_store,
-        PathBuf::from("config/test.async.redb")
+        AsyncStoreLocation::File(PathBuf::from("config/test.async.redb"))
     );
 
     let f = "[functions.x]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\n";
@@ -230,13 +230,36 @@ fn async_keys_have_defaults_merge_from_defaults_and_are_validated() {
     .unwrap();
     assert_eq!(
         cfg.gateway.async_store,
-        PathBuf::from("config/state/q.redb")
+        AsyncStoreLocation::File(PathBuf::from("config/state/q.redb"))
     );
     assert_eq!(
         cfg.functions["x"].async_max_body_bytes(),
         ASYNC_BODY_CEILING
     );
     assert!(parse("[gateway]\nasync_store = \"\"\n").is_err());
+}
+
+#[test]
+fn a_nats_url_selects_the_jetstream_store() {
+    let cfg =
+        parse("[gateway]\nasync_store = \"nats://127.0.0.1:4222\"\nasync_ack_wait = \"10s\"\n")
+            .unwrap();
+    assert_eq!(
+        cfg.gateway.async_store,
+        AsyncStoreLocation::Nats("nats://127.0.0.1:4222".into())
+    );
+    assert_eq!(cfg.gateway.async_store.file(), None);
+    assert_eq!(cfg.gateway.async_ack_wait, Duration::from_secs(10));
+    let default = parse("").unwrap();
+    assert_eq!(default.gateway.async_ack_wait, DEFAULT_ASYNC_ACK_WAIT);
+    let err = parse("[gateway]\nasync_store = \"nats://\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gateway.async_store"), "{err}");
+    let err = parse("[gateway]\nasync_ack_wait = 0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gateway.async_ack_wait"), "{err}");
 }
 
 #[test]

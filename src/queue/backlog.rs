@@ -3,7 +3,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tracing::debug;
+
+use super::store::AsyncStore;
 use crate::error::GatewayError;
 use crate::function::{retry_seconds, Function};
 
@@ -59,7 +65,19 @@ impl Lane {
 
     /// An invocation left the store (or never made it in).
     pub(super) fn release(&self) {
-        self.stored.fetch_sub(1, Ordering::AcqRel);
+        // Saturating: a shared store's count may have been read after the invocation left it.
+        let _ = self
+            .stored
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    /// The store says it holds `stored` invocations of the function (it is shared with other
+    /// gateways, which accept and settle too): the backlog and its gauge are that.
+    pub(super) fn resync(&self, stored: u64) {
+        self.stored.store(stored, Ordering::Release);
+        self.function.metrics.async_backlog.set(stored as i64);
     }
 }
 
@@ -82,6 +100,37 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if self.armed {
             self.lane.release();
+        }
+    }
+}
+
+/// How often a shared store's backlog is read.
+pub(super) const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// For a store shared with other gateways: reads every function's backlog from the store every
+/// [`RESYNC_INTERVAL`] (one request for all functions) until the queue stops, so that the
+/// backlog gauge, the `queue` autoscaler mode and `async_max_backlog` see every gateway's
+/// invocations. A failed read leaves the figures as they were.
+pub(super) async fn resync(
+    store: Arc<dyn AsyncStore>,
+    lanes: Arc<DashMap<Arc<str>, Arc<Lane>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(RESYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match store.pending().await {
+            Ok(counts) => {
+                let lanes: Vec<_> = lanes.iter().map(|l| l.value().clone()).collect();
+                for lane in lanes {
+                    lane.resync(counts.get(&*lane.function.name).copied().unwrap_or(0));
+                }
+            }
+            Err(e) => debug!(error = %e, "async store backlog not read"),
         }
     }
 }

@@ -58,6 +58,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::config::AsyncStoreLocation;
 use crate::error::GatewayError;
 use crate::forwarding::{self, Peer};
 use crate::function::Function;
@@ -72,8 +73,8 @@ pub use callback::{
 };
 pub use retry::{retry_wait, MAX_HONOURED_RETRY_AFTER};
 pub use store::{
-    check_record_round_trip, AsyncStore, DeadLetter, Invocation, Pending, RedbStore, Settlement,
-    StoreError, StoreFuture,
+    check_record_round_trip, AsyncStore, DeadLetter, Invocation, JetStreamStore, Pending,
+    RedbStore, Settlement, StoreError, StoreFuture,
 };
 
 /// The async queue of every configured function: the store, and one dispatcher per function.
@@ -81,12 +82,14 @@ pub struct AsyncQueue {
     store: Result<Arc<dyn AsyncStore>, String>,
     pending_at_start: u64,
     /// One lane per function; a concurrent map because discovered functions come and go.
-    lanes: DashMap<Arc<str>, Arc<Lane>>,
+    lanes: Arc<DashMap<Arc<str>, Arc<Lane>>>,
     stop: watch::Sender<bool>,
     deadline: watch::Sender<Option<Instant>>,
     client: CallbackClient,
     /// Each function's dispatcher task.
     dispatchers: Mutex<HashMap<Arc<str>, tokio::task::JoinHandle<()>>>,
+    /// For a store shared with other gateways: the task reading the backlog from it.
+    resync: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for AsyncQueue {
@@ -99,14 +102,30 @@ impl std::fmt::Debug for AsyncQueue {
 }
 
 impl AsyncQueue {
-    /// Opens the redb store at `path` and starts the queue on it (see [`AsyncQueue::with_store`]).
-    /// When the store cannot be opened the gateway still runs: async invocations get `503`
-    /// naming the reason, sync calls are unaffected.
+    /// Opens the store `location` names (a redb file, or a NATS server with JetStream whose
+    /// deliveries are leased for `ack_wait`) and starts the queue on it (see
+    /// [`AsyncQueue::with_store`]). When the store cannot be opened the gateway still runs: async
+    /// invocations get `503` naming the reason, sync calls are unaffected.
     pub async fn start(
-        path: &std::path::Path,
+        location: &AsyncStoreLocation,
+        ack_wait: std::time::Duration,
         functions: Vec<Arc<Function>>,
         client: CallbackClient,
     ) -> AsyncQueue {
+        let path = match location {
+            AsyncStoreLocation::File(path) => path,
+            AsyncStoreLocation::Nats(url) => {
+                let store = JetStreamStore::connect(url, ack_wait)
+                    .await
+                    .map(|store| Arc::new(store) as Arc<dyn AsyncStore>)
+                    .map_err(|e| {
+                        let reason = e.to_string();
+                        warn!(%url, error = %reason, "async store unavailable: async invocations will be refused with 503");
+                        reason
+                    });
+                return AsyncQueue::with_store(store, functions, client).await;
+            }
+        };
         let owned = path.to_owned();
         let opened = tokio::task::spawn_blocking(move || RedbStore::open(&owned))
             .await
@@ -133,6 +152,11 @@ impl AsyncQueue {
         let (store, pending) = match store {
             Ok(store) => match store.pending().await {
                 Ok(pending) => (Ok(store), pending),
+                Err(e) if store.shared() => {
+                    // A server that may come back: the backlog is read again every second.
+                    warn!(error = %e, "async store not reachable yet: async invocations get 503 until it is");
+                    (Ok(store), BTreeMap::new())
+                }
                 Err(e) => {
                     let reason = e.to_string();
                     warn!(error = %reason, "async store cannot be read: async invocations will be refused with 503");
@@ -145,11 +169,12 @@ impl AsyncQueue {
         let queue = AsyncQueue {
             pending_at_start: pending.values().sum(),
             store,
-            lanes: DashMap::new(),
+            lanes: Arc::new(DashMap::new()),
             stop,
             deadline,
             client,
             dispatchers: Mutex::new(HashMap::new()),
+            resync: Mutex::new(None),
         };
         for function in functions {
             let stored = pending.get(&*function.name).copied().unwrap_or(0);
@@ -162,6 +187,11 @@ impl AsyncQueue {
         }
         if let Ok(store) = &queue.store {
             debug!(?store, "async store open");
+            if store.shared() {
+                let task =
+                    backlog::resync(store.clone(), queue.lanes.clone(), queue.stop.subscribe());
+                *queue.resync.lock().unwrap() = Some(tokio::spawn(task));
+            }
         }
         queue
     }
@@ -191,6 +221,7 @@ impl AsyncQueue {
         let lane = Arc::new(Lane::new(function, stored));
         self.lanes.insert(name.clone(), lane.clone());
         if let Ok(store) = &self.store {
+            store.configure(&name, lane.function.config.async_max_attempts);
             let dispatcher = Dispatcher {
                 ctx: Arc::new(Ctx {
                     lane,
@@ -316,6 +347,9 @@ impl AsyncQueue {
             .collect();
         for d in dispatchers {
             let _ = d.await;
+        }
+        if let Some(resync) = self.resync.lock().unwrap().take() {
+            resync.abort();
         }
         if let Ok(store) = &self.store {
             store.close().await;

@@ -10,6 +10,7 @@
 //! and how many attempts, is the dispatcher's (from config): it arrives here as
 //! [`Settlement::Retry`]'s `after`.
 
+mod jetstream;
 mod record;
 mod redb;
 
@@ -23,6 +24,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use self::jetstream::{
+    JetStreamStore, ASYNC_STREAM, ASYNC_SUBJECT_PREFIX, CONSUMER_PREFIX, DLQ_STREAM,
+    DLQ_SUBJECT_PREFIX,
+};
 pub use self::redb::RedbStore;
 
 /// For the fuzz target of record decoding: `data` decodes or fails cleanly, and what decodes
@@ -86,6 +91,18 @@ pub trait AsyncStore: Send + Sync + std::fmt::Debug {
 
     /// Dead letters of every function.
     fn dead_letter_count(&self) -> StoreFuture<'_, u64>;
+
+    /// Tells the store a function's `async_max_attempts`, before its dispatcher starts: a
+    /// broker that bounds deliveries itself sets its bound above it.
+    fn configure(&self, _function: &str, _max_attempts: u32) {}
+
+    /// `true` when other gateways use the same store (accept into it and dispatch from it):
+    /// the queue then reads each function's backlog from the store every second instead of
+    /// counting only its own accepts and settlements, and a store that cannot be read at start
+    /// is kept (it is a server that may come back) instead of being given up.
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// Makes what was submitted durable and lets go of the storage (so that another gateway can
     /// open it). Later operations fail with [`StoreError::Closed`].
