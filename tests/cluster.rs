@@ -221,9 +221,34 @@ async fn killing_the_leader_process_hands_over_within_the_lease() {
 
 /// The same on Kubernetes: the leader holds a `coordination.k8s.io` Lease on the fake API server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_leader_holding_the_kubernetes_lease_hands_over_within_the_lease() {
+async fn killing_the_leader_holding_the_kubernetes_lease_hands_over_and_scaling_continues() {
     let nats = NatsServer::start().await;
     let fake = FakeKube::start().await;
+    fake.apply_deployment("fns", "echo", 1, &[], &[], &[("app", "echo")]);
+    let mut pods = Vec::new();
+    for _ in 0..4 {
+        pods.push(
+            Backend::start(|_, _| async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Response::new(body("ok\n"))
+            })
+            .await,
+        );
+    }
+    fake.bind_replicas(
+        "fns",
+        "echo",
+        "echo",
+        pods.iter().map(|p| p.addr).collect(),
+        Duration::from_millis(20),
+    );
+    // Published once the count is next written: start with one pod ready.
+    fake.set_endpoints(
+        "fns",
+        "echo",
+        vec![common::fake_kube::FakeEndpoint::ready(pods[0].addr)],
+        "http",
+    );
     kill_the_leader(&nats, Some(&fake)).await;
     let lease = fake
         .object(Resource::Leases, "fns", "sluicegate-autoscaler")
@@ -262,7 +287,10 @@ async fn kill_the_leader(nats: &NatsServer, fake: Option<&FakeKube>) {
         })
         .unwrap_or_default();
     let function = if fake.is_some() {
-        "[functions.echo]\nprovider = \"kubernetes\"\n".to_owned()
+        "[functions.echo]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n\
+         [functions.echo.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 2\n\
+         min_replicas = 1\nmax_replicas = 4\nrate_seconds = \"2s\"\npolling_interval = \"200ms\"\n"
+            .to_owned()
     } else {
         function
     };
@@ -344,6 +372,32 @@ async fn kill_the_leader(nats: &NatsServer, fake: Option<&FakeKube>) {
         took <= Duration::from_millis(2000 + 2000 / 3 + 1500),
         "hand-over within the lease (plus one renewal period and polling): {took:?}"
     );
+    if let Some(fake) = fake {
+        // Scaling continues under the new leader: load through the two survivors.
+        let before = fake.deployment_replicas("fns", "echo").unwrap_or(0);
+        let stop_at = Instant::now() + Duration::from_secs(4);
+        let mut clients = Vec::new();
+        for port in rest.iter().copied() {
+            for _ in 0..4 {
+                clients.push(tokio::spawn(async move {
+                    let c = common::client();
+                    let url = format!("http://127.0.0.1:{port}/function/echo/");
+                    let mut n = 0;
+                    while Instant::now() < stop_at && n < 200 {
+                        let req = http::Request::get(&url).body(common::empty()).unwrap();
+                        let _ = common::send_with(&c, req).await;
+                        n += 1;
+                    }
+                }));
+            }
+        }
+        for c in clients {
+            c.await.unwrap();
+        }
+        let after = fake.deployment_replicas("fns", "echo").unwrap_or(0);
+        eprintln!("under the new leader: {before} -> {after} replicas for 8 in flight");
+        assert!(after >= 3 && after > before, "{before} -> {after}");
+    }
     for (_, _, mut child) in gateways {
         let _ = child.kill();
         let _ = child.wait();
