@@ -377,7 +377,7 @@ async fn kill_the_leader(nats: &NatsServer, fake: Option<&FakeKube>) {
         let before = fake.deployment_replicas("fns", "echo").unwrap_or(0);
         let stop_at = Instant::now() + Duration::from_secs(4);
         let mut clients = Vec::new();
-        for port in rest.iter().copied() {
+        for &port in &rest {
             for _ in 0..4 {
                 clients.push(tokio::spawn(async move {
                     let c = common::client();
