@@ -48,6 +48,9 @@ pub enum GatewayError {
     /// `X-Callback-Url` is not an absolute `http://` URL.
     #[error("invalid X-Callback-Url: {0}")]
     BadCallbackUrl(String),
+    /// The request body is in a transfer coding the gateway cannot pass on (only `chunked`).
+    #[error("transfer coding `{0}` is not supported (only chunked)")]
+    TransferCoding(String),
     /// `/system` without the right bearer token.
     #[error("missing or wrong bearer token")]
     Unauthorized,
@@ -125,6 +128,7 @@ impl GatewayError {
             | GatewayError::BadRequest(_)
             | GatewayError::BadCallbackUrl(_) => StatusCode::BAD_REQUEST,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::TransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::AdminClosed(_) => StatusCode::FORBIDDEN,
@@ -151,6 +155,7 @@ impl GatewayError {
             GatewayError::ClientBody(_) => "client_body",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::BadCallbackUrl(_) => "bad_callback_url",
+            GatewayError::TransferCoding(_) => "unsupported_transfer_coding",
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::AdminClosed(_) => "admin_closed",
             GatewayError::Rejected(r) => r.reason().label(),

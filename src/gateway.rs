@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -229,9 +229,14 @@ impl Gateway {
         let arrived = Instant::now();
         function.metrics.started.inc();
         let call_id = forwarding::call_id(&req);
-        let result = match &self.queue {
+        let coding = match forwarding::content_length(req.headers()) {
+            None => transfer_coding(&req),
+            Some(_) => Ok(()),
+        };
+        let result = match (&self.queue, coding) {
             _ if self.is_draining() => Err(GatewayError::Draining),
-            Some(queue) => queue
+            (_, Err(e)) => Err(e),
+            (Some(queue), Ok(())) => queue
                 .accept(&function, req, name_end, peer, &call_id)
                 .await
                 .map(|()| {
@@ -239,7 +244,7 @@ impl Gateway {
                     resp.headers_mut().insert(&CALL_ID, call_id.clone());
                     resp
                 }),
-            None => Err(GatewayError::AsyncStoreUnavailable(
+            (None, Ok(())) => Err(GatewayError::AsyncStoreUnavailable(
                 "the async queue is not running".into(),
             )),
         };
@@ -291,7 +296,7 @@ async fn invoke(
     // Each phase's result is bound before the next await, so that no match scrutinee is kept in
     // the future across it (the future is moved whole at every await above it).
     let result = 'phases: {
-        let declared = match limits(&function, req.headers(), draining) {
+        let declared = match limits(&function, &req, draining) {
             Ok(declared) => declared,
             Err(e) => break 'phases Err(e),
         };
@@ -310,18 +315,39 @@ async fn invoke(
 /// declared body is within `max_body_bytes`. Returns the declared length.
 fn limits(
     function: &Function,
-    headers: &HeaderMap,
+    req: &Request<Incoming>,
     draining: bool,
 ) -> Result<Option<u64>, GatewayError> {
     if draining {
         return Err(GatewayError::Draining);
     }
     let limit = function.config.max_body_bytes;
-    let declared = content_length(headers);
+    let declared = content_length(req.headers());
     match declared {
         Some(len) if limit > 0 && len > limit => Err(GatewayError::BodyTooLarge(limit)),
+        None => transfer_coding(req).map(|()| None),
         _ => Ok(declared),
     }
+}
+
+/// A body in a transfer coding other than `chunked` (`gzip, chunked`, say) is refused with `501`:
+/// the gateway re-frames bodies, so the coding would be dropped on the way and the replica would
+/// get coded bytes without being told (RFC 9112 §6.1). Only a request with a body and no
+/// `Content-Length` is looked at: the hot path (no body) reads no header.
+fn transfer_coding(req: &Request<Incoming>) -> Result<(), GatewayError> {
+    use http_body::Body as _;
+    if req.body().is_end_stream() {
+        return Ok(());
+    }
+    for value in req.headers().get_all(http::header::TRANSFER_ENCODING) {
+        let text = value.to_str().unwrap_or("?");
+        for coding in text.split(',').map(str::trim) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(GatewayError::TransferCoding(coding.to_owned()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The last phase: the function's response or the gateway's own answer, with `X-Start-Time`,

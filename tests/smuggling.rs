@@ -299,7 +299,9 @@ async fn ambiguous_client_requests_are_refused_or_reach_the_replica_as_one_well_
             (Some(e), n) => format!("{n} well-formed, then: {e}"),
         };
         println!("| {name} | {status} | {received} |");
-        let refused = (400..500).contains(&status) && requests == 0 && bad.is_none();
+        // 4xx, or 501 for a transfer coding the gateway cannot pass on, and nothing sent.
+        let refused =
+            ((400..500).contains(&status) || status == 501) && requests == 0 && bad.is_none();
         // A body is streamed, never buffered whole: a framing error in the client's chunks can
         // come after the head went out. Then the replica's connection is closed mid-request
         // (never reused), so nothing after it can be read as another request.
