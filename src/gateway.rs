@@ -226,7 +226,7 @@ impl Gateway {
         peer: &Peer,
     ) -> Response<ResponseBody> {
         let arrived = Instant::now();
-        function.metrics.started.inc();
+        function.started();
         let call_id = forwarding::call_id(&req);
         let result = match &self.queue {
             _ if self.is_draining() => Err(GatewayError::Draining),

@@ -120,6 +120,12 @@ impl Policy {
         (need > inputs.current).then_some(need)
     }
 
+    /// Whether every later decision is zero until something arrives: no burst, and nothing above
+    /// zero remembered for the cooldown. With zero load, [`Policy::decide`] then stays at zero.
+    pub fn at_rest(&self, t: Duration) -> bool {
+        !self.in_burst(t) && self.history.iter().all(|(_, c)| *c == 0)
+    }
+
     /// Whether burst mode is on at `t`.
     pub fn in_burst(&self, t: Duration) -> bool {
         self.burst_until.is_some_and(|until| t < until)

@@ -47,15 +47,36 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 const MAX_LOG_LINE: usize = 16 * 1024;
 
 /// The handle the gateway holds for one function's processes.
+///
+/// The supervisor task (and its probe client) exists only once a replica has been asked for: a
+/// function at zero that was never invoked costs no task.
 #[derive(Debug)]
 pub struct ProcessBackend {
     desired: watch::Sender<u32>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
+    seed: Mutex<Option<Seed>>,
+}
+
+/// What the supervisor is built from when it is first needed.
+struct Seed {
+    function: Arc<str>,
+    config: Arc<ProcessConfig>,
+    drain_limit: Duration,
+    publisher: Publisher,
+}
+
+impl std::fmt::Debug for Seed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seed")
+            .field("function", &self.function)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProcessBackend {
-    /// Starts the supervisor with `initial` replicas asked for.
+    /// Starts the supervisor with `initial` replicas asked for (at the first replica asked for,
+    /// when `initial` is 0).
     pub fn start(
         function: &str,
         config: &ProcessConfig,
@@ -63,16 +84,41 @@ impl ProcessBackend {
         drain_limit: Duration,
         publisher: Publisher,
     ) -> ProcessBackend {
-        let (desired, desired_rx) = watch::channel(initial);
-        let (stop, stop_rx) = watch::channel(false);
+        let (desired, _) = watch::channel(initial);
+        let (stop, _) = watch::channel(false);
+        let backend = ProcessBackend {
+            desired,
+            stop,
+            task: Mutex::new(None),
+            seed: Mutex::new(Some(Seed {
+                function: Arc::from(function),
+                config: Arc::new(config.clone()),
+                drain_limit,
+                publisher,
+            })),
+        };
+        if initial > 0 {
+            backend.ensure_started();
+        }
+        backend
+    }
+
+    /// Spawns the supervisor if it is not running yet (and the backend is not shut down).
+    fn ensure_started(&self) {
+        let Some(seed) = self.seed.lock().unwrap().take() else {
+            return;
+        };
+        if *self.stop.borrow() {
+            return;
+        }
         let (events_tx, events) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
-            function: Arc::from(function),
-            config: Arc::new(config.clone()),
-            drain_limit,
-            publisher,
-            desired: desired_rx,
-            stop: stop_rx,
+            function: seed.function,
+            config: seed.config,
+            drain_limit: seed.drain_limit,
+            publisher: seed.publisher,
+            desired: self.desired.subscribe(),
+            stop: self.stop.subscribe(),
             events_tx,
             events,
             replicas: Vec::new(),
@@ -82,11 +128,7 @@ impl ProcessBackend {
             failure: None,
             probe: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         };
-        ProcessBackend {
-            desired,
-            stop,
-            task: Mutex::new(Some(tokio::spawn(supervisor.run()))),
-        }
+        *self.task.lock().unwrap() = Some(tokio::spawn(supervisor.run()));
     }
 }
 
@@ -104,11 +146,17 @@ impl Backend for ProcessBackend {
     }
 
     fn set_replicas(&self, n: u32) {
+        if n > 0 {
+            self.ensure_started();
+        }
         self.desired
             .send_if_modified(|d| std::mem::replace(d, n) != n);
     }
 
     fn scale_from_zero(&self, n: u32) -> bool {
+        if n > 0 {
+            self.ensure_started();
+        }
         self.desired.send_if_modified(|d| {
             if *d == 0 && n > 0 {
                 *d = n;
@@ -121,7 +169,7 @@ impl Backend for ProcessBackend {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let _ = self.stop.send(true);
+            self.stop.send_replace(true);
             let task = self.task.lock().unwrap().take();
             if let Some(task) = task {
                 let _ = task.await;

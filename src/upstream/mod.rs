@@ -329,7 +329,13 @@ pub struct Endpoint {
     pub upstream: Upstream,
     /// Idle keep-alive connections to it.
     pub pool: Pool,
+    /// Connections being opened to it at once, at most [`MAX_CONNECTING`]: a small server's listen
+    /// backlog (5 for Python's `http.server`) drops the handshakes of a burst beyond it.
+    connecting: tokio::sync::Semaphore,
 }
+
+/// Connections opened to one endpoint at once; more requests needing one wait for a handshake.
+pub const MAX_CONNECTING: usize = 4;
 
 impl Endpoint {
     /// An endpoint at `upstream` with an empty pool and a fresh id.
@@ -338,6 +344,7 @@ impl Endpoint {
             id: NEXT_ENDPOINT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             upstream,
             pool: Pool::default(),
+            connecting: tokio::sync::Semaphore::new(MAX_CONNECTING),
         }
     }
 }
@@ -432,8 +439,12 @@ async fn connect_tcp(upstream: &Upstream) -> Result<TcpStream, UpstreamError> {
 
 /// A new connection, bounded by `deadline` as well as the connect timeout. The connect future
 /// is boxed: it is the rare case, and inline it would double the exchange's size.
-async fn connect(upstream: &Upstream, deadline: Instant) -> Result<Box<Conn>, UpstreamError> {
-    match tokio::time::timeout_at(deadline, Box::pin(connect_tcp(upstream))).await {
+async fn connect(endpoint: &Endpoint, deadline: Instant) -> Result<Box<Conn>, UpstreamError> {
+    let opening = async {
+        let _turn = endpoint.connecting.acquire().await;
+        connect_tcp(&endpoint.upstream).await
+    };
+    match tokio::time::timeout_at(deadline, Box::pin(opening)).await {
         Ok(stream) => Ok(Conn::new(stream?)),
         Err(_) => Err(UpstreamError::Timeout),
     }
@@ -493,7 +504,7 @@ pub async fn send(
     let body_idle = outgoing.body_idle;
     let (mut conn, mut reused) = match checkout(&endpoint.pool, outgoing.now) {
         Some(conn) => (conn, true),
-        None => (connect(&endpoint.upstream, deadline).await?, false),
+        None => (connect(endpoint, deadline).await?, false),
     };
     let mut head = std::mem::take(&mut conn.scratch);
     head.clear();
@@ -554,7 +565,7 @@ pub async fn send(
             {
                 // A stale pooled connection: send the request again on a fresh one.
                 sending.rewind();
-                conn = connect(&endpoint.upstream, deadline).await?;
+                conn = connect(endpoint, deadline).await?;
                 reused = false;
             }
             Err(e) => return Err(e),
