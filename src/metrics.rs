@@ -15,6 +15,7 @@
 //! `gateway_service_count` and `sluicegate_function_desired_replicas` (README §Metrics); once it
 //! has seen a request, a ready replica or an async backlog it shows its whole fixed set.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -288,7 +289,8 @@ impl Histogram {
 /// Every metric family the gateway exports.
 pub struct Metrics {
     registry: Registry,
-    functions: Mutex<Vec<Weak<FunctionMetrics>>>,
+    /// Every live function's series, by name (the exposition's order).
+    functions: Mutex<BTreeMap<Box<str>, Weak<FunctionMetrics>>>,
     unknown_function: IntCounter,
 }
 
@@ -341,13 +343,19 @@ impl Metrics {
             .expect("metric names are unique and valid");
         Metrics {
             registry,
-            functions: Mutex::new(Vec::new()),
+            functions: Mutex::new(BTreeMap::new()),
             unknown_function,
         }
     }
 
-    /// A function's series. They are exported for as long as the returned handle lives.
+    /// A function's series, exported for as long as a returned handle lives. Asked again for a
+    /// name whose series are alive (a function replaced while requests still hold the old one),
+    /// it returns the same series, as a prometheus vector returns the same child.
     pub fn function(&self, name: &str) -> Arc<FunctionMetrics> {
+        let mut all = self.functions.lock().unwrap();
+        if let Some(live) = all.get(name).and_then(Weak::upgrade) {
+            return live;
+        }
         let f = Arc::new(FunctionMetrics {
             name: name.into(),
             started: Counter::default(),
@@ -367,12 +375,7 @@ impl Metrics {
             async_callbacks: Default::default(),
             by_code: OnceLock::new(),
         });
-        let mut all = self.functions.lock().unwrap();
-        if all.len() == all.capacity() {
-            // Forget functions that are gone before growing.
-            all.retain(|w| w.strong_count() > 0);
-        }
-        all.push(Arc::downgrade(&f));
+        all.insert(name.into(), Arc::downgrade(&f));
         f
     }
 
@@ -390,8 +393,8 @@ impl Metrics {
     pub fn encode(&self) -> Vec<u8> {
         let functions: Vec<Arc<FunctionMetrics>> = {
             let mut all = self.functions.lock().unwrap();
-            all.retain(|w| w.strong_count() > 0);
-            all.iter().filter_map(Weak::upgrade).collect()
+            all.retain(|_, w| w.strong_count() > 0);
+            all.values().filter_map(Weak::upgrade).collect()
         };
         let mut out = Vec::with_capacity(4096 + functions.len() * 160);
         TextEncoder::new()
@@ -680,5 +683,51 @@ mod tests {
         assert!(text.contains("sluicegate_unknown_function_requests_total 1"));
         assert!(!text.contains("code=\"404\""));
         assert_eq!(f.invocation_count(), 2);
+    }
+
+    #[test]
+    fn a_never_invoked_function_exports_only_its_replica_counts_until_its_first_request() {
+        let m = Metrics::new();
+        let f = m.function("idle");
+        let text = String::from_utf8(m.encode()).unwrap();
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            series,
+            [
+                "sluicegate_unknown_function_requests_total 0",
+                "gateway_service_count{function_name=\"idle\"} 0",
+                "sluicegate_function_desired_replicas{function_name=\"idle\"} 0",
+            ]
+        );
+        // Every family is still described.
+        assert!(text.contains("# TYPE gateway_functions_seconds histogram\n"));
+        assert!(text.contains("# TYPE sluicegate_function_cold_start_seconds histogram\n"));
+        f.started.inc();
+        let text = String::from_utf8(m.encode()).unwrap();
+        for line in [
+            "gateway_function_invocation_started{function_name=\"idle\"} 1",
+            "sluicegate_function_ongoing_requests{function_name=\"idle\"} 0",
+            "sluicegate_function_rejected_total{function_name=\"idle\",reason=\"queue_full\"} 0",
+            "sluicegate_autoscaler_decisions_total{direction=\"up\",function_name=\"idle\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in {text}");
+        }
+    }
+
+    #[test]
+    fn a_name_asked_for_twice_shares_its_series_and_is_exported_once() {
+        let m = Metrics::new();
+        let a = m.function("echo");
+        let b = m.function("echo");
+        a.started.inc();
+        assert_eq!(b.started.get(), 1);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert_eq!(text.matches("gateway_service_count{").count(), 1);
+        drop((a, b));
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            !text.contains("echo"),
+            "a dropped function's series are gone"
+        );
     }
 }
