@@ -135,6 +135,8 @@ pub struct Step {
 pub struct Controller {
     policy: Policy,
     samples: Samples,
+    /// When the first sample was taken.
+    first: Option<Duration>,
 }
 
 impl Controller {
@@ -143,6 +145,7 @@ impl Controller {
         Controller {
             policy: Policy::new(config),
             samples: Samples::default(),
+            first: None,
         }
     }
 
@@ -168,20 +171,32 @@ impl Controller {
             && self.policy.at_rest(t)
     }
 
-    /// Records the zero samples of the steps skipped while at rest, from `from` (exclusive) to
-    /// `to` (exclusive) every `every`; only the last window's worth are kept anyway.
+    /// Frees what a controller [at rest](Controller::at_rest) remembers: zeros only (the samples
+    /// within the window are zeros when the `concurrency` metric is 0, and no other mode reads
+    /// them). [`Controller::rested`] records the zeros again on waking.
+    pub fn rest(&mut self) {
+        self.samples = Samples::default();
+        self.policy.rest();
+    }
+
+    /// After [`Controller::rest`]: records again the zero samples a ticking loop would hold at
+    /// `to`: those on the grid of `every` through `from` (the last step taken, at rest) within
+    /// the window, and those of the steps skipped from then until `to` (exclusive).
     pub fn rested(&mut self, from: Duration, to: Duration, every: Duration) {
         let window = self.policy.config().window;
         if every.is_zero() {
             return;
         }
-        let mut t = from + every;
-        let first_kept = to.saturating_sub(window);
-        if t < first_kept {
-            let skip = (first_kept - t).as_nanos() / every.as_nanos();
-            t += every * skip as u32;
-        }
-        while t < to {
+        // Not before the first sample this controller took.
+        let low = to.saturating_sub(window).max(self.first.unwrap_or(from));
+        let mut t = if from >= low {
+            let back = (from - low).as_nanos() / every.as_nanos();
+            from - every * back as u32
+        } else {
+            let ahead = (low - from).as_nanos().div_ceil(every.as_nanos());
+            from + every * ahead as u32
+        };
+        while t <= from || t < to {
             self.samples.push(t, 0, window);
             t += every;
         }
@@ -197,6 +212,7 @@ impl Controller {
         decide: bool,
     ) -> Step {
         let window = self.policy.config().window;
+        self.first.get_or_insert(t);
         self.samples
             .push(t, figures.ongoing + figures.queued, window);
         if let Some(replicas) = manual {
@@ -238,6 +254,18 @@ impl Autoscaler {
         })
     }
 
+    /// Whether `function` starts at rest: scaled automatically, not in `queue` mode, at zero with
+    /// `min_replicas = 0` and nothing owed. Its loop need not run until something happens.
+    pub fn at_rest_from_the_start(function: &Function) -> bool {
+        let config = &function.config.autoscaler;
+        config.mode != ScaleMode::None
+            && !matches!(config.mode, ScaleMode::Queue { .. })
+            && config.min_replicas == 0
+            && function.backend().scalable()
+            && function.backend().replicas() == 0
+            && function.metrics.async_backlog.get() == 0
+    }
+
     /// Runs until `shutdown` turns true: a sample every sample interval and a decision every
     /// `polling_interval`, both on a fixed grid from the start, except while at rest.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -266,12 +294,21 @@ impl Autoscaler {
             if !at_rest {
                 continue;
             }
-            tokio::select! {
-                woken = self.function.dormant_until_woken(arrivals) => if !woken { continue },
+            self.controller.rest();
+            let woken = tokio::select! {
+                woken = self.function.dormant_until_woken(arrivals) => woken,
                 _ = shutdown.changed() => return,
-            }
+            };
             // Back on the grid; the skipped samples were zeros, the skipped decisions zero.
             let woke = Instant::now();
+            if !woken {
+                self.controller.rested(
+                    now.saturating_duration_since(self.origin),
+                    now.saturating_duration_since(self.origin),
+                    every,
+                );
+                continue;
+            }
             let since = woke.saturating_duration_since(start);
             let ticks = since.as_nanos() / every.as_nanos().max(1) + 1;
             tick = start + every * ticks as u32;

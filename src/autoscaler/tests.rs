@@ -431,19 +431,30 @@ fn skipped_samples_at_rest_count_as_zeros_in_the_concurrency_average() {
         ..Figures::default()
     };
     let idle = Figures::default();
-    // One controller samples every second; the other rests from 1 s to 40 s.
+    let s = Duration::from_secs;
+    // One controller samples every second; the other rests after its samples at 0..=5 s, forgets
+    // them, and is woken at 40 s.
     let mut ticking = Controller::new(f.config.autoscaler.clone());
     let mut resting = Controller::new(f.config.autoscaler.clone());
-    ticking.step(Duration::ZERO, &busy, None, false);
-    resting.step(Duration::ZERO, &busy, None, false);
-    for s in 1..40 {
-        ticking.step(Duration::from_secs(s), &idle, None, false);
+    for t in 0..40 {
+        ticking.step(s(t), &idle, None, t % 10 == 0);
     }
-    resting.step(Duration::from_secs(1), &idle, None, false);
-    resting.rested(Duration::from_secs(1), Duration::from_secs(40), every);
-    let t = Duration::from_secs(40);
-    assert_eq!(
-        ticking.step(t, &idle, None, true),
-        resting.step(t, &idle, None, true)
-    );
+    for t in 0..=5 {
+        let step = resting.step(s(t), &idle, None, t % 10 == 0);
+        assert!(resting.at_rest(s(t), &step));
+    }
+    resting.rest();
+    resting.rested(s(5), s(40), every);
+    // A request in flight at 40 s: both see the same average over the window (10 / 41).
+    let a = ticking.step(s(40), &busy, None, true);
+    let b = resting.step(s(40), &busy, None, true);
+    assert_eq!(a, b);
+    assert!((a.inputs.metric - 10.0 / 41.0).abs() < 1e-9, "{a:?}");
+    // And again a window later, when the samples from before the rest have aged out.
+    for t in 41..100 {
+        assert_eq!(
+            ticking.step(s(t), &idle, None, t % 10 == 0),
+            resting.step(s(t), &idle, None, t % 10 == 0)
+        );
+    }
 }

@@ -186,6 +186,8 @@ pub struct Function {
     dormant: AtomicBool,
     /// Wakes the dormant autoscaler.
     wake: Notify,
+    /// Starts the autoscaler's task, when it was not started because the function was at rest.
+    parked: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl std::fmt::Debug for Function {
@@ -257,6 +259,7 @@ impl Function {
             manual: Mutex::new(None),
             dormant: AtomicBool::new(false),
             wake: Notify::new(),
+            parked: Mutex::new(None),
             config,
         })
     }
@@ -295,8 +298,16 @@ impl Function {
         // this arrival, or this sees it dormant (the same instructions as `Relaxed` on x86).
         self.metrics.started.inc_ordered();
         if self.dormant.load(Ordering::SeqCst) && self.dormant.swap(false, Ordering::SeqCst) {
-            self.wake.notify_one();
+            self.wake_autoscaler();
         }
+    }
+
+    /// Leaves the autoscaler unstarted until the function first does something: `start` (which
+    /// spawns its task) runs then, on the request path, once. For a function at rest from the
+    /// beginning (at zero, `min_replicas = 0`), so that one never invoked costs no task.
+    pub fn park_autoscaler(&self, start: Box<dyn FnOnce() + Send>) {
+        *self.parked.lock().unwrap() = Some(start);
+        self.dormant.store(true, Ordering::SeqCst);
     }
 
     /// Requests counted so far, for [`Function::dormant_until_woken`].
@@ -327,7 +338,11 @@ impl Function {
     /// extra step).
     fn wake_autoscaler(&self) {
         self.dormant.store(false, Ordering::SeqCst);
-        self.wake.notify_one();
+        let parked = self.parked.lock().unwrap().take();
+        match parked {
+            Some(start) => start(),
+            None => self.wake.notify_one(),
+        }
     }
 
     /// The ready replicas now.

@@ -48,14 +48,25 @@ const MAX_LOG_LINE: usize = 16 * 1024;
 
 /// The handle the gateway holds for one function's processes.
 ///
-/// The supervisor task (and its probe client) exists only once a replica has been asked for: a
-/// function at zero that was never invoked costs no task.
+/// The supervisor task, its channels and its probe client exist only once a replica has been
+/// asked for: a function at zero that was never invoked costs a few hundred bytes and no task.
 #[derive(Debug)]
 pub struct ProcessBackend {
-    desired: watch::Sender<u32>,
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<JoinHandle<()>>>,
-    seed: Mutex<Option<Seed>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// No replica asked for yet.
+    Parked(Seed),
+    /// The supervisor runs.
+    Running {
+        desired: watch::Sender<u32>,
+        stop: watch::Sender<bool>,
+        task: Option<JoinHandle<()>>,
+    },
+    /// Shut down (before or after running).
+    Stopped,
 }
 
 /// What the supervisor is built from when it is first needed.
@@ -74,6 +85,35 @@ impl std::fmt::Debug for Seed {
     }
 }
 
+impl Seed {
+    fn start(self, initial: u32) -> State {
+        let (desired, desired_rx) = watch::channel(initial);
+        let (stop, stop_rx) = watch::channel(false);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let supervisor = Supervisor {
+            function: self.function,
+            config: self.config,
+            drain_limit: self.drain_limit,
+            publisher: self.publisher,
+            desired: desired_rx,
+            stop: stop_rx,
+            events_tx,
+            events,
+            replicas: Vec::new(),
+            stopping: HashMap::new(),
+            failures: 0,
+            retry_at: None,
+            failure: None,
+            probe: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        };
+        State::Running {
+            desired,
+            stop,
+            task: Some(tokio::spawn(supervisor.run())),
+        }
+    }
+}
+
 impl ProcessBackend {
     /// Starts the supervisor with `initial` replicas asked for (at the first replica asked for,
     /// when `initial` is 0).
@@ -84,51 +124,41 @@ impl ProcessBackend {
         drain_limit: Duration,
         publisher: Publisher,
     ) -> ProcessBackend {
-        let (desired, _) = watch::channel(initial);
-        let (stop, _) = watch::channel(false);
-        let backend = ProcessBackend {
-            desired,
-            stop,
-            task: Mutex::new(None),
-            seed: Mutex::new(Some(Seed {
-                function: Arc::from(function),
-                config: Arc::new(config.clone()),
-                drain_limit,
-                publisher,
-            })),
+        let seed = Seed {
+            function: Arc::from(function),
+            config: Arc::new(config.clone()),
+            drain_limit,
+            publisher,
         };
-        if initial > 0 {
-            backend.ensure_started();
+        let state = if initial > 0 {
+            seed.start(initial)
+        } else {
+            State::Parked(seed)
+        };
+        ProcessBackend {
+            state: Mutex::new(state),
         }
-        backend
     }
 
-    /// Spawns the supervisor if it is not running yet (and the backend is not shut down).
-    fn ensure_started(&self) {
-        let Some(seed) = self.seed.lock().unwrap().take() else {
-            return;
-        };
-        if *self.stop.borrow() {
-            return;
+    /// Applies `change` to the replica count asked for (starting the supervisor when it asks for
+    /// one); returns whether it changed anything.
+    fn ask(&self, change: impl FnOnce(&mut u32) -> bool) -> bool {
+        let mut state = self.state.lock().unwrap();
+        match &mut *state {
+            State::Running { desired, .. } => desired.send_if_modified(change),
+            State::Stopped => false,
+            State::Parked(_) => {
+                let mut n = 0;
+                if !change(&mut n) {
+                    return false;
+                }
+                let State::Parked(seed) = std::mem::replace(&mut *state, State::Stopped) else {
+                    unreachable!("matched above");
+                };
+                *state = seed.start(n);
+                true
+            }
         }
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let supervisor = Supervisor {
-            function: seed.function,
-            config: seed.config,
-            drain_limit: seed.drain_limit,
-            publisher: seed.publisher,
-            desired: self.desired.subscribe(),
-            stop: self.stop.subscribe(),
-            events_tx,
-            events,
-            replicas: Vec::new(),
-            stopping: HashMap::new(),
-            failures: 0,
-            retry_at: None,
-            failure: None,
-            probe: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-        };
-        *self.task.lock().unwrap() = Some(tokio::spawn(supervisor.run()));
     }
 }
 
@@ -142,22 +172,18 @@ impl Backend for ProcessBackend {
     }
 
     fn replicas(&self) -> u32 {
-        *self.desired.borrow()
+        match &*self.state.lock().unwrap() {
+            State::Running { desired, .. } => *desired.borrow(),
+            State::Parked(_) | State::Stopped => 0,
+        }
     }
 
     fn set_replicas(&self, n: u32) {
-        if n > 0 {
-            self.ensure_started();
-        }
-        self.desired
-            .send_if_modified(|d| std::mem::replace(d, n) != n);
+        self.ask(|d| std::mem::replace(d, n) != n);
     }
 
     fn scale_from_zero(&self, n: u32) -> bool {
-        if n > 0 {
-            self.ensure_started();
-        }
-        self.desired.send_if_modified(|d| {
+        self.ask(|d| {
             if *d == 0 && n > 0 {
                 *d = n;
                 true
@@ -169,8 +195,13 @@ impl Backend for ProcessBackend {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.stop.send_replace(true);
-            let task = self.task.lock().unwrap().take();
+            let task = match std::mem::replace(&mut *self.state.lock().unwrap(), State::Stopped) {
+                State::Running { stop, task, .. } => {
+                    stop.send_replace(true);
+                    task
+                }
+                State::Parked(_) | State::Stopped => None,
+            };
             if let Some(task) = task {
                 let _ = task.await;
             }

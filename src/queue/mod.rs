@@ -189,21 +189,34 @@ impl AsyncQueue {
         let name = function.name.clone();
         let lane = Arc::new(Lane::new(function, stored));
         self.lanes.insert(name.clone(), lane.clone());
-        if let Ok(store) = &self.store {
-            let dispatcher = Dispatcher {
-                ctx: Arc::new(Ctx {
-                    lane,
-                    store: store.clone(),
-                    client: self.client.clone(),
-                    stop: self.stop.subscribe(),
-                }),
-                deadline: self.deadline.subscribe(),
-            };
-            let task = tokio::spawn(dispatcher.run());
-            if let Some(old) = self.dispatchers.lock().unwrap().insert(name, task) {
-                old.abort();
-            }
+        if let Some(old) = self.dispatchers.lock().unwrap().remove(&name) {
+            old.abort();
         }
+        // A function with nothing stored gets its dispatcher at its first accepted invocation.
+        if stored > 0 {
+            self.ensure_dispatcher(&lane);
+        }
+    }
+
+    /// Starts the lane's dispatcher unless it runs (or the queue is shutting down).
+    fn ensure_dispatcher(&self, lane: &Arc<Lane>) {
+        let Ok(store) = &self.store else {
+            return;
+        };
+        let mut dispatchers = self.dispatchers.lock().unwrap();
+        if dispatchers.contains_key(&lane.function.name) || *self.stop.borrow() {
+            return;
+        }
+        let dispatcher = Dispatcher {
+            ctx: Arc::new(Ctx {
+                lane: lane.clone(),
+                store: store.clone(),
+                client: self.client.clone(),
+                stop: self.stop.subscribe(),
+            }),
+            deadline: self.deadline.subscribe(),
+        };
+        dispatchers.insert(lane.function.name.clone(), tokio::spawn(dispatcher.run()));
     }
 
     /// Invocations the store held when the queue started (all functions).
@@ -237,6 +250,7 @@ impl AsyncQueue {
             .ok_or_else(|| {
                 GatewayError::Internal(format!("no async lane for {}", function.name))
             })?;
+        self.ensure_dispatcher(&lane);
 
         // 1. The callback URL, if any, must be one we can call.
         let callback = match req.headers().get(&CALLBACK_URL) {
