@@ -87,6 +87,7 @@ impl Replica {
             served: AtomicU32::new(0),
         };
         if self.ramp.set(ramp).is_ok() {
+            self.endpoint.set_careful(true);
             self.ramping.store(true, Ordering::Release);
         }
     }
@@ -113,6 +114,7 @@ impl Replica {
         let elapsed = now.saturating_duration_since(ramp.from);
         if elapsed >= ramp.period {
             self.ramping.store(false, Ordering::Relaxed);
+            self.endpoint.set_careful(false);
             return max;
         }
         let initial = SLOW_START_INITIAL.min(max);
