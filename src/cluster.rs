@@ -355,6 +355,14 @@ async fn listen(
             match serde_json::from_slice::<Report>(&msg.payload) {
                 Ok(report) => {
                     let joined = !view.members(Instant::now()).contains(&report.gateway);
+                    // Load only a peer sees must wake this gateway's dormant autoscalers.
+                    for (name, [window, _, ongoing, queued, _]) in &report.functions {
+                        if window + ongoing + queued > 0 {
+                            if let Some(f) = gateway.function(name) {
+                                f.peer_activity();
+                            }
+                        }
+                    }
                     view.record(report, Instant::now());
                     if joined {
                         rebalance(&gateway, &view, Instant::now());

@@ -227,7 +227,7 @@ impl Gateway {
         peer: &Peer,
     ) -> Response<ResponseBody> {
         let arrived = Instant::now();
-        function.metrics.started.inc();
+        function.started();
         let call_id = forwarding::call_id(&req);
         let coding = match forwarding::content_length(req.headers()) {
             None => transfer_coding(&req),

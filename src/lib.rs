@@ -73,7 +73,9 @@ pub struct Running {
     gateway: Arc<Gateway>,
     server: Server,
     stop_loops: watch::Sender<bool>,
-    loops: Vec<JoinHandle<()>>,
+    /// Autoscaler loops (some started after `start`, at their function's first arrival) and
+    /// discovery.
+    loops: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
     cluster: Option<cluster::Cluster>,
 }
 
@@ -117,10 +119,26 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Some(queue),
     ));
     let (stop_loops, stop_rx) = watch::channel(false);
-    let mut loops = Vec::new();
+    let loops = Arc::new(std::sync::Mutex::new(Vec::new()));
     for f in gateway.functions.all() {
-        if let Some(scaler) = autoscaler::Autoscaler::new(f) {
-            loops.push(tokio::spawn(scaler.run(stop_rx.clone())));
+        if autoscaler::Autoscaler::at_rest_from_the_start(&f) {
+            // Started by the function's first arrival, cold start or manual scale.
+            let function = Arc::downgrade(&f);
+            let (loops, stop_rx) = (loops.clone(), stop_rx.clone());
+            f.park_autoscaler(Box::new(move || {
+                let Some(scaler) = function.upgrade().and_then(autoscaler::Autoscaler::new) else {
+                    return;
+                };
+                if !*stop_rx.borrow() {
+                    let task = tokio::spawn(scaler.run(stop_rx));
+                    loops.lock().unwrap().push(task);
+                }
+            }));
+        } else if let Some(scaler) = autoscaler::Autoscaler::new(f) {
+            loops
+                .lock()
+                .unwrap()
+                .push(tokio::spawn(scaler.run(stop_rx.clone())));
         }
     }
     let cluster = match &config.gateway.cluster {
@@ -145,7 +163,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         None => None,
     };
     if config.gateway.kubernetes_discovery {
-        loops.push(discovery::start(
+        loops.lock().unwrap().push(discovery::start(
             gateway.clone(),
             Arc::new(config.clone()),
             providers.clone(),
@@ -204,7 +222,8 @@ impl Running {
             queue.shutdown(deadline).await;
         }
         let _ = self.stop_loops.send(true);
-        for task in self.loops {
+        let loops = std::mem::take(&mut *self.loops.lock().unwrap());
+        for task in loops {
             let _ = task.await;
         }
         if let Some(cluster) = self.cluster {

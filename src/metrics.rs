@@ -8,13 +8,19 @@
 //! The gauges here are not copies: admission control increments and decrements `ongoing` and
 //! `queued` directly, and the autoscaler reads them, so `/metrics` and the scaling loop see the
 //! same figures.
+//!
+//! Per-function series cost what the function does: each is a bare atomic (no prometheus child,
+//! no label strings), histograms and per-status-code series are allocated on first use, and the
+//! exposition is written straight from the atomics. A function that was never invoked shows only
+//! `gateway_service_count` and `sluicegate_function_desired_replicas` (README §Metrics); once it
+//! has seen a request, a ready replica or an async backlog it shows its whole fixed set.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
 
 /// Latency buckets for `gateway_functions_seconds`, in seconds: Prometheus' defaults plus the
 /// long tail that function timeouts allow.
@@ -159,25 +165,132 @@ pub enum Direction {
     Down,
 }
 
+/// A monotonic counter: one atomic.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds one, ordered with every other `SeqCst` operation (see `Function::arrived`).
+    pub fn inc_ordered(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The count so far, ordered with every other `SeqCst` operation.
+    pub fn get_ordered(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A gauge: one atomic.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Subtracts one.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Subtracts `n`.
+    pub fn sub(&self, n: i64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Sets the value.
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// The value now.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram with fixed bucket bounds: an atomic per bucket, the sum and the count.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Box<[AtomicU64]>,
+    sum_bits: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_bits: AtomicU64::new(0f64.to_bits()),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        let mut current = self.sum_bits.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(current) + v).to_bits();
+            match self.sum_bits.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn get_sample_count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sum of the observations so far.
+    pub fn get_sample_sum(&self) -> f64 {
+        f64::from_bits(self.sum_bits.load(Ordering::Relaxed))
+    }
+
+    /// Writes `{name}_bucket…`, `_sum` and `_count` lines; `labels` is `k="v",…` without braces.
+    fn encode(&self, out: &mut Vec<u8>, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.get_sample_count();
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.get_sample_sum());
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
 /// Every metric family the gateway exports.
 pub struct Metrics {
     registry: Registry,
-    invocation_total: IntCounterVec,
-    functions_seconds: HistogramVec,
-    invocation_started: IntCounterVec,
-    service_count: IntGaugeVec,
-    window_requests: IntGaugeVec,
-    ongoing: IntGaugeVec,
-    queued: IntGaugeVec,
-    rejected: IntCounterVec,
-    cold_starts: IntCounterVec,
-    cold_start_seconds: HistogramVec,
-    desired_replicas: IntGaugeVec,
-    scaling_decisions: IntCounterVec,
-    burst_mode: IntGaugeVec,
-    async_backlog: IntGaugeVec,
-    async_invocations: IntCounterVec,
-    async_callbacks: IntCounterVec,
+    /// Every live function's series, by name (the exposition's order).
+    functions: Mutex<BTreeMap<Box<str>, Weak<FunctionMetrics>>>,
     unknown_function: IntCounter,
 }
 
@@ -187,157 +300,83 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric names are unique and valid");
-    c
-}
+/// The per-function families, in exposition order: name, type, help.
+const FAMILIES: [(&str, &str, &str); 15] = [
+    ("gateway_function_invocation_total", "counter", "Function invocations, by function and status code (including the gateway's own errors)."),
+    ("gateway_functions_seconds", "histogram", "Time from request arrival to response headers, cold-start and queue wait included."),
+    // The two OpenFaaS names that break the naming rules of their types (a counter without
+    // `_total`, a gauge ending in `_count`) are exported as `untyped`: the names stay (PromQL and
+    // dashboards only see names), and `promtool check metrics` stays clean.
+    ("gateway_function_invocation_started", "untyped", "Function invocations that arrived at the gateway."),
+    ("gateway_service_count", "untyped", "Ready replicas of the function."),
+    ("sluicegate_function_window_requests", "gauge", "Requests that arrived within the function's sliding window (rate_seconds)."),
+    ("sluicegate_function_ongoing_requests", "gauge", "Requests being served by a replica of the function."),
+    ("sluicegate_function_queued_requests", "gauge", "Requests waiting for a replica slot (including those held for a cold start)."),
+    ("sluicegate_function_rejected_total", "counter", "Requests the gateway answered itself instead of forwarding, by reason."),
+    ("sluicegate_function_cold_starts_total", "counter", "Scale-ups from zero ready replicas triggered by a request."),
+    ("sluicegate_function_cold_start_seconds", "histogram", "Time from a scale-up from zero to the first ready replica."),
+    ("sluicegate_function_desired_replicas", "gauge", "Replicas the gateway currently asks the provider for."),
+    ("sluicegate_autoscaler_decisions_total", "counter", "Replica count changes made by the autoscaler, by direction."),
+    ("sluicegate_autoscaler_burst_mode", "gauge", "1 while the function is in burst mode (short-window load at least twice its capacity)."),
+    ("sluicegate_async_backlog", "gauge", "Async invocations accepted and not yet finished (waiting, in flight or waiting to be retried)."),
+    ("sluicegate_async_invocations_total", "counter", "Async invocations by outcome: accepted, succeeded, failed, retried (per retry), dead_lettered, rejected (at accept time)."),
+];
+
+/// Also per function, after [`FAMILIES`].
+const CALLBACKS_FAMILY: (&str, &str, &str) = (
+    "sluicegate_async_callbacks_total",
+    "counter",
+    "Async callback delivery attempts by result: delivered, retried, failed (given up).",
+);
 
 impl Metrics {
-    /// Creates every family in a fresh registry.
+    /// Creates the registry and its global series.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let fname = &["function_name"];
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            register(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
-            )
-        };
-        let gauge_vec = |name: &str, help: &str| {
-            register(
-                &registry,
-                IntGaugeVec::new(Opts::new(name, help), fname).unwrap(),
-            )
-        };
+        let unknown_function = IntCounter::new(
+            "sluicegate_unknown_function_requests_total",
+            "Requests for function names that are not configured (no per-name series by design).",
+        )
+        .unwrap();
+        registry
+            .register(Box::new(unknown_function.clone()))
+            .expect("metric names are unique and valid");
         Metrics {
-            invocation_total: counter_vec(
-                "gateway_function_invocation_total",
-                "Function invocations, by function and status code (including the gateway's own errors).",
-                &["function_name", "code"],
-            ),
-            functions_seconds: register(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "gateway_functions_seconds",
-                        "Time from request arrival to response headers, cold-start and queue wait included.",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                    &["function_name", "code"],
-                )
-                .unwrap(),
-            ),
-            invocation_started: counter_vec(
-                "gateway_function_invocation_started",
-                "Function invocations that arrived at the gateway.",
-                fname,
-            ),
-            service_count: gauge_vec(
-                "gateway_service_count",
-                "Ready replicas of the function.",
-            ),
-            window_requests: gauge_vec(
-                "sluicegate_function_window_requests",
-                "Requests that arrived within the function's sliding window (rate_seconds).",
-            ),
-            ongoing: gauge_vec(
-                "sluicegate_function_ongoing_requests",
-                "Requests being served by a replica of the function.",
-            ),
-            queued: gauge_vec(
-                "sluicegate_function_queued_requests",
-                "Requests waiting for a replica slot (including those held for a cold start).",
-            ),
-            rejected: counter_vec(
-                "sluicegate_function_rejected_total",
-                "Requests the gateway answered itself instead of forwarding, by reason.",
-                &["function_name", "reason"],
-            ),
-            cold_starts: counter_vec(
-                "sluicegate_function_cold_starts_total",
-                "Scale-ups from zero ready replicas triggered by a request.",
-                fname,
-            ),
-            cold_start_seconds: register(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "sluicegate_function_cold_start_seconds",
-                        "Time from a scale-up from zero to the first ready replica.",
-                    )
-                    .buckets(COLD_START_BUCKETS.to_vec()),
-                    fname,
-                )
-                .unwrap(),
-            ),
-            desired_replicas: gauge_vec(
-                "sluicegate_function_desired_replicas",
-                "Replicas the gateway currently asks the provider for.",
-            ),
-            scaling_decisions: counter_vec(
-                "sluicegate_autoscaler_decisions_total",
-                "Replica count changes made by the autoscaler, by direction.",
-                &["function_name", "direction"],
-            ),
-            burst_mode: gauge_vec(
-                "sluicegate_autoscaler_burst_mode",
-                "1 while the function is in burst mode (short-window load at least twice its capacity).",
-            ),
-            async_backlog: gauge_vec(
-                "sluicegate_async_backlog",
-                "Async invocations accepted and not yet finished (waiting, in flight or waiting to be retried).",
-            ),
-            async_invocations: counter_vec(
-                "sluicegate_async_invocations_total",
-                "Async invocations by outcome: accepted, succeeded, failed, retried (per retry), dead_lettered, rejected (at accept time).",
-                &["function_name", "outcome"],
-            ),
-            async_callbacks: counter_vec(
-                "sluicegate_async_callbacks_total",
-                "Async callback delivery attempts by result: delivered, retried, failed (given up).",
-                &["function_name", "result"],
-            ),
-            unknown_function: register(
-                &registry,
-                IntCounter::new(
-                    "sluicegate_unknown_function_requests_total",
-                    "Requests for function names that are not configured (no per-name series by design).",
-                )
-                .unwrap(),
-            ),
             registry,
+            functions: Mutex::new(BTreeMap::new()),
+            unknown_function,
         }
     }
 
-    /// Resolves every per-function handle once; the request path uses only these.
-    pub fn function(&self, name: &str) -> FunctionMetrics {
-        let one = [name];
-        FunctionMetrics {
-            name: name.to_owned(),
-            started: self.invocation_started.with_label_values(&one),
-            ready: self.service_count.with_label_values(&one),
-            window_requests: self.window_requests.with_label_values(&one),
-            ongoing: self.ongoing.with_label_values(&one),
-            queued: self.queued.with_label_values(&one),
-            rejected: RejectReason::ALL
-                .map(|r| self.rejected.with_label_values(&[name, r.label()])),
-            cold_starts: self.cold_starts.with_label_values(&one),
-            cold_start_seconds: self.cold_start_seconds.with_label_values(&one),
-            desired: self.desired_replicas.with_label_values(&one),
-            scaled_up: self.scaling_decisions.with_label_values(&[name, "up"]),
-            scaled_down: self.scaling_decisions.with_label_values(&[name, "down"]),
-            burst_mode: self.burst_mode.with_label_values(&one),
-            async_backlog: self.async_backlog.with_label_values(&one),
-            async_outcomes: AsyncOutcome::ALL
-                .map(|o| self.async_invocations.with_label_values(&[name, o.label()])),
-            async_callbacks: CallbackResult::ALL
-                .map(|r| self.async_callbacks.with_label_values(&[name, r.label()])),
-            by_code: (0..CODES).map(|_| OnceLock::new()).collect(),
-            invocation_total: self.invocation_total.clone(),
-            functions_seconds: self.functions_seconds.clone(),
+    /// A function's series, exported for as long as a returned handle lives. Asked again for a
+    /// name whose series are alive (a function replaced while requests still hold the old one),
+    /// it returns the same series, as a prometheus vector returns the same child.
+    pub fn function(&self, name: &str) -> Arc<FunctionMetrics> {
+        let mut all = self.functions.lock().unwrap();
+        if let Some(live) = all.get(name).and_then(Weak::upgrade) {
+            return live;
         }
+        let f = Arc::new(FunctionMetrics {
+            name: name.into(),
+            started: Counter::default(),
+            ready: Gauge::default(),
+            window_requests: Gauge::default(),
+            ongoing: Gauge::default(),
+            queued: Gauge::default(),
+            rejected: Default::default(),
+            cold_starts: Counter::default(),
+            cold_start_seconds: OnceLock::new(),
+            desired: Gauge::default(),
+            scaled_up: Counter::default(),
+            scaled_down: Counter::default(),
+            burst_mode: Gauge::default(),
+            async_backlog: Gauge::default(),
+            async_outcomes: Default::default(),
+            async_callbacks: Default::default(),
+            by_code: OnceLock::new(),
+        });
+        all.insert(name.into(), Arc::downgrade(&f));
+        f
     }
 
     /// Counts a request for a name that is not configured.
@@ -345,29 +384,27 @@ impl Metrics {
         self.unknown_function.inc();
     }
 
-    /// The registry, for tests and for encoding.
+    /// The registry of the global (unlabelled) series.
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    /// Encodes every family in the Prometheus text format.
-    ///
-    /// The two OpenFaaS names that break the naming rules of their types
-    /// (`gateway_function_invocation_started` is a counter without `_total`,
-    /// `gateway_service_count` a gauge ending in `_count`) are exported as `untyped`: the names stay
-    /// (PromQL and dashboards only see names), and `promtool check metrics` stays clean.
+    /// Encodes every family in the Prometheus text format, straight from the atomics.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 * 1024);
-        let (compat, typed): (Vec<_>, Vec<_>) = self
-            .registry
-            .gather()
-            .into_iter()
-            .partition(|mf| UNTYPED_FOR_COMPATIBILITY.contains(&mf.name()));
+        let functions: Vec<Arc<FunctionMetrics>> = {
+            let mut all = self.functions.lock().unwrap();
+            all.retain(|_, w| w.strong_count() > 0);
+            all.values().filter_map(Weak::upgrade).collect()
+        };
+        let mut out = Vec::with_capacity(4096 + functions.len() * 160);
         TextEncoder::new()
-            .encode(&typed, &mut out)
+            .encode(&self.registry.gather(), &mut out)
             .expect("encoding to a Vec cannot fail");
-        for family in &compat {
-            encode_untyped(family, &mut out);
+        for (index, (name, kind, help)) in FAMILIES.iter().chain([&CALLBACKS_FAMILY]).enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for f in &functions {
+                f.encode(index, name, &mut out);
+            }
         }
         out
     }
@@ -382,40 +419,45 @@ impl Default for Metrics {
 /// Status codes 100..=599 get a lazily created pair of series each.
 const CODES: usize = 500;
 
-/// One function's metric handles, resolved once when the function is created.
+/// One status code's series of one function.
+#[derive(Debug)]
+struct CodeSeries {
+    count: Counter,
+    latency: Histogram,
+}
+
+/// One function's series: bare atomics, exported by [`Metrics::encode`].
 pub struct FunctionMetrics {
-    name: String,
+    name: Box<str>,
     /// `gateway_function_invocation_started`.
-    pub started: IntCounter,
+    pub started: Counter,
     /// `gateway_service_count`: ready replicas.
-    pub ready: IntGauge,
+    pub ready: Gauge,
     /// `sluicegate_function_window_requests`, refreshed from the window at each scrape.
-    pub window_requests: IntGauge,
+    pub window_requests: Gauge,
     /// `sluicegate_function_ongoing_requests`: the admission counter itself.
-    pub ongoing: IntGauge,
+    pub ongoing: Gauge,
     /// `sluicegate_function_queued_requests`: the admission queue length itself.
-    pub queued: IntGauge,
-    rejected: [IntCounter; RejectReason::ALL.len()],
+    pub queued: Gauge,
+    rejected: [Counter; RejectReason::ALL.len()],
     /// `sluicegate_function_cold_starts_total`.
-    pub cold_starts: IntCounter,
-    /// `sluicegate_function_cold_start_seconds`.
-    pub cold_start_seconds: Histogram,
+    pub cold_starts: Counter,
+    cold_start_seconds: OnceLock<Histogram>,
     /// `sluicegate_function_desired_replicas`.
-    pub desired: IntGauge,
+    pub desired: Gauge,
     /// `sluicegate_autoscaler_decisions_total{direction="up"}`.
-    pub scaled_up: IntCounter,
+    pub scaled_up: Counter,
     /// `sluicegate_autoscaler_decisions_total{direction="down"}`.
-    pub scaled_down: IntCounter,
+    pub scaled_down: Counter,
     /// `sluicegate_autoscaler_burst_mode`.
-    pub burst_mode: IntGauge,
+    pub burst_mode: Gauge,
     /// `sluicegate_async_backlog`: async invocations accepted and not yet finished. The async
     /// queue keeps it exact (initialised from the store at start); the `queue` autoscaler reads it.
-    pub async_backlog: IntGauge,
-    async_outcomes: [IntCounter; AsyncOutcome::ALL.len()],
-    async_callbacks: [IntCounter; CallbackResult::ALL.len()],
-    by_code: Box<[OnceLock<(IntCounter, Histogram)>]>,
-    invocation_total: IntCounterVec,
-    functions_seconds: HistogramVec,
+    pub async_backlog: Gauge,
+    async_outcomes: [Counter; AsyncOutcome::ALL.len()],
+    async_callbacks: [Counter; CallbackResult::ALL.len()],
+    /// Allocated at the first finished invocation, one slot per status code.
+    by_code: OnceLock<Box<[OnceLock<Box<CodeSeries>>]>>,
 }
 
 impl std::fmt::Debug for FunctionMetrics {
@@ -429,22 +471,33 @@ impl std::fmt::Debug for FunctionMetrics {
 impl FunctionMetrics {
     /// Records a finished invocation (response headers sent) with its status and latency.
     pub fn observe(&self, status: u16, seconds: f64) {
-        let (count, latency) = self.code(status);
-        count.inc();
-        latency.observe(seconds);
+        let series = self.code(status);
+        series.count.inc();
+        series.latency.observe(seconds);
     }
 
-    fn code(&self, status: u16) -> &(IntCounter, Histogram) {
+    fn code(&self, status: u16) -> &CodeSeries {
         let index = (status.clamp(100, 599) - 100) as usize;
-        self.by_code[index].get_or_init(|| {
-            let buf = itoa_status(status);
-            let code = std::str::from_utf8(&buf).unwrap_or("0");
-            let labels = [self.name.as_str(), code];
-            (
-                self.invocation_total.with_label_values(&labels),
-                self.functions_seconds.with_label_values(&labels),
-            )
+        let table = self
+            .by_code
+            .get_or_init(|| (0..CODES).map(|_| OnceLock::new()).collect());
+        table[index].get_or_init(|| {
+            Box::new(CodeSeries {
+                count: Counter::default(),
+                latency: Histogram::new(LATENCY_BUCKETS),
+            })
         })
+    }
+
+    /// Records a cold start's duration (`sluicegate_function_cold_start_seconds`).
+    pub fn cold_start_observed(&self, seconds: f64) {
+        self.cold_start_seconds().observe(seconds);
+    }
+
+    /// `sluicegate_function_cold_start_seconds`, created on first use.
+    pub fn cold_start_seconds(&self) -> &Histogram {
+        self.cold_start_seconds
+            .get_or_init(|| Histogram::new(COLD_START_BUCKETS))
     }
 
     /// Counts a request the gateway answered itself.
@@ -459,11 +512,13 @@ impl FunctionMetrics {
 
     /// Sum of `gateway_function_invocation_total` over every code (OpenFaaS' `invocationCount`).
     pub fn invocation_count(&self) -> u64 {
-        self.by_code
-            .iter()
-            .filter_map(|c| c.get())
-            .map(|(count, _)| count.get())
-            .sum()
+        self.by_code.get().map_or(0, |table| {
+            table
+                .iter()
+                .filter_map(|c| c.get())
+                .map(|s| s.count.get())
+                .sum()
+        })
     }
 
     /// Counts an async invocation outcome.
@@ -493,54 +548,104 @@ impl FunctionMetrics {
             Direction::Down => self.scaled_down.inc(),
         }
     }
-}
 
-/// OpenFaaS-compatible families whose names break the Prometheus naming rules for their types.
-const UNTYPED_FOR_COMPATIBILITY: [&str; 2] = [
-    "gateway_function_invocation_started",
-    "gateway_service_count",
-];
-
-/// Writes a counter or gauge family as `untyped` (prometheus' `TextEncoder` cannot).
-fn encode_untyped(family: &prometheus::proto::MetricFamily, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let name = family.name();
-    let help = family.help().replace('\\', "\\\\").replace('\n', "\\n");
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} untyped");
-    for metric in family.get_metric() {
-        let value = match family.get_field_type() {
-            prometheus::proto::MetricType::COUNTER => metric.get_counter().get_value(),
-            _ => metric.get_gauge().get_value(),
-        };
-        out.extend_from_slice(name.as_bytes());
-        let labels = metric.get_label();
-        if !labels.is_empty() {
-            out.push(b'{');
-            for (i, label) in labels.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                let value = label
-                    .value()
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n");
-                let _ = write!(out, "{}=\"{value}\"", label.name());
-            }
-            out.push(b'}');
-        }
-        let _ = writeln!(out, " {value}");
+    /// Whether the function has done anything yet: seen a request, had a ready replica or an
+    /// async backlog. Until then only its replica counts are exported.
+    fn active(&self) -> bool {
+        self.started.get() > 0
+            || self.ready.get() != 0
+            || self.async_backlog.get() != 0
+            || self.queued.get() != 0
+            || self.by_code.get().is_some()
     }
-}
 
-fn itoa_status(status: u16) -> [u8; 3] {
-    let s = status.clamp(100, 999);
-    [
-        b'0' + (s / 100) as u8,
-        b'0' + (s / 10 % 10) as u8,
-        b'0' + (s % 10) as u8,
-    ]
+    /// Writes this function's series of family `index` (see [`FAMILIES`]).
+    fn encode(&self, index: usize, name: &str, out: &mut Vec<u8>) {
+        let fname = &*self.name;
+        let int = |out: &mut Vec<u8>, value: i64| {
+            let _ = writeln!(out, "{name}{{function_name=\"{fname}\"}} {value}");
+        };
+        match index {
+            3 => return int(out, self.ready.get()),
+            10 => return int(out, self.desired.get()),
+            _ if !self.active() => return,
+            _ => {}
+        }
+        match index {
+            0 | 1 => {
+                let Some(table) = self.by_code.get() else {
+                    return;
+                };
+                for (i, series) in table.iter().enumerate() {
+                    let Some(series) = series.get() else {
+                        continue;
+                    };
+                    let code = 100 + i;
+                    if index == 0 {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{code=\"{code}\",function_name=\"{fname}\"}} {}",
+                            series.count.get()
+                        );
+                    } else {
+                        let labels = format!("code=\"{code}\",function_name=\"{fname}\"");
+                        series.latency.encode(out, name, &labels);
+                    }
+                }
+            }
+            2 => int(out, self.started.get() as i64),
+            4 => int(out, self.window_requests.get()),
+            5 => int(out, self.ongoing.get()),
+            6 => int(out, self.queued.get()),
+            7 => {
+                for (r, c) in RejectReason::ALL.iter().zip(&self.rejected) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{function_name=\"{fname}\",reason=\"{}\"}} {}",
+                        r.label(),
+                        c.get()
+                    );
+                }
+            }
+            8 => int(out, self.cold_starts.get() as i64),
+            9 => {
+                if let Some(h) = self.cold_start_seconds.get() {
+                    h.encode(out, name, &format!("function_name=\"{fname}\""));
+                }
+            }
+            11 => {
+                for (direction, c) in [("up", &self.scaled_up), ("down", &self.scaled_down)] {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{direction=\"{direction}\",function_name=\"{fname}\"}} {}",
+                        c.get()
+                    );
+                }
+            }
+            12 => int(out, self.burst_mode.get()),
+            13 => int(out, self.async_backlog.get()),
+            14 => {
+                for (o, c) in AsyncOutcome::ALL.iter().zip(&self.async_outcomes) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{function_name=\"{fname}\",outcome=\"{}\"}} {}",
+                        o.label(),
+                        c.get()
+                    );
+                }
+            }
+            _ => {
+                for (r, c) in CallbackResult::ALL.iter().zip(&self.async_callbacks) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{function_name=\"{fname}\",result=\"{}\"}} {}",
+                        r.label(),
+                        c.get()
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -578,5 +683,51 @@ mod tests {
         assert!(text.contains("sluicegate_unknown_function_requests_total 1"));
         assert!(!text.contains("code=\"404\""));
         assert_eq!(f.invocation_count(), 2);
+    }
+
+    #[test]
+    fn a_never_invoked_function_exports_only_its_replica_counts_until_its_first_request() {
+        let m = Metrics::new();
+        let f = m.function("idle");
+        let text = String::from_utf8(m.encode()).unwrap();
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            series,
+            [
+                "sluicegate_unknown_function_requests_total 0",
+                "gateway_service_count{function_name=\"idle\"} 0",
+                "sluicegate_function_desired_replicas{function_name=\"idle\"} 0",
+            ]
+        );
+        // Every family is still described.
+        assert!(text.contains("# TYPE gateway_functions_seconds histogram\n"));
+        assert!(text.contains("# TYPE sluicegate_function_cold_start_seconds histogram\n"));
+        f.started.inc();
+        let text = String::from_utf8(m.encode()).unwrap();
+        for line in [
+            "gateway_function_invocation_started{function_name=\"idle\"} 1",
+            "sluicegate_function_ongoing_requests{function_name=\"idle\"} 0",
+            "sluicegate_function_rejected_total{function_name=\"idle\",reason=\"queue_full\"} 0",
+            "sluicegate_autoscaler_decisions_total{direction=\"up\",function_name=\"idle\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in {text}");
+        }
+    }
+
+    #[test]
+    fn a_name_asked_for_twice_shares_its_series_and_is_exported_once() {
+        let m = Metrics::new();
+        let a = m.function("echo");
+        let b = m.function("echo");
+        a.started.inc();
+        assert_eq!(b.started.get(), 1);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert_eq!(text.matches("gateway_service_count{").count(), 1);
+        drop((a, b));
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            !text.contains("echo"),
+            "a dropped function's series are gone"
+        );
     }
 }

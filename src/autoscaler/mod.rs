@@ -7,6 +7,14 @@
 //! clock-free part of that step (samples → [`Inputs`] → burst check → decision) is the
 //! [`Controller`], which the offline simulator (`sluicegate simulate`) runs on virtual time.
 //!
+//! A function at zero with nothing to do costs no wake-ups: once a step finds it at rest (no
+//! replica asked for, `min_replicas = 0`, nothing in the window, in flight or remembered for the
+//! cooldown) the loop sleeps without a timer until the function wakes it (its first arrival, a
+//! cold start, a manual scale; [`Function::dormant_until_woken`]); the `queue` mode, whose metric
+//! changes without arrivals, keeps sampling. Every step it skipped would
+//! have decided zero; the concurrency samples it skipped are filled in as zeros on waking, and the
+//! decision schedule resumes on its grid.
+//!
 //! Manual scaling (`/system/scale-function`) is applied at once by the admin API and handed to the
 //! policy as a desired count seen now: the loop will not go below it until `cooldown_period` has
 //! passed, but scales above it if load needs more.
@@ -127,6 +135,8 @@ pub struct Step {
 pub struct Controller {
     policy: Policy,
     samples: Samples,
+    /// When the first sample was taken.
+    first: Option<Duration>,
 }
 
 impl Controller {
@@ -135,12 +145,61 @@ impl Controller {
         Controller {
             policy: Policy::new(config),
             samples: Samples::default(),
+            first: None,
         }
     }
 
     /// The configuration it applies.
     pub fn config(&self) -> &AutoscalerConfig {
         self.policy.config()
+    }
+
+    /// Whether a step at `t` that saw `step` leaves nothing to do until something arrives: no
+    /// replicas asked for and none required, nothing counted, in flight or remembered.
+    pub fn at_rest(&self, t: Duration, step: &Step) -> bool {
+        let i = &step.inputs;
+        // The `queue` mode's metric, the async backlog, is fed by the async queue (the store at
+        // start, retries), not only by arrivals: that mode keeps sampling.
+        !matches!(self.policy.config().mode, ScaleMode::Queue { .. })
+            && self.policy.config().min_replicas == 0
+            && i.current == 0
+            && i.metric == 0.0
+            && i.burst_metric == 0.0
+            && i.in_flight == 0
+            && step.burst.is_none()
+            && step.decision.is_none_or(|d| d.desired == 0)
+            && self.policy.at_rest(t)
+    }
+
+    /// Frees what a controller [at rest](Controller::at_rest) remembers: zeros only (the samples
+    /// within the window are zeros when the `concurrency` metric is 0, and no other mode reads
+    /// them). [`Controller::rested`] records the zeros again on waking.
+    pub fn rest(&mut self) {
+        self.samples = Samples::default();
+        self.policy.rest();
+    }
+
+    /// After [`Controller::rest`]: records again the zero samples a ticking loop would hold at
+    /// `to`: those on the grid of `every` through `from` (the last step taken, at rest) within
+    /// the window, and those of the steps skipped from then until `to` (exclusive).
+    pub fn rested(&mut self, from: Duration, to: Duration, every: Duration) {
+        let window = self.policy.config().window;
+        if every.is_zero() {
+            return;
+        }
+        // Not before the first sample this controller took.
+        let low = to.saturating_sub(window).max(self.first.unwrap_or(from));
+        let mut t = if from >= low {
+            let back = (from - low).as_nanos() / every.as_nanos();
+            from - every * back as u32
+        } else {
+            let ahead = (low - from).as_nanos().div_ceil(every.as_nanos());
+            from + every * ahead as u32
+        };
+        while t <= from || t < to {
+            self.samples.push(t, 0, window);
+            t += every;
+        }
     }
 
     /// One sample at `t` (time since the loop's origin): records ongoing+queued, hands a pending
@@ -153,6 +212,7 @@ impl Controller {
         decide: bool,
     ) -> Step {
         let window = self.policy.config().window;
+        self.first.get_or_insert(t);
         self.samples
             .push(t, figures.ongoing + figures.queued, window);
         if let Some(replicas) = manual {
@@ -194,31 +254,80 @@ impl Autoscaler {
         })
     }
 
-    /// Runs until `shutdown` turns true.
+    /// Whether `function` starts at rest: scaled automatically, not in `queue` mode, at zero with
+    /// `min_replicas = 0` and nothing owed. Its loop need not run until something happens.
+    pub fn at_rest_from_the_start(function: &Function) -> bool {
+        let config = &function.config.autoscaler;
+        config.mode != ScaleMode::None
+            && !matches!(config.mode, ScaleMode::Queue { .. })
+            && config.min_replicas == 0
+            && function.backend().scalable()
+            && function.backend().replicas() == 0
+            && function.metrics.async_backlog.get() == 0
+    }
+
+    /// Runs until `shutdown` turns true: a sample every sample interval and a decision every
+    /// `polling_interval`, both on a fixed grid from the start, except while at rest.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let config = self.controller.config().clone();
         let every = sample_interval(config.window, config.polling_interval);
-        let mut ticker = tokio::time::interval(every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let start = Instant::now();
+        let mut tick = start + every;
         let mut next = config.polling_interval;
         loop {
             tokio::select! {
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep_until(tick) => {}
                 _ = shutdown.changed() => return,
             }
             let now = Instant::now();
             let t = now.saturating_duration_since(start);
             let decide = t >= next;
-            self.step(now, decide);
+            let arrivals = self.function.arrivals();
+            let at_rest = self.step(now, decide);
             if decide {
                 next = next_decision(next, t, config.polling_interval);
+            }
+            tick += every;
+            if tick <= now {
+                tick = now + every;
+            }
+            if !at_rest {
+                continue;
+            }
+            self.controller.rest();
+            let woken = tokio::select! {
+                woken = self.function.dormant_until_woken(arrivals) => woken,
+                _ = shutdown.changed() => return,
+            };
+            // Back on the grid; the skipped samples were zeros, the skipped decisions zero.
+            let woke = Instant::now();
+            if !woken {
+                self.controller.rested(
+                    now.saturating_duration_since(self.origin),
+                    now.saturating_duration_since(self.origin),
+                    every,
+                );
+                continue;
+            }
+            let since = woke.saturating_duration_since(start);
+            let ticks = since.as_nanos() / every.as_nanos().max(1) + 1;
+            tick = start + every * ticks as u32;
+            self.controller.rested(
+                now.saturating_duration_since(self.origin),
+                woke.saturating_duration_since(self.origin),
+                every,
+            );
+            if since >= next {
+                next = next_decision(next, since, config.polling_interval);
+                // The decision that fell due while at rest is taken at the next sample.
+                next = next.saturating_sub(config.polling_interval);
             }
         }
     }
 
-    /// One sample; with `decide`, one decision. Public for tests on paused time.
-    pub fn step(&mut self, now: Instant, decide: bool) {
+    /// One sample; with `decide`, one decision. Returns whether the function is at rest (see
+    /// [`Controller::at_rest`]). Public for tests on paused time.
+    pub fn step(&mut self, now: Instant, decide: bool) -> bool {
         let t = now.saturating_duration_since(self.origin);
         let figures = self.function.decision_figures(now);
         let manual = self.function.take_manual();
@@ -230,6 +339,7 @@ impl Autoscaler {
             self.function.metrics.burst_mode.set(decision.burst as i64);
             self.apply(decision.desired, &step.inputs, &figures, "tick");
         }
+        manual.is_none() && self.controller.at_rest(t, &step)
     }
 
     fn apply(&self, desired: u32, inputs: &Inputs, figures: &Figures, why: &'static str) {

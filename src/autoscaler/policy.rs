@@ -120,6 +120,18 @@ impl Policy {
         (need > inputs.current).then_some(need)
     }
 
+    /// Whether every later decision is zero until something arrives: no burst, and nothing above
+    /// zero remembered for the cooldown. With zero load, [`Policy::decide`] then stays at zero.
+    pub fn at_rest(&self, t: Duration) -> bool {
+        !self.in_burst(t) && self.history.iter().all(|(_, c)| *c == 0)
+    }
+
+    /// Frees the memory of a policy [at rest](Policy::at_rest): the remembered candidates are
+    /// all zero, and a maximum over them and a new candidate is that candidate.
+    pub fn rest(&mut self) {
+        self.history = VecDeque::new();
+    }
+
     /// Whether burst mode is on at `t`.
     pub fn in_burst(&self, t: Duration) -> bool {
         self.burst_until.is_some_and(|until| t < until)

@@ -320,3 +320,141 @@ async fn a_pending_async_backlog_keeps_the_function_alive_in_every_mode() {
     a.step(Instant::now(), true);
     assert_eq!(fake.replicas(), 0);
 }
+
+/// Spawns the live loop over `a`; the returned sender stops it.
+fn spawn_loop(
+    a: Autoscaler,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    (stop, tokio::spawn(a.run(stop_rx)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_function_at_zero_sleeps_until_its_first_arrival_then_scales_as_before() {
+    let (a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 0\nmax_replicas = 3\ncooldown_period = 30"),
+        0,
+    );
+    let (stop, task) = spawn_loop(a);
+    // At zero with nothing to do: asleep after its first sample, and stays so (no timer).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(f.autoscaler_dormant());
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(f.autoscaler_dormant());
+    assert_eq!(fake.replicas(), 0);
+    assert_eq!(f.metrics.scaled_up.get(), 0);
+
+    // The first arrival wakes it: 25 requests in the window, threshold 10 → 3 at the next decision.
+    arrivals(&f, 25);
+    assert!(!f.autoscaler_dormant());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(fake.replicas(), 3);
+    assert!(!f.autoscaler_dormant());
+    publish(&f, 3);
+
+    // Back to zero only after the window empties and a whole idle cooldown, as before; then asleep.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert_eq!(fake.replicas(), 3, "inside the cooldown");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(fake.replicas(), 0);
+    publish(&f, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(f.autoscaler_dormant());
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_scale_wakes_a_sleeping_autoscaler_and_holds_for_the_cooldown() {
+    let (a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 0\nmax_replicas = 5\ncooldown_period = 20"),
+        0,
+    );
+    let (stop, task) = spawn_loop(a);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(f.autoscaler_dormant());
+    f.scale_manually(2);
+    publish(&f, 2);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!f.autoscaler_dormant());
+    // Held for the cooldown, then down to zero (nothing arrived), then asleep again.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(fake.replicas(), 2);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(fake.replicas(), 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(f.autoscaler_dormant());
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_wakes_a_sleeping_autoscaler() {
+    let (a, f, fake) = scaler(
+        &format!("{RPS}min_replicas = 0\nmax_replicas = 5\ncooldown_period = 20"),
+        0,
+    );
+    let (stop, task) = spawn_loop(a);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(f.autoscaler_dormant());
+    // A request held at zero: the cold start asks for one replica, the loop wakes and keeps it.
+    let held = {
+        let f = f.clone();
+        tokio::spawn(async move { f.admit(Instant::now()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!f.autoscaler_dormant());
+    assert_eq!(fake.replicas(), 1);
+    // 25 s: past the cooldown, inside the held request's 30 s cold-start timeout.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert_eq!(
+        fake.replicas(),
+        1,
+        "a held request is in flight: never scaled to zero"
+    );
+    held.abort();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[test]
+fn skipped_samples_at_rest_count_as_zeros_in_the_concurrency_average() {
+    let (f, _) = function(
+        "[functions.f.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 1\nrate_seconds = 60\nmin_replicas = 0",
+    );
+    let every = Duration::from_secs(1);
+    let busy = Figures {
+        ongoing: 10,
+        ..Figures::default()
+    };
+    let idle = Figures::default();
+    let s = Duration::from_secs;
+    // One controller samples every second; the other rests after its samples at 0..=5 s, forgets
+    // them, and is woken at 40 s.
+    let mut ticking = Controller::new(f.config.autoscaler.clone());
+    let mut resting = Controller::new(f.config.autoscaler.clone());
+    for t in 0..40 {
+        ticking.step(s(t), &idle, None, t % 10 == 0);
+    }
+    for t in 0..=5 {
+        let step = resting.step(s(t), &idle, None, t % 10 == 0);
+        assert!(resting.at_rest(s(t), &step));
+    }
+    resting.rest();
+    resting.rested(s(5), s(40), every);
+    // A request in flight at 40 s: both see the same average over the window (10 / 41).
+    let a = ticking.step(s(40), &busy, None, true);
+    let b = resting.step(s(40), &busy, None, true);
+    assert_eq!(a, b);
+    assert!((a.inputs.metric - 10.0 / 41.0).abs() < 1e-9, "{a:?}");
+    // And again a window later, when the samples from before the rest have aged out.
+    for t in 41..100 {
+        assert_eq!(
+            ticking.step(s(t), &idle, None, t % 10 == 0),
+            resting.step(s(t), &idle, None, t % 10 == 0)
+        );
+    }
+}

@@ -19,6 +19,9 @@ use super::{line, ConfigError};
 pub const DEFAULT_COLD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a request waits in a function's queue while the function has ready replicas.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replica that just turned ready takes to reach `max_ongoing_requests` (HAProxy's
+/// `slowstart`): small function servers (a listen backlog of 5) drop connections opened all at once.
+pub const DEFAULT_SLOW_START: Duration = Duration::from_secs(2);
 /// Largest request body accepted, in bytes (10 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 /// Requests in flight per replica (Ray Serve's default).
@@ -90,6 +93,12 @@ table! {
             /// Longest a request waits in the queue while the function has ready replicas (then
             /// `503`).
             pub queue_timeout: Duration = positive(queue_timeout, DEFAULT_QUEUE_TIMEOUT),
+        },
+        slow_start: Dur => {
+            /// Time over which a replica that just turned ready (on a scaling provider) is given
+            /// more requests at once: from a few to `max_ongoing_requests`, faster as its responses
+            /// come back; requests beyond stay queued. `None` (`0` in the file) gives it all at once.
+            pub slow_start: Option<Duration> = zero_is_never(slow_start, DEFAULT_SLOW_START),
         },
         max_body_bytes: u64 => {
             /// Largest request body in bytes; `0` is unlimited (async bodies then stop at
@@ -170,6 +179,12 @@ impl FunctionConfig {
             format!("{:?}", self.cold_start_timeout),
         );
         line(out, "queue_timeout", format!("{:?}", self.queue_timeout));
+        let slow = self.slow_start;
+        line(
+            out,
+            "slow_start",
+            slow.map_or("off".into(), |d| format!("{d:?}")),
+        );
         let body = Some(self.max_body_bytes).filter(|&n| n != 0);
         line(out, "max_body_bytes", unlimited(body));
         line(

@@ -330,6 +330,7 @@ fn check_config_prints_every_effective_setting() {
   response_idle_timeout = none
   cold_start_timeout   = 30s
   queue_timeout        = 30s
+  slow_start           = 2s
   max_body_bytes       = unlimited
   async                = max_backlog = 10000, concurrency = 25, max_attempts = 5, retry wait 1s doubling to 60s, max body 67108864 bytes
   autoscaler           = type = concurrency, target_ongoing_requests = 2, replicas 0..=5, rate_seconds = 30s, polling_interval = 1s, cooldown_period = 300s
@@ -343,6 +344,7 @@ fn check_config_prints_every_effective_setting() {
   response_idle_timeout = 300s
   cold_start_timeout   = 30s
   queue_timeout        = 30s
+  slow_start           = 2s
   max_body_bytes       = unlimited
   async                = max_backlog = 10000, concurrency = 5, max_attempts = 5, retry wait 1s doubling to 60s, max body 67108864 bytes
   autoscaler           = type = none, replicas 1..=1, rate_seconds = 30s, polling_interval = 1s, cooldown_period = 300s
@@ -365,7 +367,7 @@ fn an_unknown_key_is_reported_at_its_line_with_the_keys_in_file_order() {
             "unknown field `timeot`, expected one of `provider`, `command`, `env`, `working_dir`, \
              `readiness_path`, `startup_timeout`, `termination_grace`, `upstreams`, `deployment`, \
              `service`, `namespace`, `port`, `max_ongoing_requests`, `max_queued_requests`, `timeout`, `response_idle_timeout`, \
-             `cold_start_timeout`, `queue_timeout`, `max_body_bytes`, `async_max_backlog`, \
+             `cold_start_timeout`, `queue_timeout`, `slow_start`, `max_body_bytes`, `async_max_backlog`, \
              `async_concurrency`, `async_max_attempts`, `async_initial_retry_wait`, \
              `async_max_retry_wait`, `autoscaler`"
         ),

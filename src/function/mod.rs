@@ -20,12 +20,12 @@ pub use registry::{Fnv, Functions, NameHasher};
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -165,7 +165,7 @@ pub struct Function {
     /// Its validated configuration.
     pub config: FunctionConfig,
     /// Its metric handles.
-    pub metrics: FunctionMetrics,
+    pub metrics: Arc<FunctionMetrics>,
     /// Arrivals in the sliding window of `rate_seconds`.
     pub window: Window,
     endpoints: ArcSwap<Endpoints>,
@@ -187,6 +187,12 @@ pub struct Function {
     share: AtomicU32,
     /// The other gateways' view, when there are several (set once at start).
     cluster: OnceLock<Arc<dyn ClusterView>>,
+    /// Set while the autoscaler sleeps until this function does something.
+    dormant: AtomicBool,
+    /// Wakes the dormant autoscaler.
+    wake: Notify,
+    /// Starts the autoscaler's task, when it was not started because the function was at rest.
+    parked: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// What the other gateways of a cluster add to this one's view of a function.
@@ -283,6 +289,9 @@ impl Function {
             manual: Mutex::new(None),
             share: AtomicU32::new(config.max_ongoing_requests),
             cluster: OnceLock::new(),
+            dormant: AtomicBool::new(false),
+            wake: Notify::new(),
+            parked: Mutex::new(None),
             config,
         })
     }
@@ -311,8 +320,69 @@ impl Function {
     /// Counts a request's arrival (window, `invocation_started`, activity).
     pub fn arrived(&self, now: Instant) {
         self.window.record(now);
-        self.metrics.started.inc();
+        self.started();
         self.touch(now);
+    }
+
+    /// Counts `gateway_function_invocation_started` and wakes the autoscaler if it is dormant.
+    pub fn started(&self) {
+        // Both `SeqCst`, as are the store and load in `dormant_until_woken`: either that sees
+        // this arrival, or this sees it dormant (the same instructions as `Relaxed` on x86).
+        self.metrics.started.inc_ordered();
+        if self.dormant.load(Ordering::SeqCst) && self.dormant.swap(false, Ordering::SeqCst) {
+            self.wake_autoscaler();
+        }
+    }
+
+    /// Leaves the autoscaler unstarted until the function first does something: `start` (which
+    /// spawns its task) runs then, on the request path, once. For a function at rest from the
+    /// beginning (at zero, `min_replicas = 0`), so that one never invoked costs no task.
+    pub fn park_autoscaler(&self, start: Box<dyn FnOnce() + Send>) {
+        *self.parked.lock().unwrap() = Some(start);
+        self.dormant.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests counted so far, for [`Function::dormant_until_woken`].
+    pub fn arrivals(&self) -> u64 {
+        self.metrics.started.get_ordered()
+    }
+
+    /// The autoscaler's rest: returns `true` once something happened to the function (an arrival,
+    /// a cold start, a manual scale), at once `false` if a request arrived since `arrivals` was
+    /// read. Costs no timer; cancel-safe.
+    pub async fn dormant_until_woken(&self, arrivals: u64) -> bool {
+        self.dormant.store(true, Ordering::SeqCst);
+        if self.metrics.started.get_ordered() != arrivals {
+            self.dormant.store(false, Ordering::SeqCst);
+            return false;
+        }
+        self.wake.notified().await;
+        self.dormant.store(false, Ordering::SeqCst);
+        true
+    }
+
+    /// Another gateway of the cluster reports this function busy: a dormant autoscaler wakes, so
+    /// that the leader decides on load it does not see itself.
+    pub fn peer_activity(&self) {
+        if self.dormant.load(Ordering::SeqCst) && self.dormant.swap(false, Ordering::SeqCst) {
+            self.wake_autoscaler();
+        }
+    }
+
+    /// Whether the autoscaler is asleep until this function does something.
+    pub fn autoscaler_dormant(&self) -> bool {
+        self.dormant.load(Ordering::SeqCst)
+    }
+
+    /// Wakes the autoscaler whether or not it has gone dormant yet (a stored wake-up is only one
+    /// extra step).
+    fn wake_autoscaler(&self) {
+        self.dormant.store(false, Ordering::SeqCst);
+        let parked = self.parked.lock().unwrap().take();
+        match parked {
+            Some(start) => start(),
+            None => self.wake.notify_one(),
+        }
     }
 
     /// The ready replicas now.
@@ -351,19 +421,21 @@ impl Function {
             } else {
                 (random() % n as u64) as usize
             };
-            let mut best: Option<(&Arc<Replica>, u32)> = None;
+            let mut best: Option<(&Arc<Replica>, u32, u32)> = None;
             for i in 0..n {
                 let r = &replicas[(start + i) % n];
                 let load = r.inflight();
-                if load < max && best.is_none_or(|(_, b)| load < b) {
-                    best = Some((r, load));
+                // Below `max` only while the replica is in slow start.
+                let cap = r.cap(max);
+                if load < cap && best.is_none_or(|(_, b, _)| load < b) {
+                    best = Some((r, load, cap));
                     if load == 0 {
                         break;
                     }
                 }
             }
-            let (replica, seen) = best?;
-            if replica.try_acquire(seen, max) {
+            let (replica, seen, cap) = best?;
+            if replica.try_acquire(seen, cap) {
                 return Some(replica.clone());
             }
         }
@@ -538,6 +610,7 @@ impl Function {
             self.metrics.cold_starts.inc();
             self.metrics.desired.set(target as i64);
             self.cold.lock().unwrap().started = Some(now);
+            self.wake_autoscaler();
             info!(function = %self.name, replicas = target, "cold start: scaling up from zero");
         }
     }
@@ -547,13 +620,14 @@ impl Function {
         let now = Instant::now();
         let ready = endpoints.replicas.len();
         let failure = endpoints.failure.clone();
+        self.slow_start(&endpoints);
         self.endpoints.store(Arc::new(endpoints));
         self.metrics.ready.set(ready as i64);
         if ready > 0 {
             let mut cold = self.cold.lock().unwrap();
             if let Some(started) = cold.started.take() {
                 let secs = now.saturating_duration_since(started).as_secs_f64();
-                self.metrics.cold_start_seconds.observe(secs);
+                self.metrics.cold_start_observed(secs);
                 cold.typical = Some(match cold.typical {
                     Some(t) => 0.7 * t + 0.3 * secs,
                     None => secs,
@@ -574,6 +648,44 @@ impl Function {
                 reason: failure.reason,
             });
         }
+    }
+
+    /// Puts replicas that just turned ready into slow start (scaling providers only: a static
+    /// upstream was serving before the gateway started), and while any is ramping, offers the
+    /// queue their growing capacity every eighth of the period (responses coming back offer it
+    /// too). The ticking task lives for one period at most.
+    fn slow_start(self: &Arc<Self>, endpoints: &Endpoints) {
+        let Some(period) = self.config.slow_start else {
+            return;
+        };
+        if !self.backend.get().is_some_and(|b| b.scalable()) {
+            return;
+        }
+        let current = self.endpoints.load();
+        let mut fresh = false;
+        for r in &endpoints.replicas {
+            if !current.replicas.iter().any(|c| Arc::ptr_eq(c, r)) && !r.ramping() {
+                r.slow_start(period);
+                fresh |= r.ramping();
+            }
+        }
+        if !fresh || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let function = Arc::downgrade(self);
+        let every = (period / 8).max(Duration::from_millis(10));
+        let end = Instant::now() + period + every;
+        tokio::spawn(async move {
+            while Instant::now() < end {
+                tokio::time::sleep(every).await;
+                let Some(f) = function.upgrade() else {
+                    return;
+                };
+                if f.metrics.queued.get() > 0 {
+                    f.dispatch();
+                }
+            }
+        });
     }
 
     /// Smoothed time this function takes to start from zero, if it has ever done so.
@@ -675,6 +787,7 @@ impl Function {
     pub fn scale_manually(&self, n: u32) {
         self.scale_to(n);
         *self.manual.lock().unwrap() = Some(n);
+        self.wake_autoscaler();
     }
 
     /// The manual scale not yet seen by the autoscaler, if any.

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::provider::{Backend, Endpoints, Replica, StartFailure};
+use crate::provider::{Backend, Endpoints, Replica, StartFailure, SLOW_START_INITIAL};
 use crate::test_support::{self, replica, Fake};
 
 fn function(extra: &str) -> (Arc<Function>, Arc<Fake>) {
@@ -58,7 +58,7 @@ async fn many_requests_at_zero_trigger_exactly_one_scale_up() {
     assert_eq!(done, 20);
     assert_eq!(r1.inflight(), 0);
     assert_eq!(f.metrics.ongoing.get(), 0);
-    assert_eq!(f.metrics.cold_start_seconds.get_sample_count(), 1);
+    assert_eq!(f.metrics.cold_start_seconds().get_sample_count(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -253,4 +253,113 @@ async fn a_request_shed_at_zero_still_wakes_the_function() {
         1,
         "once, not per request"
     );
+}
+
+/// Admits `n` requests in tasks; returns their handles.
+fn flood(f: &Arc<Function>, n: usize) -> Vec<tokio::task::JoinHandle<Result<Permit, Rejection>>> {
+    (0..n)
+        .map(|_| {
+            let f = f.clone();
+            tokio::spawn(async move { f.admit(Instant::now()).await })
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_just_turned_ready_is_ramped_up_not_flooded() {
+    let (f, _) =
+        function("max_ongoing_requests = 100\nmax_queued_requests = 1000\nslow_start = \"2s\"");
+    let waiters = flood(&f, 200);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(f.metrics.queued.get(), 200);
+    let r = replica(1);
+    publish(&f, std::slice::from_ref(&r));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // A few at first; the rest stay queued.
+    assert_eq!(r.inflight(), SLOW_START_INITIAL);
+    assert_eq!(f.metrics.queued.get(), 200 - SLOW_START_INITIAL as i64);
+    // Halfway through the period: about half of the cap, still below it.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let half = r.inflight();
+    assert!(
+        (45..=60).contains(&half),
+        "{half} in flight after 1 s of 2 s"
+    );
+    // After the period: the whole cap; the other 100 wait for slots as before.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(r.inflight(), 100);
+    assert!(!r.ramping());
+    assert_eq!(f.metrics.queued.get(), 100);
+    // Every request is served in the end (none timed out: they stayed queued, in order).
+    let mut served = 0;
+    for w in waiters {
+        drop(w.await.unwrap().expect("admitted"));
+        served += 1;
+    }
+    assert_eq!(served, 200);
+    assert_eq!(r.inflight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn responses_coming_back_grow_a_slow_start_faster_than_the_clock() {
+    let (f, _) =
+        function("max_ongoing_requests = 100\nmax_queued_requests = 1000\nslow_start = \"60s\"");
+    let waiters = flood(&f, 100);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let r = replica(1);
+    publish(&f, std::slice::from_ref(&r));
+    let mut waiters = waiters.into_iter();
+    // Each response that comes back frees its slot and adds one: the cap doubles per round trip.
+    let mut in_flight = Vec::new();
+    for _ in 0..SLOW_START_INITIAL {
+        in_flight.push(waiters.next().unwrap().await.unwrap().unwrap());
+    }
+    assert_eq!(r.inflight(), 4);
+    in_flight.clear();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(r.inflight(), 8, "4 back: 4 + 4 allowed");
+    assert_eq!(f.metrics.queued.get(), 100 - 12);
+    for w in waiters {
+        drop(w.await.unwrap().unwrap());
+    }
+    assert_eq!(f.metrics.queued.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_zero_gives_a_new_replica_its_whole_cap_at_once() {
+    let (f, _) = function("max_ongoing_requests = 100\nmax_queued_requests = 1000\nslow_start = 0");
+    let _waiters = flood(&f, 150);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let r = replica(1);
+    publish(&f, std::slice::from_ref(&r));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(r.inflight(), 100);
+    assert!(!r.ramping());
+    assert_eq!(f.metrics.queued.get(), 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_request_keeps_its_cold_start_timeout_during_slow_start() {
+    let (f, _) = function(
+        "max_ongoing_requests = 100\nmax_queued_requests = 1000\nslow_start = \"600s\"\ncold_start_timeout = \"5s\"",
+    );
+    let waiters = flood(&f, 10);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let r = replica(1);
+    publish(&f, std::slice::from_ref(&r));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Four got slots (and hold them: 6 s of 600 s adds none); the six others waited past their
+    // timeout and were told so.
+    let mut admitted = 0;
+    let mut timed_out = 0;
+    for w in waiters {
+        match w.await.unwrap() {
+            Ok(_) => admitted += 1,
+            Err(Rejection::QueueTimeout { .. } | Rejection::ColdStartTimeout { .. }) => {
+                timed_out += 1
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((admitted, timed_out), (4, 6));
 }

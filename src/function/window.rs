@@ -3,9 +3,11 @@
 //! The window is cut into [`BUCKETS`] buckets. Each bucket packs the epoch it belongs to (upper 32
 //! bits) and its count (lower 32 bits) into one `AtomicU64`, so a stale bucket is recognised and
 //! reset by whichever request first lands in it after its epoch has passed. Reading sums the buckets
-//! whose epochs fall inside the span asked for; nothing is ever cleared by a background task.
+//! whose epochs fall inside the span asked for; nothing is ever cleared by a background task. The
+//! buckets are allocated at the first event, so a function never invoked costs no ring.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -21,7 +23,7 @@ const COUNT_MASK: u64 = 0xffff_ffff;
 /// it with virtual time, so both count exactly alike.
 #[derive(Debug)]
 pub struct Ring {
-    buckets: Box<[AtomicU64]>,
+    buckets: OnceLock<Box<[AtomicU64]>>,
     bucket_nanos: u64,
 }
 
@@ -30,7 +32,7 @@ impl Ring {
     pub fn new(length: Duration) -> Ring {
         let bucket_nanos = (length.as_nanos() as u64 / BUCKETS as u64).max(1_000_000);
         Ring {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            buckets: OnceLock::new(),
             bucket_nanos,
         }
     }
@@ -52,7 +54,10 @@ impl Ring {
     /// Counts one event `elapsed` after the origin.
     pub fn record(&self, elapsed: Duration) {
         let epoch = self.epoch(elapsed);
-        let slot = &self.buckets[(epoch % BUCKETS as u64) as usize];
+        let buckets = self
+            .buckets
+            .get_or_init(|| (0..BUCKETS).map(|_| AtomicU64::new(0)).collect());
+        let slot = &buckets[(epoch % BUCKETS as u64) as usize];
         let mut current = slot.load(Ordering::Relaxed);
         loop {
             if current >> 32 == epoch {
@@ -74,6 +79,9 @@ impl Ring {
     /// Events in the last `buckets` buckets up to and including the one holding `elapsed`
     /// (at most [`BUCKETS`]).
     pub fn sum_last(&self, elapsed: Duration, buckets: usize) -> u64 {
+        let Some(ring) = self.buckets.get() else {
+            return 0;
+        };
         let epoch = self.epoch(elapsed);
         let span = buckets.clamp(1, BUCKETS) as u64;
         let mut total = 0;
@@ -81,7 +89,7 @@ impl Ring {
             let Some(e) = epoch.checked_sub(back) else {
                 break;
             };
-            let v = self.buckets[(e % BUCKETS as u64) as usize].load(Ordering::Relaxed);
+            let v = ring[(e % BUCKETS as u64) as usize].load(Ordering::Relaxed);
             if v >> 32 == e {
                 total += v & COUNT_MASK;
             }

@@ -16,7 +16,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -27,16 +28,32 @@ use crate::upstream::Endpoint;
 /// A boxed future, for the one async method of the object-safe [`Backend`] trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Requests a replica in slow start is given at once at first.
+pub const SLOW_START_INITIAL: u32 = 4;
+
 /// One ready replica of a function, as the request path sees it.
 ///
 /// `inflight` is the exact number of requests this replica is serving; admission control raises it
-/// with a compare-and-swap that never passes `max_ongoing_requests`.
+/// with a compare-and-swap that never passes the replica's [`cap`](Replica::cap): the function's
+/// `max_ongoing_requests`, or less while the replica is in slow start.
 pub struct Replica {
     /// Where requests for this replica go, and its idle connections.
     endpoint: Arc<Endpoint>,
     inflight: AtomicU32,
     draining: AtomicBool,
     idle: Notify,
+    /// Set while the replica is in slow start: the only thing the request path reads otherwise.
+    ramping: AtomicBool,
+    ramp: OnceLock<Ramp>,
+}
+
+/// A slow start: the cap grows from [`SLOW_START_INITIAL`] to the maximum over `period`, and by one
+/// more for every response that came back meanwhile (so it doubles per round trip).
+#[derive(Debug)]
+struct Ramp {
+    from: Instant,
+    period: Duration,
+    served: AtomicU32,
 }
 
 impl fmt::Debug for Replica {
@@ -57,7 +74,53 @@ impl Replica {
             inflight: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
+            ramping: AtomicBool::new(false),
+            ramp: OnceLock::new(),
         })
+    }
+
+    /// Starts this replica's slow start over `period` (once; later calls do nothing).
+    pub fn slow_start(&self, period: Duration) {
+        let ramp = Ramp {
+            from: Instant::now(),
+            period,
+            served: AtomicU32::new(0),
+        };
+        if self.ramp.set(ramp).is_ok() {
+            self.endpoint.set_careful(true);
+            self.ramping.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether the replica is still in slow start.
+    pub fn ramping(&self) -> bool {
+        self.ramping.load(Ordering::Relaxed)
+    }
+
+    /// Requests this replica may serve at once now, given the function's `max`.
+    #[inline]
+    pub fn cap(&self, max: u32) -> u32 {
+        if !self.ramping.load(Ordering::Relaxed) {
+            return max;
+        }
+        self.ramp_cap(max, Instant::now())
+    }
+
+    #[cold]
+    fn ramp_cap(&self, max: u32, now: Instant) -> u32 {
+        let Some(ramp) = self.ramp.get() else {
+            return max;
+        };
+        let elapsed = now.saturating_duration_since(ramp.from);
+        if elapsed >= ramp.period {
+            self.ramping.store(false, Ordering::Relaxed);
+            self.endpoint.set_careful(false);
+            return max;
+        }
+        let initial = SLOW_START_INITIAL.min(max);
+        let by_time = u128::from(max - initial) * elapsed.as_nanos() / ramp.period.as_nanos();
+        let served = u128::from(ramp.served.load(Ordering::Relaxed));
+        (u128::from(initial) + by_time + served).min(u128::from(max)) as u32
     }
 
     /// Unique within the gateway process.
@@ -101,6 +164,11 @@ impl Replica {
 
     /// Gives back one slot.
     pub(crate) fn release(&self) {
+        if self.ramping.load(Ordering::Relaxed) {
+            if let Some(ramp) = self.ramp.get() {
+                ramp.served.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst)
         {
             self.idle.notify_waiters();

@@ -47,30 +47,54 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 const MAX_LOG_LINE: usize = 16 * 1024;
 
 /// The handle the gateway holds for one function's processes.
+///
+/// The supervisor task, its channels and its probe client exist only once a replica has been
+/// asked for: a function at zero that was never invoked costs a few hundred bytes and no task.
 #[derive(Debug)]
 pub struct ProcessBackend {
-    desired: watch::Sender<u32>,
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    state: Mutex<State>,
 }
 
-impl ProcessBackend {
-    /// Starts the supervisor with `initial` replicas asked for.
-    pub fn start(
-        function: &str,
-        config: &ProcessConfig,
-        initial: u32,
-        drain_limit: Duration,
-        publisher: Publisher,
-    ) -> ProcessBackend {
+#[derive(Debug)]
+enum State {
+    /// No replica asked for yet.
+    Parked(Seed),
+    /// The supervisor runs.
+    Running {
+        desired: watch::Sender<u32>,
+        stop: watch::Sender<bool>,
+        task: Option<JoinHandle<()>>,
+    },
+    /// Shut down (before or after running).
+    Stopped,
+}
+
+/// What the supervisor is built from when it is first needed.
+struct Seed {
+    function: Arc<str>,
+    config: Arc<ProcessConfig>,
+    drain_limit: Duration,
+    publisher: Publisher,
+}
+
+impl std::fmt::Debug for Seed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seed")
+            .field("function", &self.function)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Seed {
+    fn start(self, initial: u32) -> State {
         let (desired, desired_rx) = watch::channel(initial);
         let (stop, stop_rx) = watch::channel(false);
         let (events_tx, events) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
-            function: Arc::from(function),
-            config: Arc::new(config.clone()),
-            drain_limit,
-            publisher,
+            function: self.function,
+            config: self.config,
+            drain_limit: self.drain_limit,
+            publisher: self.publisher,
             desired: desired_rx,
             stop: stop_rx,
             events_tx,
@@ -82,10 +106,58 @@ impl ProcessBackend {
             failure: None,
             probe: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         };
-        ProcessBackend {
+        State::Running {
             desired,
             stop,
-            task: Mutex::new(Some(tokio::spawn(supervisor.run()))),
+            task: Some(tokio::spawn(supervisor.run())),
+        }
+    }
+}
+
+impl ProcessBackend {
+    /// Starts the supervisor with `initial` replicas asked for (at the first replica asked for,
+    /// when `initial` is 0).
+    pub fn start(
+        function: &str,
+        config: &ProcessConfig,
+        initial: u32,
+        drain_limit: Duration,
+        publisher: Publisher,
+    ) -> ProcessBackend {
+        let seed = Seed {
+            function: Arc::from(function),
+            config: Arc::new(config.clone()),
+            drain_limit,
+            publisher,
+        };
+        let state = if initial > 0 {
+            seed.start(initial)
+        } else {
+            State::Parked(seed)
+        };
+        ProcessBackend {
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Applies `change` to the replica count asked for (starting the supervisor when it asks for
+    /// one); returns whether it changed anything.
+    fn ask(&self, change: impl FnOnce(&mut u32) -> bool) -> bool {
+        let mut state = self.state.lock().unwrap();
+        match &mut *state {
+            State::Running { desired, .. } => desired.send_if_modified(change),
+            State::Stopped => false,
+            State::Parked(_) => {
+                let mut n = 0;
+                if !change(&mut n) {
+                    return false;
+                }
+                let State::Parked(seed) = std::mem::replace(&mut *state, State::Stopped) else {
+                    unreachable!("matched above");
+                };
+                *state = seed.start(n);
+                true
+            }
         }
     }
 }
@@ -100,16 +172,18 @@ impl Backend for ProcessBackend {
     }
 
     fn replicas(&self) -> u32 {
-        *self.desired.borrow()
+        match &*self.state.lock().unwrap() {
+            State::Running { desired, .. } => *desired.borrow(),
+            State::Parked(_) | State::Stopped => 0,
+        }
     }
 
     fn set_replicas(&self, n: u32) {
-        self.desired
-            .send_if_modified(|d| std::mem::replace(d, n) != n);
+        self.ask(|d| std::mem::replace(d, n) != n);
     }
 
     fn scale_from_zero(&self, n: u32) -> bool {
-        self.desired.send_if_modified(|d| {
+        self.ask(|d| {
             if *d == 0 && n > 0 {
                 *d = n;
                 true
@@ -121,8 +195,13 @@ impl Backend for ProcessBackend {
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let _ = self.stop.send(true);
-            let task = self.task.lock().unwrap().take();
+            let task = match std::mem::replace(&mut *self.state.lock().unwrap(), State::Stopped) {
+                State::Running { stop, task, .. } => {
+                    stop.send_replace(true);
+                    task
+                }
+                State::Parked(_) | State::Stopped => None,
+            };
             if let Some(task) = task {
                 let _ = task.await;
             }

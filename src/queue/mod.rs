@@ -222,20 +222,38 @@ impl AsyncQueue {
         self.lanes.insert(name.clone(), lane.clone());
         if let Ok(store) = &self.store {
             store.configure(&name, lane.function.config.async_max_attempts);
-            let dispatcher = Dispatcher {
-                ctx: Arc::new(Ctx {
-                    lane,
-                    store: store.clone(),
-                    client: self.client.clone(),
-                    stop: self.stop.subscribe(),
-                }),
-                deadline: self.deadline.subscribe(),
-            };
-            let task = tokio::spawn(dispatcher.run());
-            if let Some(old) = self.dispatchers.lock().unwrap().insert(name, task) {
-                old.abort();
-            }
         }
+        if let Some(old) = self.dispatchers.lock().unwrap().remove(&name) {
+            old.abort();
+        }
+        // A function with nothing stored gets its dispatcher at its first accepted invocation;
+        // with a store several gateways share, at once: another gateway may accept what this
+        // one dispatches.
+        let shared = self.store.as_ref().is_ok_and(|s| s.shared());
+        if stored > 0 || shared {
+            self.ensure_dispatcher(&lane);
+        }
+    }
+
+    /// Starts the lane's dispatcher unless it runs (or the queue is shutting down).
+    fn ensure_dispatcher(&self, lane: &Arc<Lane>) {
+        let Ok(store) = &self.store else {
+            return;
+        };
+        let mut dispatchers = self.dispatchers.lock().unwrap();
+        if dispatchers.contains_key(&lane.function.name) || *self.stop.borrow() {
+            return;
+        }
+        let dispatcher = Dispatcher {
+            ctx: Arc::new(Ctx {
+                lane: lane.clone(),
+                store: store.clone(),
+                client: self.client.clone(),
+                stop: self.stop.subscribe(),
+            }),
+            deadline: self.deadline.subscribe(),
+        };
+        dispatchers.insert(lane.function.name.clone(), tokio::spawn(dispatcher.run()));
     }
 
     /// Invocations the store held when the queue started (all functions).
@@ -269,6 +287,7 @@ impl AsyncQueue {
             .ok_or_else(|| {
                 GatewayError::Internal(format!("no async lane for {}", function.name))
             })?;
+        self.ensure_dispatcher(&lane);
 
         // 1. The callback URL, if any, must be one we can call.
         let callback = match req.headers().get(&CALLBACK_URL) {

@@ -22,6 +22,7 @@
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -34,6 +35,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::sync::SemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Upstream;
@@ -334,7 +336,18 @@ pub struct Endpoint {
     pub upstream: Upstream,
     /// Idle keep-alive connections to it.
     pub pool: Pool,
+    /// Connections being opened to it at once, at most [`MAX_CONNECTING`]: a small server's listen
+    /// backlog (5 for Python's `http.server`) drops the handshakes of a burst beyond it.
+    connecting: tokio::sync::Semaphore,
+    /// While set (a replica in slow start), a new connection counts as being opened until its
+    /// first response head arrives, not only until its handshake: the handshake completes in the
+    /// kernel before the server has accepted the connection, so only a response shows that it
+    /// did, and a server that accepts slowly overflows its backlog.
+    careful: AtomicBool,
 }
+
+/// Connections opened to one endpoint at once; more requests needing one wait for a handshake.
+pub const MAX_CONNECTING: usize = 4;
 
 impl Endpoint {
     /// An endpoint at `upstream` with an empty pool and a fresh id.
@@ -343,7 +356,15 @@ impl Endpoint {
             id: NEXT_ENDPOINT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             upstream,
             pool: Pool::default(),
+            connecting: tokio::sync::Semaphore::new(MAX_CONNECTING),
+            careful: AtomicBool::new(false),
         }
+    }
+
+    /// Sets or clears careful opening (see the field); the replica's slow start sets it.
+    pub fn set_careful(&self, careful: bool) {
+        self.careful
+            .store(careful, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -437,9 +458,21 @@ async fn connect_tcp(upstream: &Upstream) -> Result<TcpStream, UpstreamError> {
 
 /// A new connection, bounded by `deadline` as well as the connect timeout. The connect future
 /// is boxed: it is the rare case, and inline it would double the exchange's size.
-async fn connect(upstream: &Upstream, deadline: Instant) -> Result<Box<Conn>, UpstreamError> {
-    match tokio::time::timeout_at(deadline, Box::pin(connect_tcp(upstream))).await {
-        Ok(stream) => Ok(Conn::new(stream?)),
+/// With it, the turn among [`MAX_CONNECTING`] that the caller keeps until the response head
+/// arrives when the endpoint is careful.
+async fn connect(
+    endpoint: &Endpoint,
+    deadline: Instant,
+) -> Result<(Box<Conn>, Option<SemaphorePermit<'_>>), UpstreamError> {
+    let opening = async {
+        let turn = endpoint.connecting.acquire().await.ok();
+        let stream = connect_tcp(&endpoint.upstream).await?;
+        let careful = endpoint.careful.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((stream, turn.filter(|_| careful)))
+    };
+    match tokio::time::timeout_at(deadline, Box::pin(opening)).await {
+        Ok(Ok((stream, turn))) => Ok((Conn::new(stream), turn)),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(UpstreamError::Timeout),
     }
 }
@@ -496,9 +529,15 @@ pub async fn send(
     );
     let deadline = outgoing.deadline;
     let body_idle = outgoing.body_idle;
+    // Held until the response head when the endpoint is careful (see `Endpoint::careful`).
+    let mut _opening = None;
     let (mut conn, mut reused) = match checkout(&endpoint.pool, outgoing.now) {
         Some(conn) => (conn, true),
-        None => (connect(&endpoint.upstream, deadline).await?, false),
+        None => {
+            let (conn, turn) = connect(endpoint, deadline).await?;
+            _opening = turn;
+            (conn, false)
+        }
     };
     let mut head = std::mem::take(&mut conn.scratch);
     head.clear();
@@ -559,7 +598,8 @@ pub async fn send(
             {
                 // A stale pooled connection: send the request again on a fresh one.
                 sending.rewind();
-                conn = connect(&endpoint.upstream, deadline).await?;
+                let (fresh, turn) = connect(endpoint, deadline).await?;
+                (conn, _opening) = (fresh, turn);
                 reused = false;
             }
             Err(e) => return Err(e),
