@@ -448,3 +448,55 @@ async fn cold_requests_on_three_gateways_make_one_scale_up() {
         gw.shutdown().await;
     }
 }
+
+/// Load only the followers see wakes the leader's autoscaler (at rest with nothing local to
+/// wake it) and it scales on their figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_only_followers_see_still_scales_through_the_leader() {
+    let nats = NatsServer::start().await;
+    let fake = FakeKube::start().await;
+    fake.apply_deployment("fns", "far", 0, &[], &[], &[("app", "far")]);
+    let mut pods = Vec::new();
+    for _ in 0..8 {
+        pods.push(
+            Backend::start(|_, _| async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Response::new(body("ok\n"))
+            })
+            .await,
+        );
+    }
+    fake.bind_replicas(
+        "fns",
+        "far",
+        "far",
+        pods.iter().map(|p| p.addr).collect(),
+        Duration::from_millis(20),
+    );
+    let function = "[functions.far]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n\
+                    [functions.far.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 2\n\
+                    min_replicas = 0\nmax_replicas = 8\nrate_seconds = \"2s\"\npolling_interval = \"200ms\"\n";
+    let gws = three_on_kube(&nats, &fake, "far", function).await;
+    fake.until_watches(Resource::EndpointSlices, 3).await;
+    until_members(&gws.iter().collect::<Vec<_>>(), "far", 3).await;
+    until("one leader", Duration::from_secs(10), || {
+        gws.iter()
+            .filter(|gw| gw.function("far").is_leader())
+            .count()
+            == 1
+    })
+    .await;
+    let (leader, followers): (Vec<Gw>, Vec<Gw>) = gws
+        .into_iter()
+        .partition(|gw| gw.function("far").is_leader());
+    drive(&followers, "far", 6).await;
+    let asked = fake.deployment_replicas("fns", "far").unwrap();
+    eprintln!("12 in flight through the two followers only: the leader asked for {asked}");
+    assert!(
+        asked >= 4,
+        "the leader scaled on its followers' load: {asked}"
+    );
+    for gw in leader.into_iter().chain(followers) {
+        gw.shutdown().await;
+    }
+}
