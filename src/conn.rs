@@ -6,7 +6,7 @@
 //! when it first sees them, at most one sweep period late.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ pub struct ConnState {
     idle_since: AtomicU64,
     /// What the sweeper or a drain asks: [`RUN`], [`GRACEFUL`] or [`ABORT`] (only ever raised).
     signal: AtomicU8,
+    /// HTTP/2: bytes between requests are not a head (see [`ConnState::set_multiplexed`]).
+    multiplexed: AtomicBool,
     /// Wakes the connection's task when `signal` is raised.
     waker: AtomicWaker,
 }
@@ -53,6 +55,7 @@ impl ConnState {
             head_started: AtomicU64::new(STAMP_BASE),
             idle_since: AtomicU64::new(STAMP_BASE),
             signal: AtomicU8::new(RUN),
+            multiplexed: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         }
     }
@@ -95,8 +98,20 @@ impl ConnState {
         now
     }
 
+    /// The connection speaks HTTP/2 (its first bytes were the client preface): from now on bytes
+    /// arriving while nothing is in flight are not a request head being sent — an idle h2
+    /// connection carries PINGs, SETTINGS and WINDOW_UPDATEs — so only `idle_timeout` applies
+    /// between its requests (hyper bounds a header block itself: `max_header_list_size`).
+    pub fn set_multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+    }
+
     /// Request bytes arrived: a new head begins if nothing is in flight.
     pub fn on_read(&self) {
+        if self.multiplexed.load(Ordering::Relaxed) {
+            return;
+        }
         if self.inflight.load(Ordering::Relaxed) == 0
             && self.head_started.load(Ordering::Relaxed) == 0
         {

@@ -40,7 +40,12 @@ use crate::gateway::Gateway;
 struct TrackedIo {
     inner: TcpStream,
     state: Arc<ConnState>,
+    /// Nothing read yet: the first bytes tell HTTP/2's client preface from an HTTP/1 head.
+    first: bool,
 }
+
+/// The start of HTTP/2's client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 impl AsyncRead for TrackedIo {
     fn poll_read(
@@ -51,6 +56,16 @@ impl AsyncRead for TrackedIo {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if self.first {
+                self.first = false;
+                let got = &buf.filled()[before..];
+                let n = got.len().min(H2_PREFACE.len());
+                // At least "PRI": a first read of "P" could as well be "PUT" or "POST".
+                if n >= 3 && got[..n] == H2_PREFACE[..n] {
+                    self.state.set_multiplexed();
+                    return polled;
+                }
+            }
             self.state.on_read();
         }
         polled
@@ -329,6 +344,7 @@ async fn serve_connection(
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         state: state.clone(),
+        first: true,
     });
     let service = ConnService {
         gateway,

@@ -11,6 +11,7 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -449,6 +450,46 @@ async fn slow_loris_is_cut_off_and_others_are_served() {
     // A connection that sends nothing at all is closed too.
     let mut silent = TcpStream::connect(gw.addr).await.unwrap();
     assert!(closed_within(&mut silent, Duration::from_secs(2)).await);
+    gw.shutdown().await;
+}
+
+/// An idle HTTP/2 connection carries PINGs (and SETTINGS, WINDOW_UPDATEs): they are not a
+/// request head being trickled, so `header_read_timeout` does not close it; `idle_timeout` does.
+#[tokio::test]
+async fn pings_on_an_idle_h2_connection_are_not_a_slow_head() {
+    let backend = Backend::ok().await;
+    let echo = static_fn("echo", &backend.url(), "");
+    let gw = Gw::start_with(
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"5s\"",
+        &echo,
+    )
+    .await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_millis(100))
+        .keep_alive_while_idle(true)
+        .handshake::<_, TestBody>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let get = || {
+        Request::get(format!("http://{}/function/echo/", gw.addr))
+            .body(empty())
+            .unwrap()
+    };
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
+    // Four header timeouts of PINGs and nothing else.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        !driver.is_finished(),
+        "the gateway closed an idle h2 connection carrying PINGs"
+    );
+    let resp = sender
+        .send_request(get())
+        .await
+        .expect("the same connection still serves");
+    assert_eq!(resp.status(), 200);
     gw.shutdown().await;
 }
 
