@@ -7,6 +7,14 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+/// The longest duration a config accepts (ten years): far beyond any sensible timeout, and far
+/// from the point where adding it to a clock reading overflows (which would panic mid-request).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn too_long(text: impl fmt::Display) -> String {
+    format!("`{text}` is longer than the longest duration accepted (ten years)")
+}
+
 /// Parses `"250ms"`, `"10s"`, `"1.5s"`, `"5m"`, `"1h"` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -31,7 +39,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{text}` is not a non-negative duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(too_long(text)),
+    }
 }
 
 /// A duration as written in the file: integer seconds or a string with a unit.
@@ -53,18 +64,23 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("whole seconds or a duration string such as \"250ms\" or \"5m\"")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
-                u64::try_from(v)
-                    .map(|s| Dur(Duration::from_secs(s)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                let secs =
+                    u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+                self.visit_u64(secs)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
-                Ok(Dur(Duration::from_secs(v)))
+                match Duration::from_secs(v) {
+                    d if d <= MAX_DURATION => Ok(Dur(d)),
+                    _ => Err(E::custom(too_long(v))),
+                }
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dur, E> {
-                if v.is_finite() && v >= 0.0 {
-                    Ok(Dur(Duration::from_secs_f64(v)))
-                } else {
-                    Err(E::custom("a duration cannot be negative"))
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(E::custom("a duration cannot be negative"));
+                }
+                match Duration::try_from_secs_f64(v) {
+                    Ok(d) if d <= MAX_DURATION => Ok(Dur(d)),
+                    _ => Err(E::custom(too_long(v))),
                 }
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {

@@ -531,3 +531,22 @@ fn discovered_functions_read_annotations_over_defaults_and_name_a_bad_key() {
     let err = bad("provider", "process");
     assert!(err.contains("set by discovery"), "{err}");
 }
+
+#[test]
+fn a_duration_beyond_ten_years_is_an_error_not_a_panic() {
+    // Found by the callback_url fuzz target: a huge number of seconds made
+    // `Duration::from_secs_f64` panic; a huge whole number would overflow `Instant + timeout`.
+    assert!(parse_duration(&"3".repeat(400)).is_err());
+    assert!(parse_duration(&format!("{}h", "3".repeat(300)))
+        .unwrap_err()
+        .contains("longer than the longest duration accepted"));
+    assert!(parse_duration("9999999999999999999999m")
+        .unwrap_err()
+        .contains("longer than the longest duration accepted"));
+    assert!(parse_duration("87600h").is_ok(), "ten years is accepted");
+    assert!(parse_duration("87601h").is_err());
+    let err = parse("[functions.f]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\ntimeout = 18446744073709551615\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ten years"), "{err}");
+}
