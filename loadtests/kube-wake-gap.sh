@@ -4,7 +4,7 @@
 #   loadtests/kube-wake-gap.sh [ROUNDS]     (default 50)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=$(WAKE_GAP_ROUNDS=${1:-50} cargo test --release --quiet --test kubernetes -- --ignored --exact wake_gap --nocapture 2>&1 | grep "wake gap")
+out=$(WAKE_GAP_ROUNDS=${1:-50} cargo test --release --quiet --test kubernetes -- --exact wake_gap --nocapture 2>&1 | grep "wake gap")
 echo "$out"
 echo "$out" | python3 -c '
 import re, statistics, sys

@@ -54,6 +54,51 @@ async fn three_on_kube(nats: &NatsServer, fake: &FakeKube, test: &str, function:
     gws
 }
 
+/// Deployment `name` in `fns` at `replicas`, its pods `n` loopback servers answering after
+/// 100 ms, bound to it (each ready 20 ms after it is asked for).
+async fn slow_deployment(fake: &FakeKube, name: &str, replicas: i32, n: usize) -> Vec<Backend> {
+    fake.apply_deployment("fns", name, replicas, &[], &[], &[("app", name)]);
+    let mut pods = Vec::new();
+    for _ in 0..n {
+        pods.push(
+            Backend::start(|_, _| async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Response::new(body("ok\n"))
+            })
+            .await,
+        );
+    }
+    fake.bind_replicas(
+        "fns",
+        name,
+        name,
+        pods.iter().map(|p| p.addr).collect(),
+        Duration::from_millis(20),
+    );
+    pods
+}
+
+/// A kubernetes function scaled on concurrency (2 per replica), quickly.
+fn concurrency_fn(name: &str, min_replicas: u32, max_replicas: u32) -> String {
+    format!(
+        "[functions.{name}]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n\
+         [functions.{name}.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 2\n\
+         min_replicas = {min_replicas}\nmax_replicas = {max_replicas}\nrate_seconds = \"2s\"\n\
+         polling_interval = \"200ms\"\n"
+    )
+}
+
+/// Waits until exactly one of `gws` leads.
+async fn until_one_leader(gws: &[Gw], function: &str) {
+    until("one leader", Duration::from_secs(10), || {
+        gws.iter()
+            .filter(|gw| gw.function(function).is_leader())
+            .count()
+            == 1
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_never_sees_more_than_its_cap_from_three_gateways_together() {
     let nats = NatsServer::start().await;
@@ -116,37 +161,12 @@ async fn a_replica_never_sees_more_than_its_cap_from_three_gateways_together() {
 async fn the_leader_decides_on_the_load_all_three_gateways_see() {
     let nats = NatsServer::start().await;
     let fake = FakeKube::start().await;
-    fake.apply_deployment("fns", "busy", 1, &[], &[], &[("app", "busy")]);
-    let mut pods = Vec::new();
-    for _ in 0..8 {
-        pods.push(
-            Backend::start(|_, _| async {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Response::new(body("ok\n"))
-            })
-            .await,
-        );
-    }
-    fake.bind_replicas(
-        "fns",
-        "busy",
-        "busy",
-        pods.iter().map(|p| p.addr).collect(),
-        Duration::from_millis(20),
-    );
-    let function = "[functions.busy]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n\
-                    [functions.busy.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 2\n\
-                    min_replicas = 1\nmax_replicas = 8\nrate_seconds = \"2s\"\npolling_interval = \"200ms\"\n";
+    let pods = slow_deployment(&fake, "busy", 1, 8).await;
+    let function = &concurrency_fn("busy", 1, 8);
     let gws = three_on_kube(&nats, &fake, "busy", function).await;
     fake.until_watches(Resource::EndpointSlices, 3).await;
     until_members(&gws.iter().collect::<Vec<_>>(), "busy", 3).await;
-    until("one leader", Duration::from_secs(10), || {
-        gws.iter()
-            .filter(|gw| gw.function("busy").is_leader())
-            .count()
-            == 1
-    })
-    .await;
+    until_one_leader(&gws, "busy").await;
 
     // 12 clients in a closed loop for ~3 s, 4 through each gateway: ~12 in flight in all, so
     // with 2 per replica the leader should ask for about 6, though each gateway alone sees 4.
@@ -170,7 +190,7 @@ async fn the_leader_decides_on_the_load_all_three_gateways_see() {
     let kubeconfig = fake.write_kubeconfig(&dir, "fns");
     let one = Gw::start_with(
         &format!("kubeconfig = {:?}", kubeconfig.display().to_string()),
-        &function.replace("busy", "solo"),
+        &concurrency_fn("solo", 1, 8),
     )
     .await;
     fake.until_watching(Resource::EndpointSlices).await;
@@ -224,24 +244,7 @@ async fn killing_the_leader_process_hands_over_within_the_lease() {
 async fn killing_the_leader_holding_the_kubernetes_lease_hands_over_and_scaling_continues() {
     let nats = NatsServer::start().await;
     let fake = FakeKube::start().await;
-    fake.apply_deployment("fns", "echo", 1, &[], &[], &[("app", "echo")]);
-    let mut pods = Vec::new();
-    for _ in 0..4 {
-        pods.push(
-            Backend::start(|_, _| async {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Response::new(body("ok\n"))
-            })
-            .await,
-        );
-    }
-    fake.bind_replicas(
-        "fns",
-        "echo",
-        "echo",
-        pods.iter().map(|p| p.addr).collect(),
-        Duration::from_millis(20),
-    );
+    let pods = slow_deployment(&fake, "echo", 1, 4).await;
     // Published once the count is next written: start with one pod ready.
     fake.set_endpoints(
         "fns",
@@ -286,13 +289,9 @@ async fn kill_the_leader(nats: &NatsServer, fake: Option<&FakeKube>) {
             )
         })
         .unwrap_or_default();
-    let function = if fake.is_some() {
-        "[functions.echo]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n\
-         [functions.echo.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 2\n\
-         min_replicas = 1\nmax_replicas = 4\nrate_seconds = \"2s\"\npolling_interval = \"200ms\"\n"
-            .to_owned()
-    } else {
-        function
+    let function = match fake {
+        Some(_) => concurrency_fn("echo", 1, 4),
+        None => function,
     };
     let mut gateways = Vec::new();
     for id in ["a", "b", "c"] {
@@ -455,37 +454,12 @@ async fn cold_requests_on_three_gateways_make_one_scale_up() {
 async fn load_only_followers_see_still_scales_through_the_leader() {
     let nats = NatsServer::start().await;
     let fake = FakeKube::start().await;
-    fake.apply_deployment("fns", "far", 0, &[], &[], &[("app", "far")]);
-    let mut pods = Vec::new();
-    for _ in 0..8 {
-        pods.push(
-            Backend::start(|_, _| async {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Response::new(body("ok\n"))
-            })
-            .await,
-        );
-    }
-    fake.bind_replicas(
-        "fns",
-        "far",
-        "far",
-        pods.iter().map(|p| p.addr).collect(),
-        Duration::from_millis(20),
-    );
-    let function = "[functions.far]\nprovider = \"kubernetes\"\nmax_ongoing_requests = 4\n\
-                    [functions.far.autoscaler]\ntype = \"concurrency\"\ntarget_ongoing_requests = 2\n\
-                    min_replicas = 0\nmax_replicas = 8\nrate_seconds = \"2s\"\npolling_interval = \"200ms\"\n";
+    let _pods = slow_deployment(&fake, "far", 0, 8).await;
+    let function = &concurrency_fn("far", 0, 8);
     let gws = three_on_kube(&nats, &fake, "far", function).await;
     fake.until_watches(Resource::EndpointSlices, 3).await;
     until_members(&gws.iter().collect::<Vec<_>>(), "far", 3).await;
-    until("one leader", Duration::from_secs(10), || {
-        gws.iter()
-            .filter(|gw| gw.function("far").is_leader())
-            .count()
-            == 1
-    })
-    .await;
+    until_one_leader(&gws, "far").await;
     let (leader, followers): (Vec<Gw>, Vec<Gw>) = gws
         .into_iter()
         .partition(|gw| gw.function("far").is_leader());
