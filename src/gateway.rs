@@ -22,10 +22,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::incoming::Incoming;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 

@@ -40,6 +40,8 @@ pub mod function;
 pub mod fuzzing;
 pub mod gateway;
 pub mod h1;
+pub mod http1;
+pub mod incoming;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;

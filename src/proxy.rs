@@ -16,10 +16,10 @@
 
 use std::error::Error as StdError;
 
+use crate::incoming::Incoming;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tracing::debug;
@@ -31,6 +31,7 @@ use crate::forwarding::{
     strip_hop_by_hop, Forwarded, Peer, CALL_ID, COLD_START,
 };
 use crate::function::{Function, Permit, Waited};
+use crate::incoming::OnUpgrade;
 use crate::upstream::{
     self, BodyLimitExceeded, ClientBodyError, PooledBody, UpstreamBody, UpstreamError,
 };
@@ -53,7 +54,12 @@ pub async fn forward(
     // 1. The upstream request. The sync path applies the header rules while encoding the head
     //    (no insertions into the client's header map); upgrades go through hyper with the map
     //    rewritten.
-    let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    // Only an HTTP/1 connection can switch protocols; it put the client's end in the extensions.
+    let upgrade = if is_upgrade(req.headers()) {
+        req.extensions_mut().remove::<OnUpgrade>()
+    } else {
+        None
+    };
     let (mut parts, body) = req.into_parts();
     let forwarded_host = forwarded_host(&parts);
     let endpoint = permit.endpoint().clone();
@@ -115,9 +121,10 @@ pub async fn forward(
         let name = function.name.clone();
         tokio::spawn(async move {
             let _slot = permit;
+            let client_side = async { client_side.await.map_err(|e| e.to_string()) };
+            let upstream_side = async { upstream_side.await.map_err(|e| e.to_string()) };
             match tokio::try_join!(client_side, upstream_side) {
-                Ok((client_io, upstream_io)) => {
-                    let mut client_io = TokioIo::new(client_io);
+                Ok((mut client_io, upstream_io)) => {
                     let mut upstream_io = TokioIo::new(upstream_io);
                     let _ = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await;
                 }

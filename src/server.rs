@@ -22,57 +22,46 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use bytes::{Buf, Bytes};
+
 use crate::body::ResponseBody;
 use crate::conn::{ConnState, RequestGuard, Verdict, ABORT, GRACEFUL, RUN};
 use crate::forwarding::Peer;
 use crate::gateway::Gateway;
+use crate::incoming::Incoming;
 
-/// A socket that tells its connection's state when request bytes arrive.
-struct TrackedIo {
+/// A socket whose first bytes were already read (by the HTTP/1 side, which found HTTP/2's
+/// preface in them): they are read again first.
+struct Prefixed {
+    read: Bytes,
     inner: TcpStream,
-    state: Arc<ConnState>,
-    /// Nothing read yet: the first bytes tell HTTP/2's client preface from an HTTP/1 head.
-    first: bool,
 }
 
-/// The start of HTTP/2's client connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
-
-impl AsyncRead for TrackedIo {
+impl AsyncRead for Prefixed {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            if self.first {
-                self.first = false;
-                let got = &buf.filled()[before..];
-                let n = got.len().min(H2_PREFACE.len());
-                // At least "PRI": a first read of "P" could as well be "PUT" or "POST".
-                if n >= 3 && got[..n] == H2_PREFACE[..n] {
-                    self.state.set_multiplexed();
-                    return polled;
-                }
-            }
-            self.state.on_read();
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
         }
-        polled
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl AsyncWrite for Prefixed {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -102,7 +91,7 @@ impl AsyncWrite for TrackedIo {
     }
 }
 
-/// The per-connection hyper service: hands each request to the gateway.
+/// The per-connection hyper service for HTTP/2: hands each stream's request to the gateway.
 #[derive(Clone)]
 struct ConnService {
     gateway: Arc<Gateway>,
@@ -110,14 +99,15 @@ struct ConnService {
     peer: Arc<Peer>,
 }
 
-impl hyper::service::Service<Request<Incoming>> for ConnService {
+impl hyper::service::Service<Request<hyper::body::Incoming>> for ConnService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = crate::gateway::Serving;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
         let guard = RequestGuard::new(self.state.clone());
-        self.gateway.serve(req, &self.peer, guard)
+        self.gateway
+            .serve(req.map(Incoming::Hyper), &self.peer, guard)
     }
 }
 
@@ -279,18 +269,10 @@ impl Server {
     }
 }
 
-fn http_builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
+fn http2_builder(gateway: &Gateway) -> http2::Builder<TokioExecutor> {
     let cfg = &gateway.config;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Our watchdog enforces header_read_timeout separately from idle time; see the module doc.
-        .header_read_timeout(None)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes as u32)
         .max_concurrent_streams(1024)
@@ -305,7 +287,7 @@ async fn accept_loop(
     registry: Arc<Registry>,
     tracker: Arc<Tracker>,
 ) {
-    let builder = Arc::new(http_builder(&gateway));
+    let builder = Arc::new(http2_builder(&gateway));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -337,41 +319,61 @@ async fn serve_connection(
     stream: TcpStream,
     state: Arc<ConnState>,
     gateway: Arc<Gateway>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     _guards: (Registered, Option<Tracked>),
 ) {
-    let peer = state.peer();
-    let io = TokioIo::new(TrackedIo {
+    let peer = Arc::new(Peer::new(state.peer()));
+    // HTTP/1.1 (the gateway's own connection), unless the first bytes are HTTP/2's preface.
+    let http1 = crate::http1::serve(stream, &state, &gateway, &peer);
+    let (stream, read) = match with_signals(&state, std::pin::pin!(http1), |_| {}).await {
+        Some(crate::http1::Ended::Http2(stream, read)) => (stream, read),
+        Some(crate::http1::Ended::Closed) | None => return,
+    };
+    let io = TokioIo::new(Prefixed {
+        read,
         inner: stream,
-        state: state.clone(),
-        first: true,
     });
     let service = ConnService {
         gateway,
         state: state.clone(),
-        peer: Arc::new(Peer::new(peer)),
+        peer,
     };
-    let conn = builder.serve_connection_with_upgrades(io, service);
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    // The hot path: one atomic load per poll to see whether the sweeper or a drain asked
-    // something of this connection; no timer or channel is polled here.
+    let ended = with_signals(&state, conn.as_mut(), |conn| {
+        conn.as_mut().graceful_shutdown()
+    })
+    .await;
+    if let Some(Err(e)) = ended {
+        debug!(peer = %state.peer(), error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// Polls `fut` until it ends or the connection is told to close now (`None`). On a graceful
+/// request, calls `graceful` once (the HTTP/1 side sees it itself, between requests).
+///
+/// The hot path: one atomic load per poll to see whether the sweeper or a drain asked
+/// something of this connection; no timer or channel is polled here.
+async fn with_signals<F: Future + Unpin>(
+    state: &ConnState,
+    fut: F,
+    mut graceful: impl FnMut(&mut F),
+) -> Option<F::Output> {
+    let mut fut = fut;
     let mut shutting_down = false;
-    let ended = std::future::poll_fn(|cx| {
+    std::future::poll_fn(|cx| {
         state.register(cx.waker());
         match state.signal() {
             RUN => {}
             GRACEFUL => {
                 if !shutting_down {
                     shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful(&mut fut);
                 }
             }
             _ => return Poll::Ready(None),
         }
-        conn.as_mut().poll(cx).map(Some)
+        Pin::new(&mut fut).poll(cx).map(Some)
     })
-    .await;
-    if let Some(Err(e)) = ended {
-        debug!(%peer, error = %e, "connection ended with an error");
-    }
+    .await
 }

@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
+use crate::incoming::Incoming;
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::info;

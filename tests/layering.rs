@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 /// Top to bottom. A module may use only modules in later rows.
 const LAYERS: &[&[&str]] = &[
     &["server", "discovery", "cluster"],
+    &["http1"],
     &["gateway"],
     &["system", "queue"],
     &["proxy"],
@@ -20,7 +21,15 @@ const LAYERS: &[&[&str]] = &[
     &["function"],
     &["provider"],
     &["upstream"],
-    &["h1", "forwarding", "conn", "router", "metrics", "demo"],
+    &[
+        "h1",
+        "forwarding",
+        "conn",
+        "router",
+        "metrics",
+        "demo",
+        "incoming",
+    ],
     &["config"],
 ];
 

@@ -48,12 +48,12 @@ pub mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use crate::incoming::Incoming;
 use bytes::Bytes;
 use dashmap::DashMap;
 use http::header::{HeaderValue, CONTENT_LENGTH, EXPECT};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};

@@ -4,9 +4,9 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::incoming::{BodyError, Incoming};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 /// A request body exceeded `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +16,7 @@ pub struct BodyLimitExceeded(pub u64);
 /// The client's request body failed while streaming (the client went away, or sent garbage).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ClientBodyError(#[source] pub hyper::Error);
+pub struct ClientBodyError(#[source] pub BodyError);
 
 /// The body sent to a replica.
 #[derive(Debug)]
