@@ -102,6 +102,15 @@ impl Gateway {
         self.queue.as_ref()
     }
 
+    /// The gateway's durable state (paused functions, tokens, idle histories), kept in the async
+    /// store; or why there is none.
+    pub fn state(&self) -> Result<Arc<dyn crate::state::StateStore>, String> {
+        match &self.queue {
+            Some(queue) => queue.state(),
+            None => Err("this gateway runs without an async store".into()),
+        }
+    }
+
     /// Finds a function by name (one lookup; the map's shard lock is released at once).
     pub fn function(&self, name: &str) -> Option<Arc<Function>> {
         self.functions.get(name)

@@ -49,6 +49,7 @@ pub mod queue;
 pub mod router;
 pub mod server;
 pub mod simulate;
+pub mod state;
 pub mod system;
 #[cfg(test)]
 mod test_support;

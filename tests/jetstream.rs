@@ -480,3 +480,46 @@ async fn nats_unreachable_at_start_and_later_refuses_async_and_serves_sync() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_state_is_shared_through_the_state_bucket_and_survives_a_restart() {
+    let nats = NatsServer::start().await;
+    let keys = nats.gateway_keys("5s");
+    let (echo, _) = recorder(200, Duration::ZERO).await;
+    let a = Gw::start_with(&keys, &static_fn("job", &echo.url(), "")).await;
+    let b = Gw::start_with(&keys, &static_fn("job", &echo.url(), "")).await;
+    let state_a = a.running.as_ref().unwrap().gateway().state().unwrap();
+    let state_b = b.running.as_ref().unwrap().gateway().state().unwrap();
+    state_a
+        .state_put("paused", "job", b"yes".to_vec())
+        .await
+        .unwrap();
+    state_a
+        .state_put("paused", "other", b"no".to_vec())
+        .await
+        .unwrap();
+    state_a
+        .state_put("tokens", "job", b"t".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        state_b.state_get("paused", "job").await.unwrap(),
+        Some(b"yes".to_vec()),
+        "gateway B reads what A wrote"
+    );
+    state_b.state_delete("paused", "other").await.unwrap();
+    let paused = state_a.state_scan("paused").await.unwrap();
+    assert_eq!(
+        paused.into_iter().collect::<Vec<_>>(),
+        [("job".to_owned(), b"yes".to_vec())]
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    let c = Gw::start_with(&keys, &static_fn("job", &echo.url(), "")).await;
+    let state_c = c.running.as_ref().unwrap().gateway().state().unwrap();
+    assert_eq!(
+        state_c.state_get("tokens", "job").await.unwrap(),
+        Some(b"t".to_vec())
+    );
+    c.shutdown().await;
+}

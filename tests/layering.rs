@@ -29,6 +29,7 @@ const LAYERS: &[&[&str]] = &[
         "metrics",
         "demo",
         "incoming",
+        "state",
     ],
     &["config"],
 ];

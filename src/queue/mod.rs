@@ -256,6 +256,15 @@ impl AsyncQueue {
         dispatchers.insert(lane.function.name.clone(), tokio::spawn(dispatcher.run()));
     }
 
+    /// The gateway state kept with the invocations (see [`crate::state`]), or why the store
+    /// is unavailable.
+    pub fn state(&self) -> Result<Arc<dyn crate::state::StateStore>, String> {
+        match &self.store {
+            Ok(store) => Ok(store.clone() as Arc<dyn crate::state::StateStore>),
+            Err(reason) => Err(reason.clone()),
+        }
+    }
+
     /// Invocations the store held when the queue started (all functions).
     pub fn pending_at_start(&self) -> u64 {
         self.pending_at_start

@@ -51,6 +51,7 @@ use super::record::{decode, decode_dead, encode, encode_dead};
 use super::{
     unix_ms, AsyncStore, DeadLetter, Invocation, Pending, Settlement, StoreError, StoreFuture,
 };
+use crate::state::{check_key, StateError, StateFuture, StateStore};
 
 /// The stream of accepted invocations (work-queue retention).
 pub const ASYNC_STREAM: &str = "SLUICEGATE_ASYNC";
@@ -103,6 +104,8 @@ pub struct JetStreamStore {
     max_attempts: Mutex<HashMap<String, u32>>,
     out: Mutex<HashMap<(String, u64), Outstanding>>,
     closed: AtomicBool,
+    /// The key-value bucket of the gateway state, once opened.
+    state: tokio::sync::OnceCell<jetstream::kv::Store>,
 }
 
 impl std::fmt::Debug for JetStreamStore {
@@ -161,6 +164,7 @@ impl JetStreamStore {
             max_attempts: Mutex::new(HashMap::new()),
             out: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            state: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -576,6 +580,119 @@ impl AsyncStore for JetStreamStore {
                     "NATS: not reachable at close; held deliveries come back after their ack wait"
                 ),
             }
+        })
+    }
+}
+
+/// The key-value bucket holding every gateway's [`StateStore`] values, keys `<bucket>.<key>`.
+pub const STATE_BUCKET: &str = "sluicegate_state";
+
+fn state_error(what: &str, e: impl std::fmt::Display) -> StateError {
+    StateError(format!("NATS JetStream: {what}: {e}"))
+}
+
+impl JetStreamStore {
+    /// The state bucket, created when missing (file storage, one value per key).
+    async fn state_bucket(&self) -> Result<&jetstream::kv::Store, StateError> {
+        self.check().map_err(|e| StateError(e.to_string()))?;
+        self.state
+            .get_or_try_init(|| async {
+                if let Ok(kv) = self.js.get_key_value(STATE_BUCKET).await {
+                    return Ok(kv);
+                }
+                let created = self
+                    .js
+                    .create_key_value(jetstream::kv::Config {
+                        bucket: STATE_BUCKET.into(),
+                        description:
+                            "sluicegate's gateway state (paused functions, tokens, idle histories)"
+                                .into(),
+                        history: 1,
+                        storage: StorageType::File,
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(kv) => Ok(kv),
+                    // Another gateway may have created it meanwhile.
+                    Err(e) => self
+                        .js
+                        .get_key_value(STATE_BUCKET)
+                        .await
+                        .map_err(|_| state_error("create the state bucket", e)),
+                }
+            })
+            .await
+    }
+}
+
+impl StateStore for JetStreamStore {
+    fn state_get<'a>(
+        &'a self,
+        bucket: &'static str,
+        key: &'a str,
+    ) -> StateFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move {
+            check_key(key)?;
+            let kv = self.state_bucket().await?;
+            let value = kv
+                .get(format!("{bucket}.{key}"))
+                .await
+                .map_err(|e| state_error("get", e))?;
+            Ok(value.map(|v| v.to_vec()))
+        })
+    }
+
+    fn state_put<'a>(
+        &'a self,
+        bucket: &'static str,
+        key: &'a str,
+        value: Vec<u8>,
+    ) -> StateFuture<'a, ()> {
+        Box::pin(async move {
+            check_key(key)?;
+            let kv = self.state_bucket().await?;
+            kv.put(format!("{bucket}.{key}"), Bytes::from(value))
+                .await
+                .map_err(|e| state_error("put", e))?;
+            Ok(())
+        })
+    }
+
+    fn state_delete<'a>(&'a self, bucket: &'static str, key: &'a str) -> StateFuture<'a, ()> {
+        Box::pin(async move {
+            check_key(key)?;
+            let kv = self.state_bucket().await?;
+            kv.purge(format!("{bucket}.{key}"))
+                .await
+                .map_err(|e| state_error("delete", e))?;
+            Ok(())
+        })
+    }
+
+    fn state_scan(&self, bucket: &'static str) -> StateFuture<'_, BTreeMap<String, Vec<u8>>> {
+        Box::pin(async move {
+            let kv = self.state_bucket().await?;
+            let prefix = format!("{bucket}.");
+            let mut keys = kv.keys().await.map_err(|e| state_error("list", e))?;
+            let mut names = Vec::new();
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(|e| state_error("list", e))?;
+                if let Some(name) = key.strip_prefix(&prefix) {
+                    names.push(name.to_owned());
+                }
+            }
+            let mut all = BTreeMap::new();
+            for name in names {
+                if let Some(value) = kv
+                    .get(format!("{prefix}{name}"))
+                    .await
+                    .map_err(|e| state_error("get", e))?
+                {
+                    all.insert(name, value.to_vec());
+                }
+            }
+            Ok(all)
         })
     }
 }

@@ -16,6 +16,8 @@ use super::{AsyncStore, DeadLetter, Invocation, Pending, Settlement, StoreFuture
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// The gateway state kept beside the invocations.
+    values: crate::state::MemoryState,
     /// Rung on every change, for every waiting `next`.
     changed: Notify,
 }
@@ -212,5 +214,39 @@ impl AsyncStore for MemoryStore {
 
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async {})
+    }
+}
+
+impl crate::state::StateStore for MemoryStore {
+    fn state_get<'a>(
+        &'a self,
+        bucket: &'static str,
+        key: &'a str,
+    ) -> crate::state::StateFuture<'a, Option<Vec<u8>>> {
+        self.values.state_get(bucket, key)
+    }
+
+    fn state_put<'a>(
+        &'a self,
+        bucket: &'static str,
+        key: &'a str,
+        value: Vec<u8>,
+    ) -> crate::state::StateFuture<'a, ()> {
+        self.values.state_put(bucket, key, value)
+    }
+
+    fn state_delete<'a>(
+        &'a self,
+        bucket: &'static str,
+        key: &'a str,
+    ) -> crate::state::StateFuture<'a, ()> {
+        self.values.state_delete(bucket, key)
+    }
+
+    fn state_scan(
+        &self,
+        bucket: &'static str,
+    ) -> crate::state::StateFuture<'_, BTreeMap<String, Vec<u8>>> {
+        self.values.state_scan(bucket)
     }
 }

@@ -54,7 +54,7 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// [`settle`](Self::settle), the invocation is the dispatcher's (admission, the call, the callback:
 /// minutes, possibly); a backend whose broker redelivers unacknowledged messages after a deadline
 /// keeps that delivery alive meanwhile.
-pub trait AsyncStore: Send + Sync + std::fmt::Debug {
+pub trait AsyncStore: crate::state::StateStore + Send + Sync + std::fmt::Debug {
     /// Stores `invocation` for `function`; resolves once it is durable, or with why it is not
     /// (then nothing was stored).
     fn insert<'a>(&'a self, function: &'a str, invocation: &'a Invocation) -> StoreFuture<'a, ()>;

@@ -36,6 +36,7 @@ use super::record::{decode, decode_dead, encode, encode_dead};
 use super::{
     unix_ms, AsyncStore, DeadLetter, Invocation, Pending, Settlement, StoreError, StoreFuture,
 };
+use crate::state::{check_key, StateError, StateFuture, StateStore};
 
 type Key<'a> = (&'a str, u64);
 
@@ -43,6 +44,8 @@ const PENDING: TableDefinition<Key, &[u8]> = TableDefinition::new("pending");
 const ATTEMPTS: TableDefinition<Key, (u32, u16)> = TableDefinition::new("attempts");
 const DEAD: TableDefinition<Key, &[u8]> = TableDefinition::new("dead");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The gateway's [`StateStore`] values, keyed by `(bucket, key)`.
+const STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("state");
 const NEXT_SEQ: &str = "next_seq";
 
 /// Most operations committed in one transaction.
@@ -203,6 +206,7 @@ impl RedbStore {
             txn.open_table(PENDING).map_err(db_error)?;
             txn.open_table(ATTEMPTS).map_err(db_error)?;
             txn.open_table(DEAD).map_err(db_error)?;
+            txn.open_table(STATE).map_err(db_error)?;
             let meta = txn.open_table(META).map_err(db_error)?;
             next_seq = meta
                 .get(NEXT_SEQ)
@@ -648,6 +652,100 @@ fn commit(
     Ok((results, next_seq))
 }
 
+fn state_error(e: impl std::fmt::Display) -> StateError {
+    StateError(e.to_string())
+}
+
+impl RedbStore {
+    /// Runs `op` on the blocking pool against the open database. A write transaction here waits
+    /// for the writer thread's current one (redb has one writer at a time); state writes are rare.
+    async fn state_op<T: Send + 'static>(
+        &self,
+        key: Option<&str>,
+        op: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T, StateError> {
+        if let Some(key) = key {
+            check_key(key)?;
+        }
+        let db = self.db().map_err(state_error)?;
+        tokio::task::spawn_blocking(move || op(&db).map_err(state_error))
+            .await
+            .unwrap_or_else(|e| Err(state_error(format!("state operation panicked: {e}"))))
+    }
+}
+
+/// One write transaction, committed durably, running `write` on the state table.
+fn write_state(
+    db: &Database,
+    write: impl FnOnce(&mut redb::Table<(&str, &str), &[u8]>) -> Result<(), redb::StorageError>,
+) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut table = txn.open_table(STATE)?;
+        write(&mut table)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+impl StateStore for RedbStore {
+    fn state_get<'a>(
+        &'a self,
+        bucket: &'static str,
+        key: &'a str,
+    ) -> StateFuture<'a, Option<Vec<u8>>> {
+        let owned = key.to_owned();
+        Box::pin(self.state_op(Some(key), move |db| {
+            let read = db.begin_read()?;
+            let table = read.open_table(STATE)?;
+            Ok(table
+                .get((bucket, owned.as_str()))?
+                .map(|v| v.value().to_vec()))
+        }))
+    }
+
+    fn state_put<'a>(
+        &'a self,
+        bucket: &'static str,
+        key: &'a str,
+        value: Vec<u8>,
+    ) -> StateFuture<'a, ()> {
+        let owned = key.to_owned();
+        Box::pin(self.state_op(Some(key), move |db| {
+            write_state(db, |table| {
+                table
+                    .insert((bucket, owned.as_str()), value.as_slice())
+                    .map(drop)
+            })
+        }))
+    }
+
+    fn state_delete<'a>(&'a self, bucket: &'static str, key: &'a str) -> StateFuture<'a, ()> {
+        let owned = key.to_owned();
+        Box::pin(self.state_op(Some(key), move |db| {
+            write_state(db, |table| table.remove((bucket, owned.as_str())).map(drop))
+        }))
+    }
+
+    fn state_scan(&self, bucket: &'static str) -> StateFuture<'_, BTreeMap<String, Vec<u8>>> {
+        Box::pin(self.state_op(None, move |db| {
+            let read = db.begin_read()?;
+            let table = read.open_table(STATE)?;
+            let mut all = BTreeMap::new();
+            // Keys sort by bucket first; `""` is below every key.
+            for entry in table.range((bucket, "")..)? {
+                let (k, v) = entry?;
+                let (b, key) = k.value();
+                if b != bucket {
+                    break;
+                }
+                all.insert(key.to_owned(), v.value().to_vec());
+            }
+            Ok(all)
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -812,6 +910,45 @@ mod tests {
         // The file is free for another opener.
         let again = RedbStore::open(&path).unwrap();
         again.close().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopening_and_keeps_buckets_apart() {
+        let path = temp_path("state");
+        let store = RedbStore::open(&path).unwrap();
+        store
+            .state_put("paused", "echo", b"1".to_vec())
+            .await
+            .unwrap();
+        store
+            .state_put("paused", "sleep", b"2".to_vec())
+            .await
+            .unwrap();
+        store
+            .state_put("tokens", "echo", b"t".to_vec())
+            .await
+            .unwrap();
+        store
+            .state_put("pausedx", "a", b"x".to_vec())
+            .await
+            .unwrap();
+        store.state_delete("paused", "sleep").await.unwrap();
+        assert!(store.state_put("paused", "a.b", vec![]).await.is_err());
+        store.close().await;
+
+        let store = RedbStore::open(&path).unwrap();
+        let paused = store.state_scan("paused").await.unwrap();
+        assert_eq!(
+            paused.into_iter().collect::<Vec<_>>(),
+            [("echo".to_owned(), b"1".to_vec())]
+        );
+        assert_eq!(
+            store.state_get("tokens", "echo").await.unwrap(),
+            Some(b"t".to_vec())
+        );
+        assert_eq!(store.state_get("tokens", "sleep").await.unwrap(), None);
+        store.close().await;
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
