@@ -200,9 +200,11 @@ fn bad(why: &'static str) -> Refused {
 
 /// Parses the request head at the front of `buf`, consuming it. `Ok(None)`: more bytes needed.
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Uninitialised slots: zeroing 100 of them would cost more than parsing a typical head.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -228,15 +230,18 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let http10 = parsed.version == Some(0);
     let count = parsed.headers.len();
     // Positions only: the head moves into a `Bytes` that the values are slices of.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *span = (
-            offset(h.name.as_bytes()),
-            h.name.len(),
-            offset(h.value),
-            h.value.len(),
-        );
-    }
+    let spans: Vec<(usize, usize, usize, usize)> = parsed
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                offset(h.name.as_bytes()),
+                h.name.len(),
+                offset(h.value),
+                h.value.len(),
+            )
+        })
+        .collect();
     let head = buf.split_to(len).freeze();
 
     let uri = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1))
@@ -247,7 +252,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut close = false;
     let mut keep_alive = false;
     let mut expect_continue = false;
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+    for &(name_at, name_len, value_at, value_len) in &spans {
         let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
             .map_err(|_| bad("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
