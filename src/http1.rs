@@ -799,6 +799,12 @@ fn refusal(status: StatusCode, why: &str) -> Vec<u8> {
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\nx-sluicegate-reason: ");
+    out.extend_from_slice(if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+        b"request_head_too_large".as_slice()
+    } else {
+        b"malformed_request".as_slice()
+    });
     out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
     out.extend_from_slice(itoa(why.len() as u64 + 1, &mut [0; 20]));
     out.extend_from_slice(b"\r\nconnection: close\r\ndate: ");
