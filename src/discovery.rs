@@ -11,7 +11,7 @@
 //! silently defaulted, and it never stops the gateway.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -64,7 +64,17 @@ struct Spec {
 struct Found {
     spec: Spec,
     function: Arc<Function>,
-    autoscaler: Option<AbortHandle>,
+    /// The autoscaler's task, once started: at once, or (a function at rest from the start) at
+    /// its first arrival, cold start or manual scale.
+    autoscaler: Arc<Mutex<Option<AbortHandle>>>,
+}
+
+impl Found {
+    fn stop_autoscaler(&self) {
+        if let Some(a) = self.autoscaler.lock().unwrap().take() {
+            a.abort();
+        }
+    }
 }
 
 struct Discovery {
@@ -137,9 +147,7 @@ impl Discovery {
             }
         }
         for found in self.found.values() {
-            if let Some(a) = &found.autoscaler {
-                a.abort();
-            }
+            found.stop_autoscaler();
         }
     }
 
@@ -222,8 +230,28 @@ impl Discovery {
         if let Some(queue) = self.gateway.queue() {
             queue.add_function(function.clone()).await;
         }
-        let autoscaler = Autoscaler::new(function.clone())
-            .map(|scaler| tokio::spawn(scaler.run(self.stop.clone())).abort_handle());
+        let autoscaler = Arc::new(Mutex::new(None));
+        if Autoscaler::at_rest_from_the_start(&function) {
+            // As for the file's functions: no task until the function first does something.
+            let (weak, slot, stop) = (
+                Arc::downgrade(&function),
+                Arc::downgrade(&autoscaler),
+                self.stop.clone(),
+            );
+            function.park_autoscaler(Box::new(move || {
+                let (Some(scaler), Some(slot)) =
+                    (weak.upgrade().and_then(Autoscaler::new), slot.upgrade())
+                else {
+                    return;
+                };
+                if !*stop.borrow() {
+                    *slot.lock().unwrap() = Some(tokio::spawn(scaler.run(stop)).abort_handle());
+                }
+            }));
+        } else if let Some(scaler) = Autoscaler::new(function.clone()) {
+            *autoscaler.lock().unwrap() =
+                Some(tokio::spawn(scaler.run(self.stop.clone())).abort_handle());
+        }
         info!(function = %name, deployment = %format!("{namespace}/{object}"), "discovered function");
         self.found.insert(
             name.clone(),
@@ -246,9 +274,7 @@ impl Discovery {
         if let Some(queue) = self.gateway.queue() {
             queue.remove_function(name);
         }
-        if let Some(a) = found.autoscaler {
-            a.abort();
-        }
+        found.stop_autoscaler();
         let function = found.function;
         function.publisher().publish(Endpoints {
             replicas: Vec::new(),

@@ -580,6 +580,46 @@ fn rule_of(r: &common::fake_kube::Recorded) -> (String, String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovered_function_at_rest_has_no_autoscaler_task_until_its_first_request() {
+    let fake = FakeKube::start().await;
+    let p = pod(0, Arc::new(Mutex::new(Vec::new()))).await;
+    fake.bind_replicas(NS, "lazy", "lazy", vec![p.addr], Duration::from_millis(20));
+    let gw = gateway(&fake, "lazy", "kubernetes_discovery = true", "").await;
+    fake.until_watching(Resource::Deployments).await;
+    fake.apply_deployment(
+        NS,
+        "lazy",
+        0,
+        &[("sluicegate.io/function", "lazy")],
+        &[
+            ("sluicegate.io/service", "lazy"),
+            ("sluicegate.io/autoscaler.type", "rps"),
+            ("sluicegate.io/autoscaler.min_replicas", "0"),
+            ("sluicegate.io/autoscaler.max_replicas", "1"),
+        ],
+        &[("app", "lazy")],
+    );
+    until("lazy discovered", Duration::from_secs(5), || {
+        gw.running
+            .as_ref()
+            .unwrap()
+            .gateway()
+            .function("lazy")
+            .is_some()
+    })
+    .await;
+    let f = gw.function("lazy");
+    assert!(
+        f.autoscaler_parked(),
+        "no autoscaler task while never invoked"
+    );
+    let resp = gw.get("/function/lazy/").await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert!(!f.autoscaler_parked(), "the first request started it");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_api_call_is_one_the_role_grants_and_every_grant_is_used() {
     let fake = FakeKube::start().await;
     fake.apply_deployment(NS, "echo", 0, &[], &[], &[("app", "echo")]);

@@ -369,6 +369,11 @@ impl Function {
         }
     }
 
+    /// Whether the autoscaler has no task yet: it starts when the function first does something.
+    pub fn autoscaler_parked(&self) -> bool {
+        self.parked.lock().unwrap().is_some()
+    }
+
     /// Whether the autoscaler is asleep until this function does something.
     pub fn autoscaler_dormant(&self) -> bool {
         self.dormant.load(Ordering::SeqCst)
