@@ -403,7 +403,10 @@ async fn exchange(
         let Ok(resp) = serving.await;
         // The answer came first: the client is not owed a `100 Continue` any more.
         continued.store(2, Relaxed);
-        write_response(stream, resp, head_method, http10, keep_alive).await
+        // A body not read to its end by the time the head goes out cannot be told from a next
+        // request afterwards: the head says the connection closes (a client that reused it
+        // would meet the close in the middle of its next request).
+        write_response(stream, resp, head_method, http10, keep_alive, &body_done).await
     });
     let mut broken = false;
     let written = poll_fn(|cx| {
@@ -572,6 +575,7 @@ async fn write_response(
     head_method: bool,
     http10: bool,
     mut keep_alive: bool,
+    body_done: &AtomicBool,
 ) -> io::Result<Written> {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -646,6 +650,9 @@ async fn write_response(
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
             chunked = true;
         }
+    }
+    if !body_done.load(Relaxed) {
+        keep_alive = false;
     }
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");

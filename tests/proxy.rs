@@ -675,3 +675,52 @@ async fn connection_close_responses_are_not_pooled() {
     assert_eq!(backend.stats.connections.load(Ordering::SeqCst), 3);
     gw.shutdown().await;
 }
+
+/// An answer given before the request body was read (here: unknown function) says the connection
+/// closes, and then closes it: a client that reused it would send its next request into the
+/// unread body. A body read to its end leaves the connection reusable.
+#[tokio::test]
+async fn an_answer_before_the_body_is_read_says_connection_close() {
+    let backend = Backend::start(|_req, _| async { Response::new(body("ok")) }).await;
+    let gw = Gw::start_static("echo", &backend.url(), "").await;
+
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /function/nosuch/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+
+    // The replica reads the body: the same connection carries a second request.
+    let backend = Backend::start(|req: Request<hyper::body::Incoming>, _| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(common::body(body))
+    })
+    .await;
+    let gw2 = Gw::start_static("echo", &backend.url(), "").await;
+    let mut s = TcpStream::connect(gw2.addr).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"POST /function/echo/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        let mut body = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut body))
+            .await
+            .expect("the body")
+            .unwrap();
+        assert_eq!(&body, b"hello");
+    }
+    gw.shutdown().await;
+    gw2.shutdown().await;
+}
