@@ -272,6 +272,11 @@ const REQUEST_CASES: &[(&str, &[u8])] = &[
     ("chunk extension with bare LF", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n"),
     ("chunk data longer than its size", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n"),
     ("chunk size line with bare LF", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"),
+    ("empty TE with CL", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\nhello"),
+    ("TE \",\" with CL", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ,\r\nContent-Length: 5\r\n\r\nhello"),
+    ("trailers ended by a bare LF, a request after", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\nGET /function/f/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("trailer line with a bare LF", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: a\nb\r\n\r\n"),
+    ("trailer line with a bare CR", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: a\rb\r\n\r\n"),
 ];
 
 async fn gateway_for(replica: SocketAddr) -> Gw {
