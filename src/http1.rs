@@ -453,6 +453,10 @@ async fn exchange(
         let Ok(resp) = serving.await;
         // The answer came first: the client is not owed a `100 Continue` any more.
         continued.store(2, Relaxed);
+        // A response that starts before the request's body was read to its end says
+        // `Connection: close`: the rest of the body cannot be told from a next request, so the
+        // connection closes after it (and the client must not send another on it).
+        let keep_alive = keep_alive && body_done.load(Relaxed);
         write_response(stream, resp, head_method, http10, keep_alive).await
     });
     let mut broken = false;
@@ -573,6 +577,12 @@ fn poll_body(
         match decoder.decode(buf) {
             Ok(Some(data)) => {
                 sender.send(data);
+                if decoder.is_done() {
+                    // The last piece: the body has ended now, not when (or if) its reader asks
+                    // once more (a reader that knows the length never does).
+                    sender.finish();
+                    return Poll::Ready(ReadEnd::Done);
+                }
                 continue;
             }
             Ok(None) if decoder.is_done() => {
