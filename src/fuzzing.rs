@@ -4,10 +4,12 @@
 //! gateway itself.
 
 use bytes::BytesMut;
-use http::Method;
+use http::{header, Method};
 
 use crate::config::{is_valid_function_name, parse_duration, CallbackRules, Config};
+use crate::forwarding::{content_length, is_upgrade};
 use crate::h1::{self, Decoder, Parsed, ProtocolError};
+use crate::http1::{Framing, HeadReader, HeadStep};
 use crate::router::{route, Route};
 use crate::upstream::{parse_callback_url, CallbackGuard};
 
@@ -124,6 +126,176 @@ pub fn h1_response(data: &[u8]) {
             &[],
         );
         assert_eq!((next.status, next.body.as_slice()), (Some(200), &b"ok"[..]));
+    }
+}
+
+/// One request as the gateway's HTTP/1 connection read it.
+#[derive(Debug, PartialEq, Eq)]
+struct ReadRequest {
+    method: String,
+    target: String,
+    headers: Vec<(String, Vec<u8>)>,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+    body: Vec<u8>,
+}
+
+/// How reading a connection's bytes ended.
+#[derive(Debug, PartialEq, Eq)]
+enum ConnEnd {
+    /// The input ran out (between requests, or inside a head or body).
+    MoreNeeded,
+    /// The connection starts with HTTP/2's preface: handed to HTTP/2.
+    Http2,
+    /// A head refused with this status and reason.
+    Refused(u16, &'static str),
+    /// A body's chunked framing broke.
+    BadBody(ProtocolError),
+    /// The last request closes the connection (or upgrades it): nothing more is read.
+    Closed,
+}
+
+/// Reads requests off `input` arriving in `pieces` (sizes; the rest in one piece), the way
+/// `http1::serve` does: a head, then its whole body, then the next head while the connection
+/// is kept alive.
+fn conversation(input: &[u8], max_head: usize, pieces: &[usize]) -> (Vec<ReadRequest>, ConnEnd) {
+    let mut reader = HeadReader::new(max_head);
+    let mut requests = Vec::new();
+    let mut buf = BytesMut::new();
+    // The request whose body is being read, and its decoder.
+    let mut reading: Option<(ReadRequest, Decoder, bool)> = None;
+    let mut fed = 0;
+    let mut piece = 0;
+    loop {
+        // Everything the buffer allows, before the next read.
+        for _ in 0..=input.len() + 1 {
+            if let Some((request, decoder, goes_on)) = &mut reading {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(data)) => {
+                        assert!(!data.is_empty(), "a decoder returned an empty piece");
+                        request.body.extend_from_slice(&data);
+                        continue;
+                    }
+                    Ok(None) if decoder.is_done() => {
+                        let goes_on = *goes_on;
+                        let (request, _, _) = reading.take().unwrap();
+                        if let Framing::Length(n) = request.framing {
+                            assert_eq!(request.body.len() as u64, n, "a body of its length");
+                        }
+                        requests.push(request);
+                        if !goes_on {
+                            return (requests, ConnEnd::Closed);
+                        }
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(e) => return (requests, ConnEnd::BadBody(e)),
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            match reader.step(&mut buf) {
+                HeadStep::More => break,
+                HeadStep::Http2 => {
+                    assert!(requests.is_empty(), "HTTP/2's preface after a request");
+                    return (requests, ConnEnd::Http2);
+                }
+                HeadStep::Bad(status, why) => {
+                    return (requests, ConnEnd::Refused(status.as_u16(), why))
+                }
+                HeadStep::Head(head) => {
+                    let request = &head.request;
+                    check_framing(request.headers(), head.body, head.http10);
+                    // An upgrade hands the socket over: nothing more is read as HTTP/1.
+                    let goes_on =
+                        head.keep_alive && (head.http10 || !is_upgrade(request.headers()));
+                    let read = ReadRequest {
+                        method: request.method().to_string(),
+                        target: request.uri().to_string(),
+                        headers: request
+                            .headers()
+                            .iter()
+                            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                            .collect(),
+                        framing: head.body,
+                        keep_alive: head.keep_alive,
+                        expect_continue: head.expect_continue,
+                        body: Vec::new(),
+                    };
+                    reading = Some((read, head.body.decoder(), goes_on));
+                }
+            }
+        }
+        if fed == input.len() {
+            return (requests, ConnEnd::MoreNeeded);
+        }
+        let n = pieces
+            .get(piece)
+            .copied()
+            .unwrap_or(input.len())
+            .clamp(1, input.len() - fed);
+        piece += 1;
+        buf.extend_from_slice(&input[fed..fed + n]);
+        fed += n;
+    }
+}
+
+/// A head the connection accepted is framed one way only, and the way the rest of the gateway
+/// reads its headers (`forwarding::content_length`, which sets the replica's framing) agrees.
+fn check_framing(headers: &http::HeaderMap, framing: Framing, http10: bool) {
+    let te = headers.contains_key(header::TRANSFER_ENCODING);
+    let declared = content_length(headers);
+    match framing {
+        Framing::Chunked => {
+            assert!(
+                te && !http10,
+                "chunked without Transfer-Encoding, or on HTTP/1.0"
+            );
+            assert!(
+                !headers.contains_key(header::CONTENT_LENGTH),
+                "chunked with Content-Length"
+            );
+        }
+        Framing::Length(n) => {
+            assert!(!te, "a length with Transfer-Encoding");
+            assert_eq!(
+                declared,
+                Some(n),
+                "the length the rest of the gateway reads"
+            );
+        }
+        Framing::Empty => {
+            assert!(!te, "no body with Transfer-Encoding");
+            let expected = headers.contains_key(header::CONTENT_LENGTH).then_some(0);
+            assert_eq!(
+                declared, expected,
+                "the length the rest of the gateway reads"
+            );
+        }
+    }
+}
+
+/// The gateway's HTTP/1 server side: request heads (and the HTTP/2 preface check at the start
+/// of a connection), their framing, chunked and delimited bodies, pipelined requests. Reading
+/// `data[2..]` in one piece, in pieces of `data[1]`-derived sizes and byte by byte gives the
+/// same requests, bodies and end; every accepted head has one framing, the one the rest of the
+/// gateway reads from its headers. `data[0]` picks `max_header_bytes` (64 B to 8 KiB).
+pub fn h1_request(data: &[u8]) {
+    let [flags, seed, input @ ..] = data else {
+        return;
+    };
+    let max_head = 64usize << (flags % 8);
+    let whole = conversation(input, max_head, &[]);
+    let sizes: Vec<usize> = (0..input.len())
+        .map(|i| 1 + (usize::from(*seed) * (i + 7)) % (usize::from(*seed) + 1))
+        .collect();
+    let split = conversation(input, max_head, &sizes);
+    assert_eq!(whole, split, "the same bytes read in other pieces");
+    if input.len() <= 4096 {
+        let bytewise = conversation(input, max_head, &vec![1; input.len()]);
+        assert_eq!(whole, bytewise, "the same bytes read one at a time");
     }
 }
 

@@ -471,12 +471,18 @@ impl Decoder {
                 Ok(true)
             }
             Chunk::Trailers(seen) => {
-                let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                let Some(lf) = buf.iter().position(|&b| b == b'\n') else {
                     if seen + buf.len() > MAX_TRAILER_BYTES {
                         return Err(ProtocolError::Chunked);
                     }
                     return Ok(false);
                 };
+                // Every line ends in CRLF, and no line holds a CR or LF of its own: a peer that
+                // took a bare LF for a line end would see the body end somewhere else.
+                let end = lf.checked_sub(1).ok_or(ProtocolError::Chunked)?;
+                if buf[end] != b'\r' || buf[..end].contains(&b'\r') {
+                    return Err(ProtocolError::Chunked);
+                }
                 buf.advance(end + 2);
                 if end == 0 {
                     *self = Decoder::Done;

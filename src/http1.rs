@@ -77,12 +77,10 @@ pub async fn serve(
     gateway: &Arc<Gateway>,
     peer: &Peer,
 ) -> Ended {
-    let max_head = gateway.config.max_header_bytes;
+    let mut reader = HeadReader::new(gateway.config.max_header_bytes);
     let mut buf = BytesMut::new();
-    let mut first = true;
     loop {
-        let head =
-            poll_fn(|cx| poll_head(cx, &stream, &mut buf, state, &mut first, max_head)).await;
+        let head = poll_fn(|cx| poll_head(cx, &stream, &mut buf, state, &mut reader)).await;
         let head = match head {
             HeadRead::Head(head) => head,
             HeadRead::Closed => return Ended::Closed,
@@ -115,19 +113,32 @@ pub async fn serve(
 }
 
 /// A parsed request head and what the connection needs to know about it.
-struct Head {
-    request: Request<()>,
-    body: Framing,
-    keep_alive: bool,
-    expect_continue: bool,
-    http10: bool,
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) request: Request<()>,
+    pub(crate) body: Framing,
+    pub(crate) keep_alive: bool,
+    pub(crate) expect_continue: bool,
+    pub(crate) http10: bool,
 }
 
+/// How a request's body is framed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Framing {
+pub(crate) enum Framing {
     Empty,
     Length(u64),
     Chunked,
+}
+
+impl Framing {
+    /// The decoder that reads a body so framed out of the connection's buffer.
+    pub(crate) fn decoder(self) -> Decoder {
+        match self {
+            Framing::Empty => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::Chunked(crate::h1::Chunk::Size),
+        }
+    }
 }
 
 enum HeadRead {
@@ -137,41 +148,85 @@ enum HeadRead {
     Bad(StatusCode, &'static str),
 }
 
+/// What the bytes buffered so far come to.
+#[derive(Debug)]
+pub(crate) enum HeadStep {
+    /// Not a complete head yet: read more.
+    More,
+    /// A request head (consumed from the buffer).
+    Head(Box<Head>),
+    /// The connection starts with HTTP/2's preface (nothing consumed).
+    Http2,
+    /// A head the gateway refuses: the status and a one-line reason.
+    Bad(StatusCode, &'static str),
+}
+
+/// Reads request heads off a connection's buffer: HTTP/2's preface at the very start of the
+/// connection, then one head at a time. No I/O: the connection reads, this decides, so the fuzz
+/// target (`fuzzing::h1_request`) drives the same decisions with every split of its input.
+#[derive(Debug)]
+pub(crate) struct HeadReader {
+    /// Still at the start of the connection, where HTTP/2's preface may come.
+    first: bool,
+    max_head: usize,
+}
+
+impl HeadReader {
+    /// A reader for a new connection; heads longer than `max_head` bytes are refused (431).
+    pub(crate) fn new(max_head: usize) -> HeadReader {
+        HeadReader {
+            first: true,
+            max_head,
+        }
+    }
+
+    /// Looks at what is buffered (not empty). The verdict does not depend on how the bytes
+    /// were split into reads.
+    pub(crate) fn step(&mut self, buf: &mut BytesMut) -> HeadStep {
+        if self.first {
+            let n = buf.len().min(H2_PREFACE.len());
+            // At least "PRI": a first read of "P" could as well be "PUT" or "POST".
+            if n >= 3 && buf[..n] == H2_PREFACE[..n] {
+                if n == H2_PREFACE.len() {
+                    return HeadStep::Http2;
+                }
+                return HeadStep::More;
+            } else if n >= 3 || !H2_PREFACE.starts_with(&buf[..n]) {
+                self.first = false;
+            } else {
+                return HeadStep::More;
+            }
+        }
+        match parse_head(buf, self.max_head) {
+            Ok(Some(head)) => HeadStep::Head(Box::new(head)),
+            Ok(None) if buf.len() >= self.max_head => HeadStep::Bad(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head larger than max_header_bytes",
+            ),
+            Ok(None) => HeadStep::More,
+            Err((status, why)) => HeadStep::Bad(status, why),
+        }
+    }
+}
+
 /// Reads until a complete request head is in `buf` and parses it.
 fn poll_head(
     cx: &mut Context<'_>,
     stream: &TcpStream,
     buf: &mut BytesMut,
     state: &ConnState,
-    first: &mut bool,
-    max_head: usize,
+    reader: &mut HeadReader,
 ) -> Poll<HeadRead> {
     loop {
         if !buf.is_empty() {
-            if *first {
-                let n = buf.len().min(H2_PREFACE.len());
-                // At least "PRI": a first read of "P" could as well be "PUT" or "POST".
-                if n >= 3 && buf[..n] == H2_PREFACE[..n] {
-                    if n == H2_PREFACE.len() {
-                        state.set_multiplexed();
-                        return Poll::Ready(HeadRead::Http2);
-                    }
-                } else if n >= 3 || !H2_PREFACE.starts_with(&buf[..n]) {
-                    *first = false;
+            match reader.step(buf) {
+                HeadStep::More => {}
+                HeadStep::Head(head) => return Poll::Ready(HeadRead::Head(head)),
+                HeadStep::Http2 => {
+                    state.set_multiplexed();
+                    return Poll::Ready(HeadRead::Http2);
                 }
-            }
-            if !*first {
-                match parse_head(buf, max_head) {
-                    Ok(Some(head)) => return Poll::Ready(HeadRead::Head(Box::new(head))),
-                    Ok(None) if buf.len() >= max_head => {
-                        return Poll::Ready(HeadRead::Bad(
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            "request head larger than max_header_bytes",
-                        ))
-                    }
-                    Ok(None) => {}
-                    Err((status, why)) => return Poll::Ready(HeadRead::Bad(status, why)),
-                }
+                HeadStep::Bad(status, why) => return Poll::Ready(HeadRead::Bad(status, why)),
             }
         } else if state.signal() >= GRACEFUL {
             return Poll::Ready(HeadRead::Closed);
@@ -180,7 +235,7 @@ fn poll_head(
             return Poll::Ready(HeadRead::Closed);
         }
         if buf.capacity() == buf.len() {
-            let grow = buf.capacity().clamp(FIRST_READ, max_head);
+            let grow = buf.capacity().clamp(FIRST_READ, reader.max_head);
             buf.reserve(grow);
         }
         match stream.try_read_buf(buf) {
@@ -204,7 +259,9 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
-    let len = match parsed.parse_with_uninit_headers(buf, &mut slots) {
+    // Only the first `max_head` bytes can hold a head: the verdict on a longer one (431) must not
+    // depend on whether the bytes past the limit came in the same read (they could be malformed).
+    let len = match parsed.parse_with_uninit_headers(&buf[..buf.len().min(max_head)], &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -215,12 +272,6 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         }
         Err(e) => return Err(bad(head_error(e))),
     };
-    if len > max_head {
-        return Err((
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request head larger than max_header_bytes",
-        ));
-    }
     let base = buf.as_ptr() as usize;
     let offset = |s: &[u8]| s.as_ptr() as usize - base;
     let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
@@ -261,7 +312,15 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
             if http10 {
                 return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
             }
-            // Codings accumulate across headers; `chunked` must be the last one, once.
+            // Codings accumulate across headers; `chunked` must be the last one, once. A header
+            // that names no coding is malformed (RFC 9112 §6.1: at least one).
+            if value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .all(|c| c.trim_ascii().is_empty())
+            {
+                return Err(bad("Transfer-Encoding names no coding"));
+            }
             for coding in value.as_bytes().split(|&b| b == b',') {
                 let coding = coding.trim_ascii();
                 if coding.is_empty() {
@@ -385,11 +444,7 @@ async fn exchange(
         request.extensions_mut().insert(rx);
         tx
     });
-    let decoder = match framing {
-        Framing::Empty => Decoder::Done,
-        Framing::Length(n) => Decoder::Length(n),
-        Framing::Chunked => Decoder::Chunked(crate::h1::Chunk::Size),
-    };
+    let decoder = framing.decoder();
 
     let guard = RequestGuard::new(state.clone());
     let serving = gateway.serve(request, peer, guard);
@@ -403,10 +458,11 @@ async fn exchange(
         let Ok(resp) = serving.await;
         // The answer came first: the client is not owed a `100 Continue` any more.
         continued.store(2, Relaxed);
-        // A body not read to its end by the time the head goes out cannot be told from a next
-        // request afterwards: the head says the connection closes (a client that reused it
-        // would meet the close in the middle of its next request).
-        write_response(stream, resp, head_method, http10, keep_alive, &body_done).await
+        // A response that starts before the request's body was read to its end says
+        // `Connection: close`: the rest of the body cannot be told from a next request, so the
+        // connection closes after it (and the client must not send another on it).
+        let keep_alive = keep_alive && body_done.load(Relaxed);
+        write_response(stream, resp, head_method, http10, keep_alive).await
     });
     let mut broken = false;
     let written = poll_fn(|cx| {
@@ -526,6 +582,12 @@ fn poll_body(
         match decoder.decode(buf) {
             Ok(Some(data)) => {
                 sender.send(data);
+                if decoder.is_done() {
+                    // The last piece: the body has ended now, not when (or if) its reader asks
+                    // once more (a reader that knows the length never does).
+                    sender.finish();
+                    return Poll::Ready(ReadEnd::Done);
+                }
                 continue;
             }
             Ok(None) if decoder.is_done() => {
@@ -575,7 +637,6 @@ async fn write_response(
     head_method: bool,
     http10: bool,
     mut keep_alive: bool,
-    body_done: &AtomicBool,
 ) -> io::Result<Written> {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -650,9 +711,6 @@ async fn write_response(
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
             chunked = true;
         }
-    }
-    if !body_done.load(Relaxed) {
-        keep_alive = false;
     }
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");

@@ -269,13 +269,24 @@ impl Server {
     }
 }
 
+/// Streams one HTTP/2 connection may have open at once; a client that opens more gets
+/// `REFUSED_STREAM` for each stream past it.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1024;
+
 fn http2_builder(gateway: &Gateway) -> http2::Builder<TokioExecutor> {
     let cfg = &gateway.config;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes as u32)
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        // Rapid reset (CVE-2023-44487): streams a client opens and resets before they are
+        // served; past 20 at once the connection gets GOAWAY (ENHANCE_YOUR_CALM). Written out
+        // (hyper's defaults today) because tests/h2abuse.rs and SECURITY.md rely on them.
+        .max_pending_accept_reset_streams(20)
+        // Streams the gateway had to reset for the client's errors (REFUSED_STREAM past
+        // max_concurrent_streams, malformed headers) before the connection is closed.
+        .max_local_error_reset_streams(Some(1024))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }

@@ -3,7 +3,11 @@
 //! gets nothing, or exactly one well-formed request reaches it (`Content-Length` or chunked,
 //! never both, nothing left over). For each hostile replica response, the client gets a 502 or
 //! a correctly framed response, and the next request gets its own response (no poisoned pooled
-//! connection). Every case's outcome is printed as a row of the table in SECURITY.md
+//! connection). The same for h2c (prior knowledge) requests written frame by frame: a
+//! `content-length` that disagrees with the DATA frames, connection-specific headers, bytes no
+//! header may hold: the stream is refused (4xx, RST_STREAM or GOAWAY) and nothing reaches the
+//! replica, or exactly one well-formed request with the body the client sent.
+//! Every case's outcome is printed as a row of the table in SECURITY.md
 //! (`cargo test --test smuggling -- --nocapture`).
 
 mod common;
@@ -272,6 +276,11 @@ const REQUEST_CASES: &[(&str, &[u8])] = &[
     ("chunk extension with bare LF", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n"),
     ("chunk data longer than its size", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n"),
     ("chunk size line with bare LF", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"),
+    ("empty TE with CL", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\nhello"),
+    ("TE \",\" with CL", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ,\r\nContent-Length: 5\r\n\r\nhello"),
+    ("trailers ended by a bare LF, a request after", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\nGET /function/f/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("trailer line with a bare LF", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: a\nb\r\n\r\n"),
+    ("trailer line with a bare CR", b"POST /function/f/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: a\rb\r\n\r\n"),
 ];
 
 async fn gateway_for(replica: SocketAddr) -> Gw {
@@ -409,4 +418,249 @@ async fn hostile_replica_responses_get_502_or_correct_framing_and_never_poison_t
         gw.shutdown().await;
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// h2c requests (prior knowledge, frames written by hand): the method, the path, header fields
+/// sent as given, and DATA frames (the last ends the stream; none: the HEADERS frame does).
+type H2Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a [&'a [u8]]);
+
+const H2_CASES: &[H2Case] = &[
+    (
+        "h2 baseline content-length",
+        "/function/f/",
+        &[("content-length", "5")],
+        &[b"hello"],
+    ),
+    (
+        "h2 no content-length, two DATA frames",
+        "/function/f/",
+        &[],
+        &[b"hel", b"lo"],
+    ),
+    (
+        "h2 content-length shorter than DATA",
+        "/function/f/",
+        &[("content-length", "5")],
+        &[b"hello world"],
+    ),
+    (
+        "h2 content-length longer than DATA",
+        "/function/f/",
+        &[("content-length", "10")],
+        &[b"hello"],
+    ),
+    (
+        "h2 content-length 5, DATA 4 + 4",
+        "/function/f/",
+        &[("content-length", "5")],
+        &[b"hell", b"o!!!"],
+    ),
+    (
+        "h2 content-length 0 with DATA",
+        "/function/f/",
+        &[("content-length", "0")],
+        &[b"hello"],
+    ),
+    (
+        "h2 two content-length, different",
+        "/function/f/",
+        &[("content-length", "5"), ("content-length", "6")],
+        &[b"hello"],
+    ),
+    (
+        "h2 content-length list \"5, 5\"",
+        "/function/f/",
+        &[("content-length", "5, 5")],
+        &[b"hello"],
+    ),
+    (
+        "h2 signed content-length +5",
+        "/function/f/",
+        &[("content-length", "+5")],
+        &[b"hello"],
+    ),
+    (
+        "h2 connection: keep-alive",
+        "/function/f/",
+        &[("connection", "keep-alive"), ("content-length", "5")],
+        &[b"hello"],
+    ),
+    (
+        "h2 transfer-encoding: chunked",
+        "/function/f/",
+        &[("transfer-encoding", "chunked")],
+        &[b"5\r\nhello\r\n0\r\n\r\n"],
+    ),
+    (
+        "h2 transfer-encoding with content-length",
+        "/function/f/",
+        &[("transfer-encoding", "chunked"), ("content-length", "5")],
+        &[b"hello"],
+    ),
+    (
+        "h2 keep-alive header",
+        "/function/f/",
+        &[("keep-alive", "timeout=5")],
+        &[b"hello"],
+    ),
+    (
+        "h2 proxy-connection header",
+        "/function/f/",
+        &[("proxy-connection", "keep-alive")],
+        &[b"hello"],
+    ),
+    (
+        "h2 upgrade header",
+        "/function/f/",
+        &[("upgrade", "websocket")],
+        &[b"hello"],
+    ),
+    (
+        "h2 te: trailers",
+        "/function/f/",
+        &[("te", "trailers")],
+        &[b"hello"],
+    ),
+    (
+        "h2 te: gzip",
+        "/function/f/",
+        &[("te", "gzip")],
+        &[b"hello"],
+    ),
+    (
+        "h2 CRLF in a header value",
+        "/function/f/",
+        &[("x-a", "a\r\ncontent-length: 0")],
+        &[b"hello"],
+    ),
+    (
+        "h2 NUL in a header value",
+        "/function/f/",
+        &[("x-a", "a\0b")],
+        &[b"hello"],
+    ),
+    (
+        "h2 uppercase header name",
+        "/function/f/",
+        &[("X-A", "b")],
+        &[b"hello"],
+    ),
+    (
+        "h2 colon in a header name",
+        "/function/f/",
+        &[("x:a", "b")],
+        &[b"hello"],
+    ),
+    (
+        "h2 space in a header name",
+        "/function/f/",
+        &[("x a", "b")],
+        &[b"hello"],
+    ),
+    (
+        "h2 CRLF and a request line in :path",
+        "/function/f/ HTTP/1.1\r\nhost: x\r\n\r\nGET /function/f/x",
+        &[],
+        &[b"hello"],
+    ),
+    ("h2 space in :path", "/function/f/ x", &[], &[b"hello"]),
+];
+
+#[tokio::test]
+async fn ambiguous_h2c_requests_are_refused_or_reach_the_replica_as_one_well_formed_request() {
+    use common::h2raw::{connect, frame, request_block, DATA, END_HEADERS, END_STREAM, HEADERS};
+    let mut failures = Vec::new();
+    println!("| h2c request | gateway | replica received |\n|---|---|---|");
+    for (name, path, fields, data) in H2_CASES {
+        let (addr, wire) = replica(ok_reply).await;
+        let gw = gateway_for(addr).await;
+        let (mut write, seen) = connect(gw.addr).await;
+        let block = request_block("POST", path, fields);
+        let mut out = frame(
+            HEADERS,
+            END_HEADERS | if data.is_empty() { END_STREAM } else { 0 },
+            1,
+            &block,
+        );
+        for (i, piece) in data.iter().enumerate() {
+            let last = i + 1 == data.len();
+            out.extend(frame(DATA, if last { END_STREAM } else { 0 }, 1, piece));
+        }
+        write.write_all(&out).await.unwrap();
+        // Until the stream is answered, reset, or the connection ends (bounded).
+        let settled = || {
+            seen.ended()
+                || seen.ended_streams.lock().unwrap().contains(&1)
+                || seen.resets.lock().unwrap().iter().any(|(s, _)| *s == 1)
+        };
+        for _ in 0..150 {
+            if settled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = seen
+            .heads
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(s, _)| *s == 1)
+            .map(|(_, status)| *status);
+        let reset = seen
+            .resets
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(s, _)| *s == 1)
+            .map(|(_, code)| *code);
+        let goaway = *seen.goaway.lock().unwrap();
+        let gateway = match (status, reset, goaway) {
+            (Some(s), None, _) => format!("{s}"),
+            (Some(s), Some(code), _) => format!("{s}, then RST_STREAM {}", h2_reason(code)),
+            (None, Some(code), _) => format!("RST_STREAM {}", h2_reason(code)),
+            (None, None, Some(code)) => format!("GOAWAY {}", h2_reason(code)),
+            (None, None, None) => "no answer".to_owned(),
+        };
+        let (requests, bad, bodies) = verdict(&wire);
+        let received = match (&bad, requests) {
+            (None, 0) => "nothing".to_owned(),
+            (None, 1) => format!(
+                "one well-formed request, body {:?}",
+                String::from_utf8_lossy(&bodies[0])
+            ),
+            (None, n) => format!("{n} requests"),
+            (Some(e), n) => format!("{n} well-formed, then: {e}"),
+        };
+        println!("| {name} | {gateway} | {received} |");
+        let refused_by_gateway = status.is_some_and(|s| (400..500).contains(&s) || s == 501)
+            || (status.is_none() && (reset.is_some() || goaway.is_some()));
+        let nothing = requests == 0 && bad.is_none();
+        // As for HTTP/1 chunks: a body is streamed, so a DATA frame that breaks the declared
+        // length can come after the head went out; the replica's request is then cut off and
+        // its connection closed (never reused).
+        let cut = requests == 0
+            && bad.as_deref() == Some("an incomplete request, then the connection closed");
+        let sent: Vec<u8> = data.concat();
+        let forwarded = status == Some(200) && requests == 1 && bad.is_none() && bodies[0] == sent;
+        if !((refused_by_gateway && (nothing || cut)) || forwarded) {
+            failures.push(format!("{name}: {gateway}, {received}"));
+        }
+        // The gateway sees the client go: nothing left to drain.
+        drop(write);
+        gw.shutdown().await;
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+fn h2_reason(code: u32) -> &'static str {
+    match code {
+        0x0 => "NO_ERROR",
+        0x1 => "PROTOCOL_ERROR",
+        0x2 => "INTERNAL_ERROR",
+        0x7 => "REFUSED_STREAM",
+        0x8 => "CANCEL",
+        0xb => "ENHANCE_YOUR_CALM",
+        _ => "other",
+    }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_kube;
+pub mod h2raw;
 pub mod nats;
 
 use std::convert::Infallible;
