@@ -107,6 +107,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let queue = queue::AsyncQueue::start(
         &config.gateway.async_store,
         config.gateway.async_ack_wait,
+        config.gateway.async_record_retention,
         functions.all(),
         upstream::CallbackClient::new(
             config.gateway.callback.clone(),

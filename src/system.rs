@@ -113,7 +113,9 @@ pub struct Admin<'a> {
     pub refusal: Option<&'static str>,
 }
 
-fn authorize<B>(admin: Admin<'_>, req: &Request<B>) -> Result<(), GatewayError> {
+/// `Ok` when `req` may use `/system`: the bearer token when one is configured, else a loopback
+/// listener (or `admin_open`).
+pub fn authorize<B>(admin: Admin<'_>, req: &Request<B>) -> Result<(), GatewayError> {
     let Some(token) = admin.token else {
         return match admin.refusal {
             Some(reason) => Err(GatewayError::AdminClosed(reason)),

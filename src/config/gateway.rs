@@ -28,6 +28,8 @@ pub const DEFAULT_ASYNC_STORE_SUFFIX: &str = ".async.redb";
 /// How long a JetStream delivery is leased to the gateway that pulled it before JetStream hands
 /// it to another (`async_ack_wait`); the gateway renews the lease while it works on it.
 pub const DEFAULT_ASYNC_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the record of a finished async invocation (`GET /system/async/{call_id}`) is kept.
+pub const DEFAULT_ASYNC_RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// Where accepted async invocations are kept (`[gateway] async_store`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +160,20 @@ table! {
             /// another gateway takes over an invocation whose gateway died.
             pub async_ack_wait: Duration = positive(async_ack_wait, DEFAULT_ASYNC_ACK_WAIT),
         },
+        async_record_retention: Dur => {
+            /// How long the record of a finished async invocation (succeeded, failed, or its dead
+            /// letter discarded) is kept after it finished; then `GET /system/async/{call_id}`
+            /// answers `404`. Records of invocations still pending and of dead letters are kept
+            /// as long as they are. At least one second (JetStream counts whole seconds).
+            pub async_record_retention: Duration =
+                positive(async_record_retention, DEFAULT_ASYNC_RECORD_RETENTION).and_then(|d| {
+                    if d < Duration::from_secs(1) {
+                        Err(format!("{d:?} is less than one second"))
+                    } else {
+                        Ok(d)
+                    }
+                }),
+        },
         cluster: String => {
             /// `nats://host:port` of the NATS server through which several gateways act as one:
             /// each publishes its per-function figures there about once a second, one leader
@@ -247,7 +263,7 @@ impl GatewayConfig {
     pub(super) fn describe(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, admin = {}, async_store = {}",
+            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, admin = {}, async_store = {}, async_record_retention = {:?}",
             self.listen,
             match self.worker_threads {
                 0 => "one per CPU".to_owned(),
@@ -259,7 +275,8 @@ impl GatewayConfig {
             self.drain_timeout,
             if self.admin_token.is_some() { "set" } else { "not set" },
             self.admin_access(),
-            self.async_store
+            self.async_store,
+            self.async_record_retention
         );
         let _ = writeln!(out, "[gateway] {}", self.callback.describe());
         if let Some(url) = &self.cluster {

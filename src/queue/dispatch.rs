@@ -92,7 +92,17 @@ impl Dispatcher {
                 continue;
             }
 
-            // 3. Admission, exactly as a sync request: one async invocation waits at a time.
+            // 3. The record says `running` from here on (admission included); written beside
+            //    the attempt, which does not wait for it.
+            let (store, name) = (ctx.store.clone(), function.name.clone());
+            let (seq, number) = (pending.seq, pending.attempts + 1);
+            tokio::spawn(async move {
+                if let Err(e) = store.started(&name, seq, number).await {
+                    debug!(function = %name, seq, error = %e, "async record not marked running");
+                }
+            });
+
+            // 4. Admission, exactly as a sync request: one async invocation waits at a time.
             let arrived = Instant::now();
             function.arrived(arrived);
             let admitted = tokio::select! {
@@ -116,7 +126,7 @@ impl Dispatcher {
                 continue;
             }
 
-            // 4. The attempt, beside the dispatcher; it gives the slot back when it is over.
+            // 5. The attempt, beside the dispatcher; it gives the slot back when it is over.
             tasks.spawn(attempt(ctx.clone(), pending, admitted, arrived, slot));
         }
         // Draining: attempts in flight get until the shutdown deadline (known once the server

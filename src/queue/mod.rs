@@ -42,6 +42,7 @@ mod attempt;
 mod backlog;
 mod callback;
 mod dispatch;
+mod records;
 mod retry;
 pub mod store;
 
@@ -71,10 +72,11 @@ pub use callback::{
     ATTEMPTS, CALLBACK_ATTEMPTS, CALLBACK_TIMEOUT, CALLBACK_URL, DURATION_SECONDS, FUNCTION_NAME,
     FUNCTION_STATUS,
 };
+pub use records::{rfc3339, DeadLetterAction, MAX_LISTED_DEAD_LETTERS};
 pub use retry::{retry_wait, MAX_HONOURED_RETRY_AFTER};
 pub use store::{
-    check_record_round_trip, AsyncStore, DeadLetter, Invocation, JetStreamStore, Pending,
-    RedbStore, Settlement, StoreError, StoreFuture,
+    check_record_round_trip, AsyncRecord, AsyncState, AsyncStore, DeadLetter, DeadLetters,
+    Invocation, JetStreamStore, Pending, RedbStore, Settlement, StoreError, StoreFuture,
 };
 
 /// The async queue of every configured function: the store, and one dispatcher per function.
@@ -90,6 +92,8 @@ pub struct AsyncQueue {
     dispatchers: Mutex<HashMap<Arc<str>, tokio::task::JoinHandle<()>>>,
     /// For a store shared with other gateways: the task reading the backlog from it.
     resync: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How long the store keeps the records of finished invocations (for `expiresAt`).
+    retention: std::time::Duration,
 }
 
 impl std::fmt::Debug for AsyncQueue {
@@ -103,19 +107,21 @@ impl std::fmt::Debug for AsyncQueue {
 
 impl AsyncQueue {
     /// Opens the store `location` names (a redb file, or a NATS server with JetStream whose
-    /// deliveries are leased for `ack_wait`) and starts the queue on it (see
-    /// [`AsyncQueue::with_store`]). When the store cannot be opened the gateway still runs: async
-    /// invocations get `503` naming the reason, sync calls are unaffected.
+    /// deliveries are leased for `ack_wait`), keeping the records of finished invocations for
+    /// `retention`, and starts the queue on it (see [`AsyncQueue::with_store`]). When the store
+    /// cannot be opened the gateway still runs: async invocations get `503` naming the reason,
+    /// sync calls are unaffected.
     pub async fn start(
         location: &AsyncStoreLocation,
         ack_wait: std::time::Duration,
+        retention: std::time::Duration,
         functions: Vec<Arc<Function>>,
         client: CallbackClient,
     ) -> AsyncQueue {
         let path = match location {
             AsyncStoreLocation::File(path) => path,
             AsyncStoreLocation::Nats(url) => {
-                let store = JetStreamStore::connect(url, ack_wait)
+                let store = JetStreamStore::connect(url, ack_wait, retention)
                     .await
                     .map(|store| Arc::new(store) as Arc<dyn AsyncStore>)
                     .map_err(|e| {
@@ -123,13 +129,16 @@ impl AsyncQueue {
                         warn!(%url, error = %reason, "async store unavailable: async invocations will be refused with 503");
                         reason
                     });
-                return AsyncQueue::with_store(store, functions, client).await;
+                let mut queue = AsyncQueue::with_store(store, functions, client).await;
+                queue.retention = retention;
+                return queue;
             }
         };
         let owned = path.to_owned();
-        let opened = tokio::task::spawn_blocking(move || RedbStore::open(&owned))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Database(format!("open panicked: {e}"))));
+        let opened =
+            tokio::task::spawn_blocking(move || RedbStore::open_with_retention(&owned, retention))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Database(format!("open panicked: {e}"))));
         let store = opened
             .map(|store| Arc::new(store) as Arc<dyn AsyncStore>)
             .map_err(|e| {
@@ -137,7 +146,9 @@ impl AsyncQueue {
                 warn!(path = %path.display(), error = %reason, "async store unavailable: async invocations will be refused with 503");
                 reason
             });
-        AsyncQueue::with_store(store, functions, client).await
+        let mut queue = AsyncQueue::with_store(store, functions, client).await;
+        queue.retention = retention;
+        queue
     }
 
     /// Starts the queue on `store` (or on none, for the reason given): sets each function's
@@ -175,6 +186,7 @@ impl AsyncQueue {
             client,
             dispatchers: Mutex::new(HashMap::new()),
             resync: Mutex::new(None),
+            retention: crate::config::DEFAULT_ASYNC_RECORD_RETENTION,
         };
         for function in functions {
             let stored = pending.get(&*function.name).copied().unwrap_or(0);

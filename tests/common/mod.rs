@@ -3,6 +3,7 @@
 
 pub mod fake_kube;
 pub mod nats;
+pub mod records;
 
 use std::convert::Infallible;
 use std::future::Future;
