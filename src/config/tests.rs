@@ -571,3 +571,45 @@ fn async_record_retention_defaults_to_a_day_and_is_at_least_a_second() {
         "{err}"
     );
 }
+
+#[test]
+fn cpu_mode_has_a_target_and_needs_process_replicas() {
+    let cfg = parse(
+        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.f.autoscaler]\ntype = \"cpu\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.functions["f"].autoscaler.mode,
+        ScaleMode::Cpu {
+            target_cpu_percent: DEFAULT_TARGET_CPU_PERCENT
+        }
+    );
+    assert!(cfg
+        .describe()
+        .contains("type = cpu, target_cpu_percent = 75"));
+    let cfg = parse(
+        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.f.autoscaler]\ntype = \"cpu\"\ntarget_cpu_percent = 150\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.functions["f"].autoscaler.mode,
+        ScaleMode::Cpu {
+            target_cpu_percent: 150.0
+        }
+    );
+    let err = parse(
+        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.f.autoscaler]\ntype = \"cpu\"\ntarget_cpu_percent = 0\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("functions.f.autoscaler.target_cpu_percent"),
+        "{err}"
+    );
+    let err = parse(
+        "[functions.k]\nprovider = \"kubernetes\"\n[functions.k.autoscaler]\ntype = \"cpu\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("needs provider = \"process\""), "{err}");
+}

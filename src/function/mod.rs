@@ -247,6 +247,9 @@ pub struct Figures {
     pub idle_for: Duration,
     /// Async invocations accepted and not yet finished (the `sluicegate_async_backlog` gauge).
     pub backlog: u64,
+    /// CPU seconds the function's replicas have used so far (a counter; only the `cpu` mode's
+    /// autoscaler reads it from the provider, elsewhere 0).
+    pub cpu_seconds: f64,
 }
 
 thread_local! {
@@ -403,6 +406,7 @@ impl Function {
             burst_requests: self.window.sum_burst(now),
             idle_for: since_origin.saturating_sub(last),
             backlog: self.metrics.async_backlog.get().max(0) as u64,
+            cpu_seconds: 0.0,
         }
     }
 
