@@ -62,6 +62,10 @@ pub enum GatewayError {
         /// The dead letter's id named.
         id: u64,
     },
+    /// `POST /system/reload` with a config file that does not load: the running config stays.
+    /// The message is the line `sluicegate check-config` prints.
+    #[error("sluicegate: invalid configuration: {0}")]
+    InvalidConfig(String),
     /// `/system` without the right bearer token.
     #[error("missing or wrong bearer token")]
     Unauthorized,
@@ -140,6 +144,7 @@ impl GatewayError {
             GatewayError::MalformedName
             | GatewayError::ClientBody(_)
             | GatewayError::BadRequest(_)
+            | GatewayError::InvalidConfig(_)
             | GatewayError::BadCallbackUrl(_) => StatusCode::BAD_REQUEST,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::TransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
@@ -170,6 +175,7 @@ impl GatewayError {
             GatewayError::BodyTooLarge(_) => "body_too_large",
             GatewayError::ClientBody(_) => "client_body",
             GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::InvalidConfig(_) => "invalid_config",
             GatewayError::BadCallbackUrl(_) => "bad_callback_url",
             GatewayError::TransferCoding(_) => "unsupported_transfer_coding",
             GatewayError::Unauthorized => "unauthorized",

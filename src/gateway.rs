@@ -54,6 +54,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     draining: AtomicBool,
     queue: Option<AsyncQueue>,
+    /// What `POST /system/reload` calls (set once at start, when there is a file to reload).
+    reloader: std::sync::OnceLock<Arc<dyn system::Reload>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -75,6 +77,7 @@ enum Target {
     ListFunctions,
     GetFunction(String),
     ScaleFunction(String),
+    Reload,
     AsyncRecord(String),
     DeadLetters,
     DeadLetter(String, u64, queue::DeadLetterAction),
@@ -97,7 +100,13 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             queue,
+            reloader: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets what `POST /system/reload` calls (once; later calls are ignored).
+    pub fn set_reloader(&self, reloader: Arc<dyn system::Reload>) {
+        let _ = self.reloader.set(reloader);
     }
 
     /// The async queue, if it is running.
@@ -169,6 +178,7 @@ impl Gateway {
             Route::ListFunctions => Target::ListFunctions,
             Route::GetFunction(name) => Target::GetFunction(name.to_owned()),
             Route::ScaleFunction(name) => Target::ScaleFunction(name.to_owned()),
+            Route::Reload => Target::Reload,
             Route::AsyncRecord(call_id) => Target::AsyncRecord(call_id.to_owned()),
             Route::DeadLetters => Target::DeadLetters,
             Route::ReplayDeadLetter(name, id) => {
@@ -210,6 +220,9 @@ impl Gateway {
             Target::ListFunctions => system::list(self.admin(), &req),
             Target::GetFunction(name) => system::get(self.admin(), &req, &name),
             Target::ScaleFunction(name) => Box::pin(system::scale(self.admin(), req, &name)).await,
+            Target::Reload => {
+                Box::pin(system::reload(self.admin(), &req, self.reloader.get())).await
+            }
             Target::AsyncRecord(_) | Target::DeadLetters | Target::DeadLetter(..) => {
                 Box::pin(self.async_admin(target, &req)).await
             }

@@ -258,7 +258,14 @@ fn main() -> ExitCode {
     }
     .expect("tokio runtime");
     tracing::debug!(threads, "runtime");
-    match runtime.block_on(async { sluicegate::run(config, shutdown_signal()).await }) {
+    let served = runtime.block_on(async {
+        // Installed before the listener is bound, as the shutdown signals are: a SIGHUP must
+        // never kill the gateway (its default action).
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("SIGHUP handler");
+        sluicegate::run_with_reload(config, shutdown_signal(), hangups).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sluicegate failed");

@@ -38,6 +38,8 @@ pub enum Route<'a> {
     GetFunction(&'a str),
     /// `POST /system/scale-function/{name}`.
     ScaleFunction(&'a str),
+    /// `POST /system/reload`.
+    Reload,
     /// `GET /system/async/{call_id}`: the call id as in the path (percent-encoded).
     AsyncRecord(&'a str),
     /// `GET /system/async-dead-letters`.
@@ -97,6 +99,8 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         "/readyz" => return get_only(Route::Readyz),
         "/system/functions" => return get_only(Route::ListFunctions),
         "/system/async-dead-letters" => return get_only(Route::DeadLetters),
+        "/system/reload" if method == Method::POST => return Route::Reload,
+        "/system/reload" => return Route::MethodNotAllowed("POST"),
         _ => {}
     }
     if let Some(call_id) = path.strip_prefix("/system/async/") {

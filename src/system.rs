@@ -4,6 +4,8 @@
 //! without it the answer is `401`. Without a token, a listener that is not loopback refuses
 //! `/system` with `403` unless `[gateway] admin_open` is set.
 
+mod reload;
+
 use std::sync::Arc;
 
 use crate::incoming::Incoming;
@@ -14,6 +16,8 @@ use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::info;
+
+pub use reload::{reload, Reload, ReloadReport};
 
 use crate::body::ResponseBody;
 use crate::error::GatewayError;

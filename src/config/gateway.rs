@@ -250,6 +250,52 @@ impl GatewayConfig {
         )
     }
 
+    /// The `[gateway]` keys whose values differ in `next` and that the running gateway reads
+    /// only at start (a config reload does not apply them), as `gateway.<key>`. The function
+    /// defaults of `[gateway]` are not among them: they reach the functions they change.
+    pub fn fixed_differences(&self, next: &GatewayConfig) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut differs = |key: &str, same: bool| {
+            if !same {
+                keys.push(format!("gateway.{key}"));
+            }
+        };
+        differs("listen", self.listen == next.listen);
+        differs(
+            "header_read_timeout",
+            self.header_read_timeout == next.header_read_timeout,
+        );
+        differs(
+            "max_header_bytes",
+            self.max_header_bytes == next.max_header_bytes,
+        );
+        differs("idle_timeout", self.idle_timeout == next.idle_timeout);
+        differs("drain_timeout", self.drain_timeout == next.drain_timeout);
+        differs("admin_token", self.admin_token == next.admin_token);
+        differs("admin_open", self.admin_open == next.admin_open);
+        differs("callback_*", self.callback == next.callback);
+        differs("worker_threads", self.worker_threads == next.worker_threads);
+        differs("async_store", self.async_store == next.async_store);
+        differs("async_ack_wait", self.async_ack_wait == next.async_ack_wait);
+        differs(
+            "async_record_retention",
+            self.async_record_retention == next.async_record_retention,
+        );
+        differs("cluster", self.cluster == next.cluster);
+        differs("cluster_lease", self.cluster_lease == next.cluster_lease);
+        differs("gateway_id", self.gateway_id == next.gateway_id);
+        differs("kubeconfig", self.kubeconfig == next.kubeconfig);
+        differs(
+            "kubernetes_namespace",
+            self.kubernetes_namespace == next.kubernetes_namespace,
+        );
+        differs(
+            "kubernetes_discovery",
+            self.kubernetes_discovery == next.kubernetes_discovery,
+        );
+        keys
+    }
+
     fn admin_access(&self) -> &'static str {
         match (&self.admin_token, self.admin_refusal()) {
             (Some(_), _) => "bearer token",

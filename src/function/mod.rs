@@ -345,6 +345,26 @@ impl Function {
         self.dormant.store(true, Ordering::SeqCst);
     }
 
+    /// Drops the parked start of the autoscaler (see [`Function::park_autoscaler`]): the
+    /// function was replaced or removed before its loop ever ran.
+    pub fn unpark_autoscaler(&self) {
+        drop(self.parked.lock().unwrap().take());
+    }
+
+    /// Requests this function holds itself: waiting in its queue, and in flight on its ready
+    /// replicas. Exact for this object, unlike the gauges, which a function replaced by a reload
+    /// shares with its successor (same name, same series).
+    pub fn own_load(&self) -> usize {
+        let waiting = self.waiters.lock().unwrap().len();
+        let replicas = self.endpoints.load();
+        waiting
+            + replicas
+                .replicas
+                .iter()
+                .map(|r| r.inflight() as usize)
+                .sum::<usize>()
+    }
+
     /// Requests counted so far, for [`Function::dormant_until_woken`].
     pub fn arrivals(&self) -> u64 {
         self.metrics.started.get_ordered()

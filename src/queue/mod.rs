@@ -79,6 +79,9 @@ pub use store::{
     Invocation, JetStreamStore, Pending, RedbStore, Settlement, StoreError, StoreFuture,
 };
 
+/// A dispatcher's task, and the switch that retires it.
+type Running = (tokio::task::JoinHandle<()>, watch::Sender<bool>);
+
 /// The async queue of every configured function: the store, and one dispatcher per function.
 pub struct AsyncQueue {
     store: Result<Arc<dyn AsyncStore>, String>,
@@ -88,8 +91,10 @@ pub struct AsyncQueue {
     stop: watch::Sender<bool>,
     deadline: watch::Sender<Option<Instant>>,
     client: CallbackClient,
-    /// Each function's dispatcher task.
-    dispatchers: Mutex<HashMap<Arc<str>, tokio::task::JoinHandle<()>>>,
+    /// Each function's dispatcher task, and the switch that retires it.
+    dispatchers: Mutex<HashMap<Arc<str>, Running>>,
+    /// Dispatchers retired while the gateway runs, finishing their attempts.
+    retired: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// For a store shared with other gateways: the task reading the backlog from it.
     resync: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// How long the store keeps the records of finished invocations (for `expiresAt`).
@@ -185,6 +190,7 @@ impl AsyncQueue {
             deadline,
             client,
             dispatchers: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             resync: Mutex::new(None),
             retention: crate::config::DEFAULT_ASYNC_RECORD_RETENTION,
         };
@@ -218,13 +224,23 @@ impl AsyncQueue {
         self.add_lane(function, stored);
     }
 
-    /// Stops dispatching a function that went away. What the store holds for it stays stored
-    /// and is dispatched again if the function comes back.
+    /// Stops dispatching a function that went away: its dispatcher takes nothing new, and the
+    /// attempts it started run to their end. What the store holds for it stays stored and is
+    /// dispatched again if the function comes back.
     pub fn remove_function(&self, name: &str) {
         self.lanes.remove(name);
-        if let Some(dispatcher) = self.dispatchers.lock().unwrap().remove(name) {
-            dispatcher.abort();
-        }
+        self.retire_dispatcher(name);
+    }
+
+    /// Retires the dispatcher of `name`, if one runs (see [`AsyncQueue::remove_function`]).
+    fn retire_dispatcher(&self, name: &str) {
+        let Some((task, retire)) = self.dispatchers.lock().unwrap().remove(name) else {
+            return;
+        };
+        retire.send_replace(true);
+        let mut retired = self.retired.lock().unwrap();
+        retired.retain(|t| !t.is_finished());
+        retired.push(task);
     }
 
     fn add_lane(&self, function: Arc<Function>, stored: u64) {
@@ -235,9 +251,9 @@ impl AsyncQueue {
         if let Ok(store) = &self.store {
             store.configure(&name, lane.function.config.async_max_attempts);
         }
-        if let Some(old) = self.dispatchers.lock().unwrap().remove(&name) {
-            old.abort();
-        }
+        // A function replaced while the gateway runs: the old dispatcher finishes what it
+        // started, the new one takes what comes next.
+        self.retire_dispatcher(&name);
         // A function with nothing stored gets its dispatcher at its first accepted invocation;
         // with a store several gateways share, at once: another gateway may accept what this
         // one dispatches.
@@ -256,6 +272,7 @@ impl AsyncQueue {
         if dispatchers.contains_key(&lane.function.name) || *self.stop.borrow() {
             return;
         }
+        let (retire, retire_rx) = watch::channel(false);
         let dispatcher = Dispatcher {
             ctx: Arc::new(Ctx {
                 lane: lane.clone(),
@@ -264,8 +281,12 @@ impl AsyncQueue {
                 stop: self.stop.subscribe(),
             }),
             deadline: self.deadline.subscribe(),
+            retire: retire_rx,
         };
-        dispatchers.insert(lane.function.name.clone(), tokio::spawn(dispatcher.run()));
+        dispatchers.insert(
+            lane.function.name.clone(),
+            (tokio::spawn(dispatcher.run()), retire),
+        );
     }
 
     /// Invocations the store held when the queue started (all functions).
@@ -373,9 +394,11 @@ impl AsyncQueue {
     pub async fn shutdown(&self, deadline: Instant) {
         self.deadline.send_replace(Some(deadline));
         self.stop.send_replace(true);
-        let dispatchers: Vec<_> = std::mem::take(&mut *self.dispatchers.lock().unwrap())
+        let mut dispatchers: Vec<_> = std::mem::take(&mut *self.dispatchers.lock().unwrap())
             .into_values()
+            .map(|(task, _)| task)
             .collect();
+        dispatchers.extend(std::mem::take(&mut *self.retired.lock().unwrap()));
         for d in dispatchers {
             let _ = d.await;
         }
