@@ -414,7 +414,7 @@ impl AsyncStore for JetStreamStore {
                             invocation.accepted_unix_ms,
                             AsyncState::Queued,
                         );
-                        if let Err(e) = self.put_record(record).await {
+                        if let Err(e) = self.create_record(record).await {
                             warn!(function, seq = ack.sequence, error = %e, "NATS: async record not written");
                         }
                     }

@@ -119,9 +119,24 @@ impl JetStreamStore {
 
     /// Writes `update` unless the stored record ranks above it (see the module doc).
     pub(super) async fn put_record(&self, update: AsyncRecord) -> Result<(), StoreError> {
+        self.write_record(update, false).await
+    }
+
+    /// The record of an invocation just accepted: written as the call id's first record
+    /// without reading (one round trip, the common case), merged like any update when the id
+    /// already has one.
+    pub(super) async fn create_record(&self, record: AsyncRecord) -> Result<(), StoreError> {
+        self.write_record(record, true).await
+    }
+
+    async fn write_record(&self, update: AsyncRecord, fresh: bool) -> Result<(), StoreError> {
         self.check()?;
-        for _ in 0..MAX_CAS {
-            let (stored, last) = self.stored_record(&update.call_id).await?;
+        for round in 0..MAX_CAS {
+            let (stored, last) = if fresh && round == 0 {
+                (None, 0)
+            } else {
+                self.stored_record(&update.call_id).await?
+            };
             let Some(record) = AsyncRecord::merge(stored.as_ref(), update.clone()) else {
                 return Ok(());
             };
