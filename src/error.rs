@@ -51,6 +51,21 @@ pub enum GatewayError {
     /// The request body is in a transfer coding the gateway cannot pass on (only `chunked`).
     #[error("transfer coding `{0}` is not supported (only chunked)")]
     TransferCoding(String),
+    /// No record of an async invocation with that call id (unknown, or expired).
+    #[error("no async invocation with call id {0:?}: unknown, or finished longer ago than [gateway] async_record_retention")]
+    NoAsyncRecord(String),
+    /// No such dead letter.
+    #[error("no dead letter {id} of function {function}")]
+    NoDeadLetter {
+        /// The function named.
+        function: String,
+        /// The dead letter's id named.
+        id: u64,
+    },
+    /// `POST /system/reload` with a config file that does not load: the running config stays.
+    /// The message is the line `sluicegate check-config` prints.
+    #[error("sluicegate: invalid configuration: {0}")]
+    InvalidConfig(String),
     /// `/system` without the right bearer token.
     #[error("missing or wrong bearer token")]
     Unauthorized,
@@ -122,10 +137,14 @@ impl GatewayError {
     /// The HTTP status for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::UnknownFunction(_) | GatewayError::NoRoute(_) => StatusCode::NOT_FOUND,
+            GatewayError::UnknownFunction(_)
+            | GatewayError::NoRoute(_)
+            | GatewayError::NoAsyncRecord(_)
+            | GatewayError::NoDeadLetter { .. } => StatusCode::NOT_FOUND,
             GatewayError::MalformedName
             | GatewayError::ClientBody(_)
             | GatewayError::BadRequest(_)
+            | GatewayError::InvalidConfig(_)
             | GatewayError::BadCallbackUrl(_) => StatusCode::BAD_REQUEST,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::TransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
@@ -149,11 +168,14 @@ impl GatewayError {
         match self {
             GatewayError::UnknownFunction(_) => "unknown_function",
             GatewayError::NoRoute(_) => "no_route",
+            GatewayError::NoAsyncRecord(_) => "unknown_call_id",
+            GatewayError::NoDeadLetter { .. } => "unknown_dead_letter",
             GatewayError::MalformedName => "malformed_name",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::BodyTooLarge(_) => "body_too_large",
             GatewayError::ClientBody(_) => "client_body",
             GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::InvalidConfig(_) => "invalid_config",
             GatewayError::BadCallbackUrl(_) => "bad_callback_url",
             GatewayError::TransferCoding(_) => "unsupported_transfer_coding",
             GatewayError::Unauthorized => "unauthorized",

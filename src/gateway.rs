@@ -54,6 +54,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     draining: AtomicBool,
     queue: Option<AsyncQueue>,
+    /// What `POST /system/reload` calls (set once at start, when there is a file to reload).
+    reloader: std::sync::OnceLock<Arc<dyn system::Reload>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -75,6 +77,10 @@ enum Target {
     ListFunctions,
     GetFunction(String),
     ScaleFunction(String),
+    Reload,
+    AsyncRecord(String),
+    DeadLetters,
+    DeadLetter(String, u64, queue::DeadLetterAction),
     MalformedName,
     MethodNotAllowed(&'static str),
     NotFound,
@@ -94,7 +100,13 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             queue,
+            reloader: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets what `POST /system/reload` calls (once; later calls are ignored).
+    pub fn set_reloader(&self, reloader: Arc<dyn system::Reload>) {
+        let _ = self.reloader.set(reloader);
     }
 
     /// The async queue, if it is running.
@@ -175,6 +187,15 @@ impl Gateway {
             Route::ListFunctions => Target::ListFunctions,
             Route::GetFunction(name) => Target::GetFunction(name.to_owned()),
             Route::ScaleFunction(name) => Target::ScaleFunction(name.to_owned()),
+            Route::Reload => Target::Reload,
+            Route::AsyncRecord(call_id) => Target::AsyncRecord(call_id.to_owned()),
+            Route::DeadLetters => Target::DeadLetters,
+            Route::ReplayDeadLetter(name, id) => {
+                Target::DeadLetter(name.to_owned(), id, queue::DeadLetterAction::Replay)
+            }
+            Route::DiscardDeadLetter(name, id) => {
+                Target::DeadLetter(name.to_owned(), id, queue::DeadLetterAction::Discard)
+            }
             Route::MalformedName => Target::MalformedName,
             Route::MethodNotAllowed(allow) => Target::MethodNotAllowed(allow),
             Route::NotFound => Target::NotFound,
@@ -208,6 +229,12 @@ impl Gateway {
             Target::ListFunctions => system::list(self.admin(), &req),
             Target::GetFunction(name) => system::get(self.admin(), &req, &name),
             Target::ScaleFunction(name) => Box::pin(system::scale(self.admin(), req, &name)).await,
+            Target::Reload => {
+                Box::pin(system::reload(self.admin(), &req, self.reloader.get())).await
+            }
+            Target::AsyncRecord(_) | Target::DeadLetters | Target::DeadLetter(..) => {
+                Box::pin(self.async_admin(target, &req)).await
+            }
             Target::MalformedName => Err(GatewayError::MalformedName),
             Target::MethodNotAllowed(allow) => Err(GatewayError::MethodNotAllowed(allow)),
             Target::NotFound => Err(GatewayError::NoRoute(req.uri().path().to_owned())),
@@ -217,6 +244,26 @@ impl Gateway {
             *resp.body_mut() = ResponseBody::empty();
         }
         resp
+    }
+
+    /// The async record and dead-letter routes: admin rules first, then the queue answers.
+    async fn async_admin(
+        &self,
+        target: Target,
+        req: &Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        system::authorize(self.admin(), req)?;
+        let queue = self.queue.as_ref().ok_or_else(|| {
+            GatewayError::AsyncStoreUnavailable("the async queue is not running".into())
+        })?;
+        match target {
+            Target::AsyncRecord(call_id) => queue.record_response(&call_id).await,
+            Target::DeadLetters => queue.dead_letters_response(req.uri().query()).await,
+            Target::DeadLetter(name, id, action) => {
+                queue.dead_letter_response(&name, id, action).await
+            }
+            _ => unreachable!("only async admin targets come here"),
+        }
     }
 
     fn unknown(&self, name: String) -> GatewayError {

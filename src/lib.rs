@@ -8,7 +8,7 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | 1 | [`server`], [`discovery`], [`cluster`] | accept, per-connection timeouts, drain; functions found in a cluster while running; several gateways as one |
+//! | 1 | [`server`], [`discovery`], [`cluster`], [`reload`] | accept, per-connection timeouts, drain; functions found in a cluster while running; several gateways as one; config reload |
 //! | 2 | [`gateway`] | route once; a request's phases (count, limits, admit, forward, respond) |
 //! | 3 | [`system`], [`queue`] | the admin API; async invocations: accept, store, dispatch, callbacks |
 //! | 4 | [`proxy`] | forward with a permit: rewrite, send, stream back, map upstream errors |
@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod provider;
 pub mod proxy;
 pub mod queue;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod simulate;
@@ -62,13 +63,13 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
 use crate::function::{Function, Functions};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::reload::{Loops, Reloader};
 use crate::server::Server;
 
 /// A running gateway: its listener, functions, providers and autoscaler loops.
@@ -76,10 +77,11 @@ pub struct Running {
     gateway: Arc<Gateway>,
     server: Server,
     stop_loops: watch::Sender<bool>,
-    /// Autoscaler loops (some started after `start`, at their function's first arrival) and
-    /// discovery.
-    loops: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    /// Autoscaler loops (some started after `start`, at their function's first arrival, or by
+    /// a reload) and discovery.
+    loops: Arc<Loops>,
     cluster: Option<cluster::Cluster>,
+    reloader: Arc<Reloader>,
 }
 
 impl std::fmt::Debug for Running {
@@ -108,6 +110,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
     let queue = queue::AsyncQueue::start(
         &config.gateway.async_store,
         config.gateway.async_ack_wait,
+        config.gateway.async_record_retention,
         functions.all(),
         upstream::CallbackClient::new(
             config.gateway.callback.clone(),
@@ -122,27 +125,10 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Some(queue),
     ));
     let (stop_loops, stop_rx) = watch::channel(false);
-    let loops = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let loops = Loops::new(stop_rx.clone());
     for f in gateway.functions.all() {
-        if autoscaler::Autoscaler::at_rest_from_the_start(&f) {
-            // Started by the function's first arrival, cold start or manual scale.
-            let function = Arc::downgrade(&f);
-            let (loops, stop_rx) = (loops.clone(), stop_rx.clone());
-            f.park_autoscaler(Box::new(move || {
-                let Some(scaler) = function.upgrade().and_then(autoscaler::Autoscaler::new) else {
-                    return;
-                };
-                if !*stop_rx.borrow() {
-                    let task = tokio::spawn(scaler.run(stop_rx));
-                    loops.lock().unwrap().push(task);
-                }
-            }));
-        } else if let Some(scaler) = autoscaler::Autoscaler::new(f) {
-            loops
-                .lock()
-                .unwrap()
-                .push(tokio::spawn(scaler.run(stop_rx.clone())));
-        }
+        // A function at rest gets its loop at its first arrival, cold start or manual scale.
+        loops.start_autoscaler(&f);
     }
     let cluster = match &config.gateway.cluster {
         Some(url) => {
@@ -165,17 +151,26 @@ pub async fn start(config: Config) -> io::Result<Running> {
         }
         None => None,
     };
+    let view = cluster
+        .as_ref()
+        .map(|c| c.view().clone() as Arc<dyn function::ClusterView>);
     if config.gateway.kubernetes_discovery {
-        loops.lock().unwrap().push(discovery::start(
+        loops.push(discovery::start(
             gateway.clone(),
             Arc::new(config.clone()),
             providers.clone(),
-            cluster
-                .as_ref()
-                .map(|c| c.view().clone() as Arc<dyn function::ClusterView>),
+            view.clone(),
             stop_rx.clone(),
         ));
     }
+    let reloader = Arc::new(Reloader::new(
+        gateway.clone(),
+        config.clone(),
+        providers,
+        view,
+        loops.clone(),
+    ));
+    gateway.set_reloader(reloader.clone());
     let server = Server::start(listener, gateway.clone())?;
     info!(
         listen = %server.local_addr(),
@@ -190,6 +185,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
         stop_loops,
         loops,
         cluster,
+        reloader,
     })
 }
 
@@ -209,6 +205,13 @@ impl Running {
         &self.gateway
     }
 
+    /// Reads the config file again and applies it (what `SIGHUP` and `POST /system/reload`
+    /// do; see [`reload`]). `Err` is the one-line reason it was refused: the running config
+    /// stays.
+    pub async fn reload(&self) -> Result<system::ReloadReport, String> {
+        self.reloader.reload().await
+    }
+
     /// Drains and stops: `/readyz` turns 503 and new requests get 503, the async queue starts no
     /// new attempts; in-flight requests and async attempts get `drain_timeout` to finish; then the
     /// loops stop, the async store is closed and every replica is terminated.
@@ -225,8 +228,7 @@ impl Running {
             queue.shutdown(deadline).await;
         }
         let _ = self.stop_loops.send(true);
-        let loops = std::mem::take(&mut *self.loops.lock().unwrap());
-        for task in loops {
+        for task in self.loops.take() {
             let _ = task.await;
         }
         if let Some(cluster) = self.cluster {
@@ -234,9 +236,11 @@ impl Running {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             cluster.stop();
         }
-        // Every function's replicas stop in parallel.
+        // Every function's replicas stop in parallel (those of functions a reload retired too).
         let mut stops = tokio::task::JoinSet::new();
-        for f in self.gateway.functions.all() {
+        let mut all = self.gateway.functions.all();
+        all.extend(self.loops.retiring());
+        for f in all {
             let backend = f.backend().clone();
             stops.spawn(async move { backend.shutdown().await });
         }
@@ -247,7 +251,9 @@ impl Running {
 
 /// The cluster connection, when some function uses `provider = "kubernetes"` or discovery is on.
 /// No request is made here: an unreachable API server is handled by the watches and writes.
-async fn connect_cluster(config: &Config) -> io::Result<Option<provider::kubernetes::Cluster>> {
+pub(crate) async fn connect_cluster(
+    config: &Config,
+) -> io::Result<Option<provider::kubernetes::Cluster>> {
     let needed = config.gateway.kubernetes_discovery
         || config
             .functions
@@ -269,6 +275,30 @@ async fn connect_cluster(config: &Config) -> io::Result<Option<provider::kuberne
 pub async fn run(config: Config, signal: impl Future<Output = ()>) -> io::Result<()> {
     let running = start(config).await?;
     signal.await;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// [`run`], reloading the config file at each signal `hangups` receives (`SIGHUP`, installed
+/// by the caller before the listener is bound); a refused reload is logged and the running
+/// config stays.
+pub async fn run_with_reload(
+    config: Config,
+    signal: impl Future<Output = ()>,
+    mut hangups: tokio::signal::unix::Signal,
+) -> io::Result<()> {
+    let running = start(config).await?;
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            Some(()) = hangups.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                // Logged inside, accepted or refused.
+                let _ = running.reload().await;
+            }
+        }
+    }
     running.shutdown().await;
     Ok(())
 }

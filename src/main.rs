@@ -123,6 +123,10 @@ struct SimulateArgs {
     /// Time from asking for a replica to its being ready.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     cold_start: Duration,
+    /// Cores a request keeps busy while it is served, for functions in the `cpu` autoscaler
+    /// mode (1: CPU-bound; 0.1: mostly waiting on I/O).
+    #[arg(long, value_name = "CORES", default_value_t = simulate::DEFAULT_REQUEST_CPU)]
+    request_cpu: f64,
     /// Print the per-function figures as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -254,7 +258,14 @@ fn main() -> ExitCode {
     }
     .expect("tokio runtime");
     tracing::debug!(threads, "runtime");
-    match runtime.block_on(async { sluicegate::run(config, shutdown_signal()).await }) {
+    let served = runtime.block_on(async {
+        // Installed before the listener is bound, as the shutdown signals are: a SIGHUP must
+        // never kill the gateway (its default action).
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("SIGHUP handler");
+        sluicegate::run_with_reload(config, shutdown_signal(), hangups).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sluicegate failed");
@@ -317,8 +328,13 @@ fn simulate_command(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> 
         }
         (None, None) => unreachable!("clap requires --trace or --shape"),
     };
+    anyhow::ensure!(
+        args.request_cpu.is_finite() && args.request_cpu >= 0.0,
+        "--request-cpu must be a non-negative number"
+    );
     let options = simulate::Options {
         cold_start: args.cold_start,
+        request_cpu: args.request_cpu,
     };
     let report = simulate::run(config, &trace, &options);
     let run = format!(

@@ -38,6 +38,16 @@ pub enum Route<'a> {
     GetFunction(&'a str),
     /// `POST /system/scale-function/{name}`.
     ScaleFunction(&'a str),
+    /// `POST /system/reload`.
+    Reload,
+    /// `GET /system/async/{call_id}`: the call id as in the path (percent-encoded).
+    AsyncRecord(&'a str),
+    /// `GET /system/async-dead-letters`.
+    DeadLetters,
+    /// `POST /system/async-dead-letters/{function}/{id}/replay`.
+    ReplayDeadLetter(&'a str, u64),
+    /// `DELETE /system/async-dead-letters/{function}/{id}`.
+    DiscardDeadLetter(&'a str, u64),
     /// A function route whose name is not a valid function name.
     MalformedName,
     /// A known path with the wrong method; the value lists the allowed ones.
@@ -88,7 +98,19 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         "/healthz" => return get_only(Route::Healthz),
         "/readyz" => return get_only(Route::Readyz),
         "/system/functions" => return get_only(Route::ListFunctions),
+        "/system/async-dead-letters" => return get_only(Route::DeadLetters),
+        "/system/reload" if method == Method::POST => return Route::Reload,
+        "/system/reload" => return Route::MethodNotAllowed("POST"),
         _ => {}
+    }
+    if let Some(call_id) = path.strip_prefix("/system/async/") {
+        if call_id.is_empty() {
+            return Route::NotFound;
+        }
+        return get_only(Route::AsyncRecord(call_id));
+    }
+    if let Some(tail) = path.strip_prefix("/system/async-dead-letters/") {
+        return dead_letter(method, tail);
     }
     if let Some(name) = path.strip_prefix("/system/function/") {
         if !is_valid_function_name(name) {
@@ -106,6 +128,32 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
         return Route::ScaleFunction(name);
     }
     Route::NotFound
+}
+
+/// `{function}/{id}` (`DELETE`) or `{function}/{id}/replay` (`POST`) under
+/// `/system/async-dead-letters/`.
+fn dead_letter<'a>(method: &Method, tail: &'a str) -> Route<'a> {
+    let mut parts = tail.split('/');
+    let (Some(name), Some(id)) = (parts.next(), parts.next()) else {
+        return Route::NotFound;
+    };
+    if !is_valid_function_name(name) {
+        return Route::MalformedName;
+    }
+    let Some(id) = id
+        .parse::<u64>()
+        .ok()
+        .filter(|_| id.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return Route::NotFound;
+    };
+    match (parts.next(), parts.next()) {
+        (None, None) if method == Method::DELETE => Route::DiscardDeadLetter(name, id),
+        (None, None) => Route::MethodNotAllowed("DELETE"),
+        (Some("replay"), None) if method == Method::POST => Route::ReplayDeadLetter(name, id),
+        (Some("replay"), None) => Route::MethodNotAllowed("POST"),
+        _ => Route::NotFound,
+    }
 }
 
 #[cfg(test)]
@@ -141,6 +189,47 @@ mod tests {
                 name: "echo",
                 path: "/x"
             }
+        );
+    }
+
+    #[test]
+    fn async_record_and_dead_letter_routes() {
+        assert_eq!(
+            route(&Method::GET, "/system/async/abc-1"),
+            Route::AsyncRecord("abc-1")
+        );
+        assert_eq!(route(&Method::GET, "/system/async/"), Route::NotFound);
+        assert_eq!(
+            route(&Method::POST, "/system/async/x"),
+            Route::MethodNotAllowed("GET")
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/async-dead-letters"),
+            Route::DeadLetters
+        );
+        assert_eq!(
+            route(&Method::POST, "/system/async-dead-letters/job/7/replay"),
+            Route::ReplayDeadLetter("job", 7)
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/system/async-dead-letters/job/7"),
+            Route::DiscardDeadLetter("job", 7)
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/async-dead-letters/job/7"),
+            Route::MethodNotAllowed("DELETE")
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/async-dead-letters/job/7/replay"),
+            Route::MethodNotAllowed("POST")
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/system/async-dead-letters/job/+7"),
+            Route::NotFound
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/system/async-dead-letters/Job/7"),
+            Route::MalformedName
         );
     }
 

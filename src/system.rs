@@ -4,6 +4,8 @@
 //! without it the answer is `401`. Without a token, a listener that is not loopback refuses
 //! `/system` with `403` unless `[gateway] admin_open` is set.
 
+mod reload;
+
 use std::sync::Arc;
 
 use crate::incoming::Incoming;
@@ -14,6 +16,8 @@ use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::info;
+
+pub use reload::{reload, Reload, ReloadReport};
 
 use crate::body::ResponseBody;
 use crate::error::GatewayError;
@@ -113,7 +117,9 @@ pub struct Admin<'a> {
     pub refusal: Option<&'static str>,
 }
 
-fn authorize<B>(admin: Admin<'_>, req: &Request<B>) -> Result<(), GatewayError> {
+/// `Ok` when `req` may use `/system`: the bearer token when one is configured, else a loopback
+/// listener (or `admin_open`).
+pub fn authorize<B>(admin: Admin<'_>, req: &Request<B>) -> Result<(), GatewayError> {
     let Some(token) = admin.token else {
         return match admin.refusal {
             Some(reason) => Err(GatewayError::AdminClosed(reason)),

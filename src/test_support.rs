@@ -18,6 +18,8 @@ use crate::provider::{Backend, BoxFuture, Endpoints, Replica};
 pub struct Fake {
     pub desired: AtomicU32,
     pub wakes: AtomicU32,
+    /// CPU milliseconds its replicas have used (what `cpu_seconds` reports).
+    pub cpu_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Backend for Fake {
@@ -45,6 +47,9 @@ impl Backend for Fake {
     }
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+    fn cpu_seconds(&self) -> Option<f64> {
+        Some(self.cpu_ms.load(Ordering::SeqCst) as f64 / 1000.0)
     }
 }
 

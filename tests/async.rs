@@ -902,3 +902,146 @@ async fn a_callback_refused_at_delivery_dead_letters_the_invocation_with_the_rea
     assert!(callbacks.lock().unwrap().is_empty(), "nothing was POSTed");
     gw.shutdown().await;
 }
+
+/// A static function `flaky` in front of a backend that answers 503 while the flag is false,
+/// 200 once it is true.
+async fn flaky_backend() -> (Backend, Arc<std::sync::atomic::AtomicBool>) {
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up.clone();
+    let backend = Backend::start(move |_, _| {
+        let up = flag.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let status = if up { 200 } else { 503 };
+            Response::builder()
+                .status(status)
+                .body(body("answer\n"))
+                .unwrap()
+        }
+    })
+    .await;
+    (backend, up)
+}
+
+const FLAKY_KEYS: &str =
+    "async_max_attempts = 2\nasync_initial_retry_wait = \"50ms\"\nasync_max_retry_wait = \"50ms\"";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_async_record_follows_an_invocation_on_a_real_replica_and_expires_after_the_retention()
+{
+    use common::records::{admin_keys, record, until_record, until_state};
+    let tag = unique_tag("async-record");
+    let work = demo_fn(
+        "work",
+        &tag,
+        "",
+        "",
+        "type = \"none\"\nmin_replicas = 1\nmax_replicas = 1",
+    );
+    let keys = format!("{}\nasync_record_retention = \"1s\"", admin_keys());
+    let gw = Gw::start_with(&keys, &work).await;
+
+    // /system rules: no token, no record.
+    let r = gw.get("/system/async/rec-1").await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let (status, _) = record(&gw, "rec-1").await;
+    assert_eq!(status, 404);
+
+    let req = Request::post(gw.url("/async-function/work/slow?sleep=600ms&status=201"))
+        .header("x-call-id", "rec-1")
+        .body(body("payload"))
+        .unwrap();
+    let r = gw.send(req).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    // Queued (or already running: the dispatcher may be quicker than this GET), then running
+    // its first attempt on the replica, then succeeded with the replica's status.
+    let first = until_record(
+        &gw,
+        "rec-1",
+        "the record exists",
+        Duration::from_secs(5),
+        |s, _| s == 200,
+    )
+    .await;
+    assert!(
+        first["state"] == "queued" || first["state"] == "running",
+        "{first}"
+    );
+    assert_eq!(first["function"], "work");
+    assert!(
+        first["acceptedAt"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
+    let running = until_state(&gw, "rec-1", "running").await;
+    assert_eq!(running["attempts"], 1, "{running}");
+    assert!(running.get("expiresAt").is_none(), "{running}");
+    let done = until_state(&gw, "rec-1", "succeeded").await;
+    assert_eq!(
+        (&done["status"], &done["attempts"]),
+        (&201.into(), &1.into()),
+        "{done}"
+    );
+    assert!(done["expiresAt"].is_string(), "{done}");
+
+    // A second after it finished, the record is gone.
+    let r = until_record(
+        &gw,
+        "rec-1",
+        "the record expires",
+        Duration::from_secs(10),
+        |s, _| s == 404,
+    )
+    .await;
+    assert!(r.is_null());
+    let r = common::records::admin(&gw, "GET", "/system/async/rec-1").await;
+    assert_eq!(r.header("x-sluicegate-reason"), Some("unknown_call_id"));
+    assert!(r.body.contains("async_record_retention"), "{}", r.body);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_replayed_until_it_succeeds_and_another_discarded() {
+    let (backend, up) = flaky_backend().await;
+    let gw = Gw::start_with(
+        &common::records::admin_keys(),
+        &static_fn("flaky", &backend.url(), FLAKY_KEYS),
+    )
+    .await;
+    common::records::dead_letter_replay_and_discard(&gw, &up).await;
+    assert_eq!(backlog(&gw, "flaky"), 0);
+    // Replaying a dead letter of a function that is not configured: 404.
+    let r = common::records::admin(&gw, "POST", "/system/async-dead-letters/other/1/replay").await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_and_records_survive_a_restart_and_are_replayed_by_the_next_gateway() {
+    let store_path = temp_store_path();
+    let keys = format!(
+        "{}\n{}",
+        async_store(&store_path),
+        common::records::admin_keys()
+    );
+    let (backend, up) = flaky_backend().await;
+    let flaky = static_fn("flaky", &backend.url(), FLAKY_KEYS);
+    let gw = Gw::start_with(&keys, &flaky).await;
+    common::records::post(&gw, "flaky", "kept-1").await;
+    let dead = common::records::until_state(&gw, "kept-1", "dead_lettered").await;
+    let id = dead["deadLetter"]["id"].as_u64().unwrap();
+    gw.shutdown().await;
+
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let gw = Gw::start_with(&keys, &flaky).await;
+    let (status, again) = common::records::record(&gw, "kept-1").await;
+    assert_eq!((status, &again["state"]), (200, &"dead_lettered".into()));
+    let r = common::records::admin(
+        &gw,
+        "POST",
+        &format!("/system/async-dead-letters/flaky/{id}/replay"),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    common::records::until_state(&gw, "kept-1", "succeeded").await;
+    gw.shutdown().await;
+    let _ = std::fs::remove_file(store_path);
+}

@@ -143,3 +143,55 @@ async fn an_idle_function_scales_to_zero_and_wakes_again() {
     assert_eq!(f.metrics.cold_starts.get(), 2);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_mode_scales_a_cpu_bound_function_up_and_an_idle_one_down() {
+    let busy_tag = unique_tag("cpu-busy");
+    let idle_tag = unique_tag("cpu-idle");
+    let policy = "type = \"cpu\"\ntarget_cpu_percent = 10\nmin_replicas = 1\nmax_replicas = 3\n\
+                  rate_seconds = \"2s\"\npolling_interval = \"200ms\"\ncooldown_period = \"1s\"";
+    // Each `busy` replica is a shell that starts a busy loop in the background (in the replica's
+    // process group, so it counts; it ends with the replica, `$$` being the replica's pid after
+    // `exec`), then runs the demo function.
+    let busy = format!(
+        "[functions.busy]\nprovider = \"process\"\n\
+         command = [\"sh\", \"-c\", \"while kill -0 $$ 2>/dev/null; do :; done & exec {BIN} demo-function --tag {busy_tag}\"]\n\
+         readiness_path = \"/healthz\"\n[functions.busy.autoscaler]\n{policy}\n"
+    );
+    let idle = demo_fn("idle", &idle_tag, "", "", policy);
+    let gw = Gw::start(&format!("{busy}\n{idle}")).await;
+    let busy = gw.function("busy");
+    let idle = gw.function("idle");
+    let figures = |f: &sluicegate::function::Function| f.figures(Instant::now());
+
+    // The idle function, scaled to 3 by hand, uses no CPU: back to min_replicas once the
+    // manual count has stood for the cooldown.
+    let r = gw
+        .post("/system/scale-function/idle", "{\"replicas\": 3}")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(figures(&idle).replicas, 3);
+
+    // One busy replica keeps a core busy, or what a loaded machine gives it: far above the
+    // 10 % target (low, so that the test holds on a shared machine), so the autoscaler asks
+    // for max_replicas.
+    until("busy reaches 3 replicas", Duration::from_secs(30), || {
+        figures(&busy).replicas == 3
+    })
+    .await;
+    until("idle is back to 1 replica", Duration::from_secs(30), || {
+        figures(&idle).replicas == 1
+    })
+    .await;
+    assert_eq!(
+        figures(&busy).replicas,
+        3,
+        "busy stays up while it burns CPU"
+    );
+    gw.shutdown().await;
+    // The busy loops ended with their replicas.
+    until("the busy loops are gone", Duration::from_secs(10), || {
+        count_processes(&busy_tag) == 0
+    })
+    .await;
+}

@@ -523,3 +523,87 @@ async fn gateway_state_is_shared_through_the_state_bucket_and_survives_a_restart
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_shared_and_expire_and_dead_letters_are_replayed_and_discarded_in_jetstream() {
+    use common::records::{admin_keys, record, until_record, until_state};
+    let nats = NatsServer::start().await;
+    let keys = format!(
+        "{}\n{}\nasync_record_retention = \"1s\"",
+        nats.gateway_keys("5s"),
+        admin_keys()
+    );
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up.clone();
+    let backend = Backend::start(move |req, _| {
+        let up = flag.load(std::sync::atomic::Ordering::SeqCst);
+        let slow = req.uri().path() == "/slow";
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            let status = match (slow, up) {
+                (true, _) => 201,
+                (false, true) => 200,
+                (false, false) => 503,
+            };
+            Response::builder()
+                .status(status)
+                .body(body("answer\n"))
+                .unwrap()
+        }
+    })
+    .await;
+    let keys_fn = "async_max_attempts = 2\nasync_initial_retry_wait = \"50ms\"\nasync_max_retry_wait = \"50ms\"";
+    let a = Gw::start_with(&keys, &static_fn("flaky", &backend.url(), keys_fn)).await;
+    // A second gateway on the same store: it may run the invocation too; either way it reads
+    // the same record.
+    let b = Gw::start_with(&keys, &static_fn("flaky", &backend.url(), keys_fn)).await;
+
+    // One invocation's life, read from the other gateway: running, then succeeded with the
+    // function's status, then gone after the retention (the record's TTL).
+    let req = Request::post(a.url("/async-function/flaky/slow"))
+        .header("x-call-id", "shared.1")
+        .body(body("x"))
+        .unwrap();
+    assert_eq!(a.send(req).await.status, 202);
+    let running = until_state(&b, "shared.1", "running").await;
+    assert_eq!(running["attempts"], 1, "{running}");
+    let done = until_state(&b, "shared.1", "succeeded").await;
+    assert_eq!(done["status"], 201, "{done}");
+    until_record(
+        &a,
+        "shared.1",
+        "the record expires",
+        Duration::from_secs(10),
+        |s, _| s == 404,
+    )
+    .await;
+    // Gone from the stream too, not only hidden: JetStream's TTL removed the message.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let records = js
+        .get_stream(sluicegate::queue::store::RECORDS_STREAM)
+        .await
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..200 {
+        let last = records
+            .get_last_raw_message_by_subject("sluicegate.record.h.7368617265642e31")
+            .await;
+        if last.is_err() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the expired record is still stored");
+    let (status, _) = record(&b, "shared.1").await;
+    assert_eq!(status, 404);
+    b.shutdown().await;
+
+    // Dead letters: listed, replayed once the replica is up, discarded.
+    common::records::dead_letter_replay_and_discard(&a, &up).await;
+    assert_eq!(stream_messages(&nats, DLQ_STREAM).await, 0);
+    a.shutdown().await;
+}

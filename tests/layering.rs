@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Top to bottom. A module may use only modules in later rows.
 const LAYERS: &[&[&str]] = &[
-    &["server", "discovery", "cluster"],
+    &["server", "discovery", "cluster", "reload"],
     &["http1"],
     &["gateway"],
     &["system", "queue"],

@@ -2,7 +2,8 @@
 //!
 //! Every sample interval (a sixtieth of the window, between 10 ms and 1 s) the loop reads the
 //! function's figures — the very gauges and window `/metrics` exports — records a concurrency
-//! sample, and checks for a burst; every `polling_interval` it asks the [`Policy`] for a decision
+//! sample (and, in the `cpu` mode, the replicas' CPU-seconds counter from the provider), and
+//! checks for a burst; every `polling_interval` it asks the [`Policy`] for a decision
 //! and applies it through the provider. Each change is logged with the figures it used. The
 //! clock-free part of that step (samples → [`Inputs`] → burst check → decision) is the
 //! [`Controller`], which the offline simulator (`sluicegate simulate`) runs on virtual time.
@@ -52,6 +53,43 @@ pub fn sample_interval(window: Duration, polling: Duration) -> Duration {
         .min(polling)
 }
 
+/// Recent readings of the replicas' CPU-seconds counter, for the `cpu` mode.
+#[derive(Debug, Default)]
+pub struct CpuSamples(VecDeque<(Duration, f64)>);
+
+impl CpuSamples {
+    /// Records the counter `seconds` at `t` and forgets readings older than `keep` before `t`
+    /// (keeping one at or before `t - keep`, the start of the window).
+    pub fn push(&mut self, t: Duration, seconds: f64, keep: Duration) {
+        self.0.push_back((t, seconds));
+        let from = t.saturating_sub(keep);
+        while self.0.get(1).is_some_and(|(at, _)| *at <= from) {
+            self.0.pop_front();
+        }
+    }
+
+    /// CPU used between the reading at (or just before) `from` and the last one, in percent
+    /// of one core: 100 per core kept busy. 0 with fewer than two readings.
+    pub fn percent_since(&self, from: Duration) -> f64 {
+        let Some(&(last_at, last)) = self.0.back() else {
+            return 0.0;
+        };
+        let first = self
+            .0
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= from)
+            .or_else(|| self.0.front())
+            .copied();
+        match first {
+            Some((at, value)) if last_at > at => {
+                (last - value).max(0.0) / (last_at - at).as_secs_f64() * 100.0
+            }
+            _ => 0.0,
+        }
+    }
+}
+
 /// Recent ongoing+queued samples, for the `concurrency` mode's averages.
 #[derive(Debug, Default)]
 pub struct Samples(VecDeque<(Duration, u64)>);
@@ -84,10 +122,12 @@ impl Samples {
 
 /// The policy's [`Inputs`] at `t` from a function's figures and the recent samples: requests in
 /// the window and in the burst window × 10 (`rps`), average ongoing+queued over the window and
-/// over the burst window (`concurrency`), the async backlog (`queue`).
+/// over the burst window (`concurrency`), the async backlog (`queue`), the replicas' CPU time in
+/// percent of one core over the window and over the burst window (`cpu`).
 pub fn inputs(
     config: &AutoscalerConfig,
     samples: &Samples,
+    cpu: &CpuSamples,
     t: Duration,
     figures: &Figures,
 ) -> Inputs {
@@ -106,6 +146,10 @@ pub fn inputs(
             samples.average_since(t.saturating_sub(burst_window)),
         ),
         ScaleMode::Queue { .. } => (figures.backlog as f64, figures.backlog as f64),
+        ScaleMode::Cpu { .. } => (
+            cpu.percent_since(t.saturating_sub(window)),
+            cpu.percent_since(t.saturating_sub(burst_window)),
+        ),
         ScaleMode::None => (0.0, 0.0),
     };
     Inputs {
@@ -135,6 +179,7 @@ pub struct Step {
 pub struct Controller {
     policy: Policy,
     samples: Samples,
+    cpu: CpuSamples,
     /// When the first sample was taken.
     first: Option<Duration>,
 }
@@ -145,6 +190,7 @@ impl Controller {
         Controller {
             policy: Policy::new(config),
             samples: Samples::default(),
+            cpu: CpuSamples::default(),
             first: None,
         }
     }
@@ -176,6 +222,7 @@ impl Controller {
     /// them). [`Controller::rested`] records the zeros again on waking.
     pub fn rest(&mut self) {
         self.samples = Samples::default();
+        self.cpu = CpuSamples::default();
         self.policy.rest();
     }
 
@@ -215,10 +262,13 @@ impl Controller {
         self.first.get_or_insert(t);
         self.samples
             .push(t, figures.ongoing + figures.queued, window);
+        if matches!(self.policy.config().mode, ScaleMode::Cpu { .. }) {
+            self.cpu.push(t, figures.cpu_seconds, window);
+        }
         if let Some(replicas) = manual {
             self.policy.manual(t, replicas);
         }
-        let inputs = inputs(self.policy.config(), &self.samples, t, figures);
+        let inputs = inputs(self.policy.config(), &self.samples, &self.cpu, t, figures);
         let burst = self.policy.burst_check(t, &inputs);
         let decision = decide.then(|| self.policy.decide(t, &inputs));
         Step {
@@ -329,7 +379,10 @@ impl Autoscaler {
     /// [`Controller::at_rest`]). Public for tests on paused time.
     pub fn step(&mut self, now: Instant, decide: bool) -> bool {
         let t = now.saturating_duration_since(self.origin);
-        let figures = self.function.decision_figures(now);
+        let mut figures = self.function.decision_figures(now);
+        if matches!(self.controller.config().mode, ScaleMode::Cpu { .. }) {
+            figures.cpu_seconds = self.function.backend().cpu_seconds().unwrap_or(0.0);
+        }
         let manual = self.function.take_manual();
         let step = self.controller.step(t, &figures, manual, decide);
         if let Some(up) = step.burst {

@@ -27,7 +27,8 @@ pub struct Inputs {
     /// Replicas asked of the provider now.
     pub current: u32,
     /// The mode's metric over the window: requests in the window (`rps`), average ongoing+queued
-    /// (`concurrency`), async backlog (`queue`).
+    /// (`concurrency`), async backlog (`queue`), CPU time of all replicas in percent of one core
+    /// (`cpu`).
     pub metric: f64,
     /// The same metric over the burst window, scaled to be comparable with `metric`
     /// (for `rps`: burst-window requests × 10).
@@ -81,6 +82,7 @@ impl Policy {
                 target_ongoing_requests,
             } => Some(target_ongoing_requests),
             ScaleMode::Queue { queue_length } => Some(queue_length),
+            ScaleMode::Cpu { target_cpu_percent } => Some(target_cpu_percent),
             ScaleMode::None => None,
         }
     }
@@ -92,7 +94,9 @@ impl Policy {
     }
 
     fn ceil_ratio(metric: f64, target: f64) -> u32 {
-        let r = (metric / target).ceil();
+        // A metric computed as a rate (CPU seconds over seconds) lands a rounding error above an
+        // exact multiple of the target: that is the multiple, not one more replica.
+        let r = (metric / target - 1e-9).ceil();
         if r.is_finite() && r > 0.0 {
             r.min(u32::MAX as f64) as u32
         } else {

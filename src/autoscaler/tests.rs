@@ -458,3 +458,69 @@ fn skipped_samples_at_rest_count_as_zeros_in_the_concurrency_average() {
         );
     }
 }
+
+const CPU: &str =
+    "type = \"cpu\"\ntarget_cpu_percent = 50\nrate_seconds = 10\npolling_interval = 1\n";
+
+/// `cores` busy for the next second, then one step.
+async fn burn(a: &mut Autoscaler, fake: &Fake, cores: f64) {
+    fake.cpu_ms
+        .fetch_add((cores * 1000.0) as u64, std::sync::atomic::Ordering::SeqCst);
+    advance(Duration::from_secs(1)).await;
+    a.step(Instant::now(), true);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cpu_mode_scales_on_the_replicas_cpu_time_and_back_down_after_the_cooldown() {
+    let (mut a, f, fake) = scaler(
+        &format!("{CPU}min_replicas = 1\nmax_replicas = 4\ncooldown_period = 30"),
+        1,
+    );
+    a.step(Instant::now(), true);
+    // Half a core: at the 50 % target, one replica is enough.
+    for _ in 0..10 {
+        burn(&mut a, &fake, 0.5).await;
+    }
+    assert_eq!(fake.replicas(), 1);
+    // One replica keeps a whole core busy: 100 % over the window -> two at 50 %.
+    for _ in 0..10 {
+        burn(&mut a, &fake, 1.0).await;
+    }
+    assert_eq!(fake.replicas(), 2);
+    publish(&f, 2);
+    // Both busy: 200 % -> four.
+    for _ in 0..10 {
+        burn(&mut a, &fake, 2.0).await;
+    }
+    assert_eq!(fake.replicas(), 4);
+    publish(&f, 4);
+    assert_eq!(f.metrics.scaled_up.get(), 2);
+
+    // Idle: the count holds for the cooldown (the window still shows CPU for 10 s, then the
+    // highest candidate of the last 30 s stands), then steps down to min_replicas.
+    for _ in 0..30 {
+        burn(&mut a, &fake, 0.0).await;
+        assert_eq!(fake.replicas(), 4, "held inside the cooldown");
+    }
+    for _ in 0..15 {
+        burn(&mut a, &fake, 0.0).await;
+    }
+    assert_eq!(fake.replicas(), 1);
+    assert!(f.metrics.scaled_down.get() >= 1);
+}
+
+#[test]
+fn cpu_samples_give_percent_of_one_core_over_the_window() {
+    let mut cpu = CpuSamples::default();
+    let s = Duration::from_secs;
+    assert_eq!(cpu.percent_since(s(0)), 0.0);
+    cpu.push(s(0), 0.0, s(10));
+    assert_eq!(cpu.percent_since(s(0)), 0.0, "one reading is no rate");
+    cpu.push(s(5), 7.5, s(10));
+    assert_eq!(cpu.percent_since(s(0)), 150.0);
+    cpu.push(s(15), 7.5, s(10));
+    // From t = 5 (the reading at the window's start) to 15: nothing used.
+    assert_eq!(cpu.percent_since(s(5)), 0.0);
+    // The last second only (a burst window): the reading at or before t = 14 is t = 5's.
+    assert_eq!(cpu.percent_since(s(14)), 0.0);
+}

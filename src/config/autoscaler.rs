@@ -21,6 +21,8 @@ pub const DEFAULT_RATE_SECONDS: Duration = Duration::from_secs(30);
 pub const DEFAULT_TARGET_ONGOING_REQUESTS: f64 = 2.0;
 /// `queue` mode: pending async invocations per replica.
 pub const DEFAULT_QUEUE_LENGTH: f64 = 10.0;
+/// `cpu` mode: CPU time per replica, percent of one core, averaged over the window.
+pub const DEFAULT_TARGET_CPU_PERCENT: f64 = 75.0;
 /// Time between autoscaler decisions.
 pub const DEFAULT_POLLING_INTERVAL: Duration = Duration::from_secs(1);
 /// Time a scale-down waits: the replica count never drops below the highest desired count in this period.
@@ -61,6 +63,7 @@ table! {
         },
         target_ongoing_requests: f64,
         queue_length: f64,
+        target_cpu_percent: f64,
         polling_interval: Dur => {
             /// Time between decisions.
             pub polling_interval: Duration =
@@ -87,6 +90,9 @@ impl AutoscalerConfig {
                 target_ongoing_requests,
             } => format!(", target_ongoing_requests = {target_ongoing_requests}"),
             ScaleMode::Queue { queue_length } => format!(", queue_length = {queue_length}"),
+            ScaleMode::Cpu { target_cpu_percent } => {
+                format!(", target_cpu_percent = {target_cpu_percent}")
+            }
             ScaleMode::None => String::new(),
         };
         line(
@@ -123,6 +129,12 @@ pub enum ScaleMode {
         /// Pending async invocations per replica.
         queue_length: f64,
     },
+    /// `target_cpu_percent` percent of one core of CPU time per replica (its process group's),
+    /// averaged over the window. Process replicas only.
+    Cpu {
+        /// Percent of one core per replica.
+        target_cpu_percent: f64,
+    },
     /// No automatic scaling: the replica count changes only by hand (and from zero on demand).
     None,
 }
@@ -134,6 +146,7 @@ impl ScaleMode {
             ScaleMode::Rps { .. } => "rps",
             ScaleMode::Concurrency { .. } => "concurrency",
             ScaleMode::Queue { .. } => "queue",
+            ScaleMode::Cpu { .. } => "cpu",
             ScaleMode::None => "none",
         }
     }
@@ -187,11 +200,24 @@ fn scale_mode(
         "queue" => ScaleMode::Queue {
             queue_length: target("queue_length", raw.queue_length, DEFAULT_QUEUE_LENGTH)?,
         },
+        "cpu" if !matches!(provider, ProviderConfig::Process(_)) => {
+            return Err(at.invalid(
+                "type",
+                "cpu scaling measures the replicas' own processes: it needs provider = \"process\"",
+            ))
+        }
+        "cpu" => ScaleMode::Cpu {
+            target_cpu_percent: target(
+                "target_cpu_percent",
+                raw.target_cpu_percent,
+                DEFAULT_TARGET_CPU_PERCENT,
+            )?,
+        },
         "none" => ScaleMode::None,
         other => {
             return Err(at.invalid(
                 "type",
-                format!("unknown type `{other}` (expected rps, concurrency, queue or none)"),
+                format!("unknown type `{other}` (expected rps, concurrency, queue, cpu or none)"),
             ))
         }
     })

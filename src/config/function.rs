@@ -50,7 +50,7 @@ table! {
     struct RawFunctionKeys;
 
     /// One function, with defaults applied.
-    #[derive(Clone, Debug)]
+    #[derive(Clone, Debug, PartialEq)]
     pub struct FunctionConfig {
         /// The function's name, as in `/function/{name}`.
         pub name: String,

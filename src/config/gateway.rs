@@ -28,6 +28,8 @@ pub const DEFAULT_ASYNC_STORE_SUFFIX: &str = ".async.redb";
 /// How long a JetStream delivery is leased to the gateway that pulled it before JetStream hands
 /// it to another (`async_ack_wait`); the gateway renews the lease while it works on it.
 pub const DEFAULT_ASYNC_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the record of a finished async invocation (`GET /system/async/{call_id}`) is kept.
+pub const DEFAULT_ASYNC_RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// Where accepted async invocations are kept (`[gateway] async_store`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +160,20 @@ table! {
             /// another gateway takes over an invocation whose gateway died.
             pub async_ack_wait: Duration = positive(async_ack_wait, DEFAULT_ASYNC_ACK_WAIT),
         },
+        async_record_retention: Dur => {
+            /// How long the record of a finished async invocation (succeeded, failed, or its dead
+            /// letter discarded) is kept after it finished; then `GET /system/async/{call_id}`
+            /// answers `404`. Records of invocations still pending and of dead letters are kept
+            /// as long as they are. At least one second (JetStream counts whole seconds).
+            pub async_record_retention: Duration =
+                positive(async_record_retention, DEFAULT_ASYNC_RECORD_RETENTION).and_then(|d| {
+                    if d < Duration::from_secs(1) {
+                        Err(format!("{d:?} is less than one second"))
+                    } else {
+                        Ok(d)
+                    }
+                }),
+        },
         cluster: String => {
             /// `nats://host:port` of the NATS server through which several gateways act as one:
             /// each publishes its per-function figures there about once a second, one leader
@@ -234,6 +250,52 @@ impl GatewayConfig {
         )
     }
 
+    /// The `[gateway]` keys whose values differ in `next` and that the running gateway reads
+    /// only at start (a config reload does not apply them), as `gateway.<key>`. The function
+    /// defaults of `[gateway]` are not among them: they reach the functions they change.
+    pub fn fixed_differences(&self, next: &GatewayConfig) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut differs = |key: &str, same: bool| {
+            if !same {
+                keys.push(format!("gateway.{key}"));
+            }
+        };
+        differs("listen", self.listen == next.listen);
+        differs(
+            "header_read_timeout",
+            self.header_read_timeout == next.header_read_timeout,
+        );
+        differs(
+            "max_header_bytes",
+            self.max_header_bytes == next.max_header_bytes,
+        );
+        differs("idle_timeout", self.idle_timeout == next.idle_timeout);
+        differs("drain_timeout", self.drain_timeout == next.drain_timeout);
+        differs("admin_token", self.admin_token == next.admin_token);
+        differs("admin_open", self.admin_open == next.admin_open);
+        differs("callback_*", self.callback == next.callback);
+        differs("worker_threads", self.worker_threads == next.worker_threads);
+        differs("async_store", self.async_store == next.async_store);
+        differs("async_ack_wait", self.async_ack_wait == next.async_ack_wait);
+        differs(
+            "async_record_retention",
+            self.async_record_retention == next.async_record_retention,
+        );
+        differs("cluster", self.cluster == next.cluster);
+        differs("cluster_lease", self.cluster_lease == next.cluster_lease);
+        differs("gateway_id", self.gateway_id == next.gateway_id);
+        differs("kubeconfig", self.kubeconfig == next.kubeconfig);
+        differs(
+            "kubernetes_namespace",
+            self.kubernetes_namespace == next.kubernetes_namespace,
+        );
+        differs(
+            "kubernetes_discovery",
+            self.kubernetes_discovery == next.kubernetes_discovery,
+        );
+        keys
+    }
+
     fn admin_access(&self) -> &'static str {
         match (&self.admin_token, self.admin_refusal()) {
             (Some(_), _) => "bearer token",
@@ -247,7 +309,7 @@ impl GatewayConfig {
     pub(super) fn describe(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, admin = {}, async_store = {}",
+            "[gateway] listen = {}, worker_threads = {}, header_read_timeout = {:?}, max_header_bytes = {}, idle_timeout = {:?}, drain_timeout = {:?}, admin_token = {}, admin = {}, async_store = {}, async_record_retention = {:?}",
             self.listen,
             match self.worker_threads {
                 0 => "one per CPU".to_owned(),
@@ -259,7 +321,8 @@ impl GatewayConfig {
             self.drain_timeout,
             if self.admin_token.is_some() { "set" } else { "not set" },
             self.admin_access(),
-            self.async_store
+            self.async_store,
+            self.async_record_retention
         );
         let _ = writeln!(out, "[gateway] {}", self.callback.describe());
         if let Some(url) = &self.cluster {

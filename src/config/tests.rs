@@ -313,7 +313,7 @@ fn check_config_prints_every_effective_setting() {
     )
     .unwrap();
     let expected = r#"config/test.toml: ok
-[gateway] listen = 127.0.0.1:8080, worker_threads = 2, header_read_timeout = 10s, max_header_bytes = 65536, idle_timeout = 75s, drain_timeout = 30s, admin_token = set, admin = bearer token, async_store = config/test.async.redb
+[gateway] listen = 127.0.0.1:8080, worker_threads = 2, header_read_timeout = 10s, max_header_bytes = 65536, idle_timeout = 75s, drain_timeout = 30s, admin_token = set, admin = bearer token, async_store = config/test.async.redb, async_record_retention = 86400s
 [gateway] callback_allow = (any but link-local, metadata, the gateway), callback_ports = (any), callback_allow_loopback = true
 
 [functions.echo]
@@ -549,4 +549,67 @@ fn a_duration_beyond_ten_years_is_an_error_not_a_panic() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("ten years"), "{err}");
+}
+
+#[test]
+fn async_record_retention_defaults_to_a_day_and_is_at_least_a_second() {
+    let cfg = parse("").unwrap();
+    assert_eq!(
+        cfg.gateway.async_record_retention,
+        DEFAULT_ASYNC_RECORD_RETENTION
+    );
+    let cfg = parse("[gateway]\nasync_record_retention = \"90m\"\n").unwrap();
+    assert_eq!(
+        cfg.gateway.async_record_retention,
+        Duration::from_secs(5400)
+    );
+    let err = parse("[gateway]\nasync_record_retention = \"500ms\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("gateway.async_record_retention: 500ms is less than one second"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cpu_mode_has_a_target_and_needs_process_replicas() {
+    let cfg = parse(
+        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.f.autoscaler]\ntype = \"cpu\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.functions["f"].autoscaler.mode,
+        ScaleMode::Cpu {
+            target_cpu_percent: DEFAULT_TARGET_CPU_PERCENT
+        }
+    );
+    assert!(cfg
+        .describe()
+        .contains("type = cpu, target_cpu_percent = 75"));
+    let cfg = parse(
+        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.f.autoscaler]\ntype = \"cpu\"\ntarget_cpu_percent = 150\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.functions["f"].autoscaler.mode,
+        ScaleMode::Cpu {
+            target_cpu_percent: 150.0
+        }
+    );
+    let err = parse(
+        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.f.autoscaler]\ntype = \"cpu\"\ntarget_cpu_percent = 0\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("functions.f.autoscaler.target_cpu_percent"),
+        "{err}"
+    );
+    let err = parse(
+        "[functions.k]\nprovider = \"kubernetes\"\n[functions.k.autoscaler]\ntype = \"cpu\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("needs provider = \"process\""), "{err}");
 }

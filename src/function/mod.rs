@@ -247,6 +247,9 @@ pub struct Figures {
     pub idle_for: Duration,
     /// Async invocations accepted and not yet finished (the `sluicegate_async_backlog` gauge).
     pub backlog: u64,
+    /// CPU seconds the function's replicas have used so far (a counter; only the `cpu` mode's
+    /// autoscaler reads it from the provider, elsewhere 0).
+    pub cpu_seconds: f64,
 }
 
 thread_local! {
@@ -342,6 +345,26 @@ impl Function {
         self.dormant.store(true, Ordering::SeqCst);
     }
 
+    /// Drops the parked start of the autoscaler (see [`Function::park_autoscaler`]): the
+    /// function was replaced or removed before its loop ever ran.
+    pub fn unpark_autoscaler(&self) {
+        drop(self.parked.lock().unwrap().take());
+    }
+
+    /// Requests this function holds itself: waiting in its queue, and in flight on its ready
+    /// replicas. Exact for this object, unlike the gauges, which a function replaced by a reload
+    /// shares with its successor (same name, same series).
+    pub fn own_load(&self) -> usize {
+        let waiting = self.waiters.lock().unwrap().len();
+        let replicas = self.endpoints.load();
+        waiting
+            + replicas
+                .replicas
+                .iter()
+                .map(|r| r.inflight() as usize)
+                .sum::<usize>()
+    }
+
     /// Requests counted so far, for [`Function::dormant_until_woken`].
     pub fn arrivals(&self) -> u64 {
         self.metrics.started.get_ordered()
@@ -408,6 +431,7 @@ impl Function {
             burst_requests: self.window.sum_burst(now),
             idle_for: since_origin.saturating_sub(last),
             backlog: self.metrics.async_backlog.get().max(0) as u64,
+            cpu_seconds: 0.0,
         }
     }
 

@@ -8,6 +8,7 @@
 //! publishes [`Endpoints`] to whatever implements [`Subscriber`] (the function, in the gateway; a
 //! recorder, in tests), and each [`Replica`] wraps the `upstream` [`Endpoint`] requests are sent to.
 
+pub mod cpu;
 pub mod fixed;
 pub mod kubernetes;
 pub mod process;
@@ -267,6 +268,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn scale_from_zero(&self, n: u32) -> bool;
     /// Stops every replica (gracefully where the provider can) and ends the backend's tasks.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// CPU seconds the function's replicas have used since the backend started, a counter that
+    /// only grows (for the autoscaler's `cpu` mode); `None` when the provider cannot tell.
+    /// Reads the operating system: call it from the autoscaler, not the request path.
+    fn cpu_seconds(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// A function that cannot run at all (e.g. a discovered Deployment with a bad annotation): no

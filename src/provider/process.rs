@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::cpu::{CpuMeter, Groups};
 use crate::config::{ProcessConfig, Upstream};
 use crate::provider::{Backend, BoxFuture, Endpoints, Publisher, Replica, StartFailure};
 
@@ -53,6 +54,9 @@ const MAX_LOG_LINE: usize = 16 * 1024;
 #[derive(Debug)]
 pub struct ProcessBackend {
     state: Mutex<State>,
+    /// The live replicas' process groups, for [`Backend::cpu_seconds`].
+    groups: Groups,
+    meter: Mutex<CpuMeter>,
 }
 
 #[derive(Debug)]
@@ -72,6 +76,7 @@ enum State {
 /// What the supervisor is built from when it is first needed.
 struct Seed {
     function: Arc<str>,
+    groups: Groups,
     config: Arc<ProcessConfig>,
     drain_limit: Duration,
     publisher: Publisher,
@@ -92,6 +97,7 @@ impl Seed {
         let (events_tx, events) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             function: self.function,
+            groups: self.groups,
             config: self.config,
             drain_limit: self.drain_limit,
             publisher: self.publisher,
@@ -124,8 +130,10 @@ impl ProcessBackend {
         drain_limit: Duration,
         publisher: Publisher,
     ) -> ProcessBackend {
+        let groups = Groups::default();
         let seed = Seed {
             function: Arc::from(function),
+            groups: groups.clone(),
             config: Arc::new(config.clone()),
             drain_limit,
             publisher,
@@ -137,6 +145,8 @@ impl ProcessBackend {
         };
         ProcessBackend {
             state: Mutex::new(state),
+            groups,
+            meter: Mutex::default(),
         }
     }
 
@@ -207,6 +217,10 @@ impl Backend for ProcessBackend {
             }
         })
     }
+
+    fn cpu_seconds(&self) -> Option<f64> {
+        Some(self.meter.lock().unwrap().read(&self.groups))
+    }
 }
 
 #[derive(Debug)]
@@ -232,6 +246,7 @@ struct Slot {
 
 struct Supervisor {
     function: Arc<str>,
+    groups: Groups,
     config: Arc<ProcessConfig>,
     drain_limit: Duration,
     publisher: Publisher,
@@ -327,6 +342,7 @@ impl Supervisor {
         let (stop_tx, stop_rx) = oneshot::channel();
         let run = ReplicaRun {
             function: self.function.clone(),
+            groups: self.groups.clone(),
             id,
             config: self.config.clone(),
             drain_limit: self.drain_limit,
@@ -393,6 +409,30 @@ impl Supervisor {
     }
 }
 
+/// A replica's entry in the function's live process groups, removed when dropped.
+struct GroupEntry {
+    groups: Groups,
+    id: u64,
+}
+
+impl GroupEntry {
+    fn new(groups: &Groups, id: u64, pgid: i32) -> GroupEntry {
+        if pgid > 0 {
+            groups.lock().unwrap().insert(id, pgid);
+        }
+        GroupEntry {
+            groups: groups.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for GroupEntry {
+    fn drop(&mut self) {
+        self.groups.lock().unwrap().remove(&self.id);
+    }
+}
+
 /// Delay before the next start after `failures` consecutive failures.
 fn backoff(failures: u32) -> Duration {
     if failures == 0 {
@@ -406,6 +446,7 @@ fn backoff(failures: u32) -> Duration {
 /// One child process, from spawn to exit.
 struct ReplicaRun {
     function: Arc<str>,
+    groups: Groups,
     id: u64,
     config: Arc<ProcessConfig>,
     drain_limit: Duration,
@@ -435,6 +476,8 @@ impl ReplicaRun {
             }
         };
         let pid = child.id().unwrap_or(0) as i32;
+        // Its process group counts in the function's CPU time until the replica is over.
+        let _group = GroupEntry::new(&self.groups, id, pid);
         let started = Instant::now();
         info!(%function, replica = id, pid, port, "replica starting");
 

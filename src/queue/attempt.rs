@@ -293,7 +293,11 @@ pub(super) async fn finish(
             reason: report.detail,
         }
     } else {
-        Settlement::Done
+        Settlement::Done {
+            attempts: report.attempts,
+            status: report.status,
+            reason: report.detail,
+        }
     };
     if let Err(e) = ctx
         .store

@@ -39,6 +39,9 @@ pub(super) struct Dispatcher {
     pub(super) ctx: Arc<Ctx>,
     /// Set when the gateway shuts down: attempts in flight get until then.
     pub(super) deadline: watch::Receiver<Option<Instant>>,
+    /// `true` once this dispatcher is retired (its function replaced or removed while the
+    /// gateway runs): it takes nothing new, and what it started runs to its end.
+    pub(super) retire: watch::Receiver<bool>,
 }
 
 impl Dispatcher {
@@ -48,6 +51,8 @@ impl Dispatcher {
         let function = ctx.function().clone();
         let config = &function.config;
         let mut stop = ctx.stop.clone();
+        let mut retire = self.retire.clone();
+        let mut retired = false;
         let slots = Arc::new(Semaphore::new(config.async_concurrency as usize));
         let mut tasks = JoinSet::new();
         // One `next` at a time, replaced once it has handed something out: waiting for a slot or
@@ -61,6 +66,7 @@ impl Dispatcher {
             let slot = tokio::select! {
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
                 _ = stopped(&mut stop) => break,
+                _ = stopped(&mut retire) => { retired = true; break }
             };
 
             // 2. The invocation held back, else the next one the store says is due.
@@ -70,6 +76,7 @@ impl Dispatcher {
                     let taken = tokio::select! {
                         taken = &mut next => taken,
                         _ = stopped(&mut stop) => break,
+                        _ = stopped(&mut retire) => { retired = true; break }
                     };
                     next = ctx.store.next(&function.name);
                     match taken {
@@ -92,7 +99,18 @@ impl Dispatcher {
                 continue;
             }
 
-            // 3. Admission, exactly as a sync request: one async invocation waits at a time.
+            // 3. The record says `running` from here on (admission included); written beside
+            //    the attempt, which does not wait for it.
+            let (store, name) = (ctx.store.clone(), function.name.clone());
+            let (seq, number) = (pending.seq, pending.attempts + 1);
+            tokio::spawn(async move {
+                if let Err(e) = store.started(&name, seq, number).await {
+                    debug!(function = %name, seq, error = %e, "async record not marked running");
+                }
+            });
+
+            // 4. Admission, exactly as a sync request: one async invocation waits at a time
+            //    (to its end even when retired meanwhile: the invocation is out of the store).
             let arrived = Instant::now();
             function.arrived(arrived);
             let admitted = tokio::select! {
@@ -110,14 +128,37 @@ impl Dispatcher {
                     .observe(503, arrived.elapsed().as_secs_f64());
                 held = Some(pending);
                 drop(slot);
-                if !pause(Duration::from_secs(retry_after), &mut stop).await {
-                    break;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(retry_after)) => {}
+                    _ = stopped(&mut stop) => break,
+                    _ = stopped(&mut retire) => { retired = true; break }
                 }
                 continue;
             }
 
-            // 4. The attempt, beside the dispatcher; it gives the slot back when it is over.
+            // 5. The attempt, beside the dispatcher; it gives the slot back when it is over.
             tasks.spawn(attempt(ctx.clone(), pending, admitted, arrived, slot));
+        }
+        if retired && !*stop.borrow() {
+            // Replaced or removed: an invocation held back goes back to the store at once (for
+            // the function's next dispatcher, or the next start), attempts in flight finish.
+            if let Some(pending) = held.take() {
+                let back = Settlement::Retry {
+                    attempts: pending.attempts,
+                    status: pending.last_status,
+                    after: Duration::ZERO,
+                };
+                if let Err(e) = ctx.store.settle(&function.name, pending.seq, back).await {
+                    warn!(function = %function.name, error = %e, "async store: could not give back an invocation");
+                }
+            }
+            info!(function = %function.name, in_flight = tasks.len(), "async dispatcher retired; attempts in flight finish");
+            loop {
+                tokio::select! {
+                    next = tasks.join_next() => if next.is_none() { return },
+                    _ = stopped(&mut stop) => break,
+                }
+            }
         }
         // Draining: attempts in flight get until the shutdown deadline (known once the server
         // has drained); the rest stay stored and run again at the next start.

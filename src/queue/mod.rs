@@ -42,6 +42,7 @@ mod attempt;
 mod backlog;
 mod callback;
 mod dispatch;
+mod records;
 mod retry;
 pub mod store;
 
@@ -71,11 +72,15 @@ pub use callback::{
     ATTEMPTS, CALLBACK_ATTEMPTS, CALLBACK_TIMEOUT, CALLBACK_URL, DURATION_SECONDS, FUNCTION_NAME,
     FUNCTION_STATUS,
 };
+pub use records::{rfc3339, DeadLetterAction, MAX_LISTED_DEAD_LETTERS};
 pub use retry::{retry_wait, MAX_HONOURED_RETRY_AFTER};
 pub use store::{
-    check_record_round_trip, AsyncStore, DeadLetter, Invocation, JetStreamStore, Pending,
-    RedbStore, Settlement, StoreError, StoreFuture,
+    check_record_round_trip, AsyncRecord, AsyncState, AsyncStore, DeadLetter, DeadLetters,
+    Invocation, JetStreamStore, Pending, RedbStore, Settlement, StoreError, StoreFuture,
 };
+
+/// A dispatcher's task, and the switch that retires it.
+type Running = (tokio::task::JoinHandle<()>, watch::Sender<bool>);
 
 /// The async queue of every configured function: the store, and one dispatcher per function.
 pub struct AsyncQueue {
@@ -86,10 +91,14 @@ pub struct AsyncQueue {
     stop: watch::Sender<bool>,
     deadline: watch::Sender<Option<Instant>>,
     client: CallbackClient,
-    /// Each function's dispatcher task.
-    dispatchers: Mutex<HashMap<Arc<str>, tokio::task::JoinHandle<()>>>,
+    /// Each function's dispatcher task, and the switch that retires it.
+    dispatchers: Mutex<HashMap<Arc<str>, Running>>,
+    /// Dispatchers retired while the gateway runs, finishing their attempts.
+    retired: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// For a store shared with other gateways: the task reading the backlog from it.
     resync: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How long the store keeps the records of finished invocations (for `expiresAt`).
+    retention: std::time::Duration,
 }
 
 impl std::fmt::Debug for AsyncQueue {
@@ -103,19 +112,21 @@ impl std::fmt::Debug for AsyncQueue {
 
 impl AsyncQueue {
     /// Opens the store `location` names (a redb file, or a NATS server with JetStream whose
-    /// deliveries are leased for `ack_wait`) and starts the queue on it (see
-    /// [`AsyncQueue::with_store`]). When the store cannot be opened the gateway still runs: async
-    /// invocations get `503` naming the reason, sync calls are unaffected.
+    /// deliveries are leased for `ack_wait`), keeping the records of finished invocations for
+    /// `retention`, and starts the queue on it (see [`AsyncQueue::with_store`]). When the store
+    /// cannot be opened the gateway still runs: async invocations get `503` naming the reason,
+    /// sync calls are unaffected.
     pub async fn start(
         location: &AsyncStoreLocation,
         ack_wait: std::time::Duration,
+        retention: std::time::Duration,
         functions: Vec<Arc<Function>>,
         client: CallbackClient,
     ) -> AsyncQueue {
         let path = match location {
             AsyncStoreLocation::File(path) => path,
             AsyncStoreLocation::Nats(url) => {
-                let store = JetStreamStore::connect(url, ack_wait)
+                let store = JetStreamStore::connect(url, ack_wait, retention)
                     .await
                     .map(|store| Arc::new(store) as Arc<dyn AsyncStore>)
                     .map_err(|e| {
@@ -123,13 +134,16 @@ impl AsyncQueue {
                         warn!(%url, error = %reason, "async store unavailable: async invocations will be refused with 503");
                         reason
                     });
-                return AsyncQueue::with_store(store, functions, client).await;
+                let mut queue = AsyncQueue::with_store(store, functions, client).await;
+                queue.retention = retention;
+                return queue;
             }
         };
         let owned = path.to_owned();
-        let opened = tokio::task::spawn_blocking(move || RedbStore::open(&owned))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Database(format!("open panicked: {e}"))));
+        let opened =
+            tokio::task::spawn_blocking(move || RedbStore::open_with_retention(&owned, retention))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Database(format!("open panicked: {e}"))));
         let store = opened
             .map(|store| Arc::new(store) as Arc<dyn AsyncStore>)
             .map_err(|e| {
@@ -137,7 +151,9 @@ impl AsyncQueue {
                 warn!(path = %path.display(), error = %reason, "async store unavailable: async invocations will be refused with 503");
                 reason
             });
-        AsyncQueue::with_store(store, functions, client).await
+        let mut queue = AsyncQueue::with_store(store, functions, client).await;
+        queue.retention = retention;
+        queue
     }
 
     /// Starts the queue on `store` (or on none, for the reason given): sets each function's
@@ -174,7 +190,9 @@ impl AsyncQueue {
             deadline,
             client,
             dispatchers: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             resync: Mutex::new(None),
+            retention: crate::config::DEFAULT_ASYNC_RECORD_RETENTION,
         };
         for function in functions {
             let stored = pending.get(&*function.name).copied().unwrap_or(0);
@@ -206,13 +224,23 @@ impl AsyncQueue {
         self.add_lane(function, stored);
     }
 
-    /// Stops dispatching a function that went away. What the store holds for it stays stored
-    /// and is dispatched again if the function comes back.
+    /// Stops dispatching a function that went away: its dispatcher takes nothing new, and the
+    /// attempts it started run to their end. What the store holds for it stays stored and is
+    /// dispatched again if the function comes back.
     pub fn remove_function(&self, name: &str) {
         self.lanes.remove(name);
-        if let Some(dispatcher) = self.dispatchers.lock().unwrap().remove(name) {
-            dispatcher.abort();
-        }
+        self.retire_dispatcher(name);
+    }
+
+    /// Retires the dispatcher of `name`, if one runs (see [`AsyncQueue::remove_function`]).
+    fn retire_dispatcher(&self, name: &str) {
+        let Some((task, retire)) = self.dispatchers.lock().unwrap().remove(name) else {
+            return;
+        };
+        retire.send_replace(true);
+        let mut retired = self.retired.lock().unwrap();
+        retired.retain(|t| !t.is_finished());
+        retired.push(task);
     }
 
     fn add_lane(&self, function: Arc<Function>, stored: u64) {
@@ -223,9 +251,9 @@ impl AsyncQueue {
         if let Ok(store) = &self.store {
             store.configure(&name, lane.function.config.async_max_attempts);
         }
-        if let Some(old) = self.dispatchers.lock().unwrap().remove(&name) {
-            old.abort();
-        }
+        // A function replaced while the gateway runs: the old dispatcher finishes what it
+        // started, the new one takes what comes next.
+        self.retire_dispatcher(&name);
         // A function with nothing stored gets its dispatcher at its first accepted invocation;
         // with a store several gateways share, at once: another gateway may accept what this
         // one dispatches.
@@ -244,6 +272,7 @@ impl AsyncQueue {
         if dispatchers.contains_key(&lane.function.name) || *self.stop.borrow() {
             return;
         }
+        let (retire, retire_rx) = watch::channel(false);
         let dispatcher = Dispatcher {
             ctx: Arc::new(Ctx {
                 lane: lane.clone(),
@@ -252,8 +281,12 @@ impl AsyncQueue {
                 stop: self.stop.subscribe(),
             }),
             deadline: self.deadline.subscribe(),
+            retire: retire_rx,
         };
-        dispatchers.insert(lane.function.name.clone(), tokio::spawn(dispatcher.run()));
+        dispatchers.insert(
+            lane.function.name.clone(),
+            (tokio::spawn(dispatcher.run()), retire),
+        );
     }
 
     /// The gateway state kept with the invocations (see [`crate::state`]), or why the store
@@ -370,9 +403,11 @@ impl AsyncQueue {
     pub async fn shutdown(&self, deadline: Instant) {
         self.deadline.send_replace(Some(deadline));
         self.stop.send_replace(true);
-        let dispatchers: Vec<_> = std::mem::take(&mut *self.dispatchers.lock().unwrap())
+        let mut dispatchers: Vec<_> = std::mem::take(&mut *self.dispatchers.lock().unwrap())
             .into_values()
+            .map(|(task, _)| task)
             .collect();
+        dispatchers.extend(std::mem::take(&mut *self.retired.lock().unwrap()));
         for d in dispatchers {
             let _ = d.await;
         }

@@ -10,6 +10,8 @@
 //!
 //! * a replica is ready `cold_start` after it is asked for, and costs from that moment until it
 //!   is gone;
+//! * a request being served uses `request_cpu` cores of CPU for its whole duration (what the
+//!   `cpu` autoscaler mode measures; no contention is modelled);
 //! * a ready replica serves at most `max_ongoing_requests` at once; a request takes the
 //!   least-loaded ready replica (the oldest among equals), else waits in a FIFO queue of at most
 //!   `max_queued_requests`, else is shed (queue full);
@@ -43,18 +45,24 @@ pub use trace::{Request, Shape, ShapeParams, Trace, TraceError};
 
 /// Time from asking for a replica to its being ready, when `--cold-start` is not given.
 pub const DEFAULT_COLD_START: Duration = Duration::from_secs(2);
+/// Cores a request keeps busy while it is served, when `--request-cpu` is not given.
+pub const DEFAULT_REQUEST_CPU: f64 = 1.0;
 
 /// How the model differs from run to run (the trace aside).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Options {
     /// Time from asking for a replica to its being ready.
     pub cold_start: Duration,
+    /// Cores a request keeps busy while it is served (CPU seconds per second of service), for
+    /// the `cpu` autoscaler mode.
+    pub request_cpu: f64,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
             cold_start: DEFAULT_COLD_START,
+            request_cpu: DEFAULT_REQUEST_CPU,
         }
     }
 }
@@ -237,6 +245,8 @@ struct Sim<'a> {
     state: Vec<State>,
     ongoing: u64,
     replica_nanos: u128,
+    /// CPU seconds used by requests so far.
+    cpu_seconds: f64,
     holds: Vec<Duration>,
     summary: Summary,
     timeline: Timeline,
@@ -269,6 +279,7 @@ impl<'a> Sim<'a> {
             state: vec![State::Pending; requests.len()],
             ongoing: 0,
             replica_nanos: 0,
+            cpu_seconds: 0.0,
             holds: Vec::new(),
             summary: Summary {
                 function: config.name.clone(),
@@ -330,6 +341,7 @@ impl<'a> Sim<'a> {
     fn advance(&mut self, t: Duration) {
         let passed = t.saturating_sub(self.now);
         self.replica_nanos += passed.as_nanos() * self.replicas.len() as u128;
+        self.cpu_seconds += passed.as_secs_f64() * self.ongoing as f64 * self.options.request_cpu;
         self.now = t;
     }
 
@@ -513,6 +525,7 @@ impl<'a> Sim<'a> {
             burst_requests: self.ring.sum_burst(t),
             idle_for: t.saturating_sub(self.last_activity),
             backlog: 0,
+            cpu_seconds: self.cpu_seconds,
         };
         let step = self
             .controller
@@ -860,9 +873,46 @@ cooldown_period = 5
     }
 
     #[test]
+    fn cpu_mode_scales_on_the_cpu_the_requests_use() {
+        let cpu = r#"
+[functions.f]
+provider = "process"
+command = ["x"]
+max_ongoing_requests = 10
+max_queued_requests = -1
+
+[functions.f.autoscaler]
+type = "cpu"
+target_cpu_percent = 50
+min_replicas = 1
+max_replicas = 8
+rate_seconds = 10
+polling_interval = 1
+cooldown_period = 10
+"#;
+        // Two requests a second, each served for a second: two in flight all along.
+        let mut trace = String::from("time,duration\n");
+        for i in 0..120 {
+            trace.push_str(&format!("{},1\n", i as f64 * 0.5));
+        }
+        let bound = simulate(cpu, &trace, Options::default());
+        // CPU-bound (a core per request): 200 % of one core -> 4 replicas at 50 %.
+        assert_eq!(bound.summary.peak_replicas, 4);
+        let light = Options {
+            request_cpu: 0.1,
+            ..Options::default()
+        };
+        // Mostly waiting (a tenth of a core per request): 20 % -> one replica is enough.
+        let io = simulate(cpu, &trace, light);
+        assert_eq!(io.summary.peak_replicas, 1);
+        assert_eq!(io.summary.scale_ups, 0);
+    }
+
+    #[test]
     fn held_requests_are_shed_after_cold_start_timeout() {
         let slow = |secs| Options {
             cold_start: Duration::from_secs(secs),
+            ..Options::default()
         };
         let report = simulate(CONFIG, "time,duration\n0,1\n1,1\n", slow(7));
         let s = &report.summary;
@@ -1166,6 +1216,7 @@ cooldown_period = 5
         let trace = parse_csv(OFF_GRID, &["f"]).unwrap();
         let options = Options {
             cold_start: Duration::from_millis(2030),
+            ..Options::default()
         };
         let simulated = run(&config, &trace, &options).functions.remove(0);
 

@@ -4,6 +4,7 @@
 pub mod fake_kube;
 pub mod h2raw;
 pub mod nats;
+pub mod records;
 
 use std::convert::Infallible;
 use std::future::Future;

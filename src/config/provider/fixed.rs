@@ -12,7 +12,7 @@ table! {
     struct RawStatic;
 
     /// `provider = "static"`.
-    #[derive(Clone, Debug)]
+    #[derive(Clone, Debug, PartialEq)]
     pub struct StaticConfig {}
 
     keys {

@@ -9,7 +9,7 @@ table! {
     struct RawKubernetes;
 
     /// `provider = "kubernetes"`.
-    #[derive(Clone, Debug)]
+    #[derive(Clone, Debug, PartialEq)]
     pub struct KubernetesConfig {}
 
     given(function: &str);

@@ -20,7 +20,7 @@ use super::table::{At, Merge, Table};
 use super::ConfigError;
 
 /// Where a function's replicas come from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ProviderConfig {
     /// Local child processes, started from `command` with env `PORT`.
     Process(ProcessConfig),

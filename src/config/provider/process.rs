@@ -18,7 +18,7 @@ table! {
     struct RawProcess;
 
     /// `provider = "process"`.
-    #[derive(Clone, Debug)]
+    #[derive(Clone, Debug, PartialEq)]
     pub struct ProcessConfig {}
 
     given(base_dir: &Path, cold_start: Duration);

@@ -27,6 +27,15 @@
 //!   it. No timer here: the retry wait is JetStream's.
 //! * **Counts** ([`AsyncStore::pending`]): the stream's message count per subject, one request
 //!   for every function; per function, the consumer's `num_pending + num_ack_pending`.
+//! * **Records** (`records.rs`): each invocation's record in a third stream,
+//!   `SLUICEGATE_RECORDS`, written before the step it records is acknowledged (so that a crash
+//!   leaves the record at most one step behind, and the redelivery moves it on).
+//! * **Replay and discard** of a dead letter (its id is its sequence in `SLUICEGATE_DLQ`): a
+//!   replay publishes the invocation again with `Nats-Msg-Id` = `replay-<id>` (a second replay
+//!   of the same dead letter within two minutes is not stored twice), then deletes the dead
+//!   letter; a discard deletes it.
+
+mod records;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -47,11 +56,13 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
-use super::record::{decode, decode_dead, encode, encode_dead};
+use super::record::{dead_invocation, decode, decode_dead, encode, encode_dead, head};
 use super::{
-    unix_ms, AsyncStore, DeadLetter, Invocation, Pending, Settlement, StoreError, StoreFuture,
+    unix_ms, AsyncRecord, AsyncState, AsyncStore, DeadLetter, DeadLetters, Invocation, Pending,
+    Settlement, StoreError, StoreFuture,
 };
 use crate::state::{check_key, StateError, StateFuture, StateStore};
+pub use records::{RECORDS_STREAM, RECORDS_SUBJECT_PREFIX};
 
 /// The stream of accepted invocations (work-queue retention).
 pub const ASYNC_STREAM: &str = "SLUICEGATE_ASYNC";
@@ -97,6 +108,8 @@ pub struct JetStreamStore {
     client: async_nats::Client,
     js: jetstream::Context,
     ack_wait: Duration,
+    /// How long the records of finished invocations are kept.
+    retention: Duration,
     /// The streams exist (created or found since the last time one was missing).
     ready: tokio::sync::Mutex<bool>,
     consumers: tokio::sync::Mutex<HashMap<String, PullConsumer>>,
@@ -122,7 +135,13 @@ impl JetStreamStore {
     /// then returns: the client goes on connecting in the
     /// background and reconnects by itself for as long as the gateway runs; meanwhile every
     /// operation fails with the reason (`async_store_unavailable`) and `next` waits.
-    pub async fn connect(url: &str, ack_wait: Duration) -> Result<JetStreamStore, StoreError> {
+    ///
+    /// The records of finished invocations are kept for `retention`.
+    pub async fn connect(
+        url: &str,
+        ack_wait: Duration,
+        retention: Duration,
+    ) -> Result<JetStreamStore, StoreError> {
         let name = url.to_owned();
         let client = async_nats::ConnectOptions::new()
             .name("sluicegate")
@@ -159,6 +178,7 @@ impl JetStreamStore {
             client,
             js,
             ack_wait,
+            retention,
             ready: tokio::sync::Mutex::new(false),
             consumers: tokio::sync::Mutex::new(HashMap::new()),
             max_attempts: Mutex::new(HashMap::new()),
@@ -215,6 +235,10 @@ impl JetStreamStore {
             .get_or_create_stream(dlq)
             .await
             .map_err(|e| db_error("create stream SLUICEGATE_DLQ", e))?;
+        self.js
+            .get_or_create_stream(records::stream_config())
+            .await
+            .map_err(|e| db_error("create stream SLUICEGATE_RECORDS", e))?;
         *ready = true;
         Ok(())
     }
@@ -286,7 +310,7 @@ impl JetStreamStore {
         attempts: u32,
         status: u16,
         reason: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         self.check()?;
         let letter = encode_dead(record, attempts, status, reason, unix_ms());
         let publish = PublishMessage::build()
@@ -297,8 +321,58 @@ impl JetStreamStore {
             .send_publish(format!("{DLQ_SUBJECT_PREFIX}{function}"), publish)
             .await
             .map_err(|e| db_error("publish dead letter", e))?;
-        ack.await.map_err(|e| db_error("publish dead letter", e))?;
-        Ok(())
+        let ack = ack.await.map_err(|e| db_error("publish dead letter", e))?;
+        Ok(ack.sequence)
+    }
+
+    /// Records that the invocation in `payload` (stream sequence `seq` of `function`) is now in
+    /// `state`; a failure is logged, never the invocation's.
+    async fn mark(
+        &self,
+        function: &str,
+        seq: u64,
+        payload: &[u8],
+        state: AsyncState,
+        change: impl FnOnce(&mut AsyncRecord),
+    ) {
+        let Ok((accepted, call_id)) = head(payload) else {
+            return;
+        };
+        let mut record = AsyncRecord::new(call_id, function, seq, accepted, state);
+        change(&mut record);
+        if let Err(e) = self.put_record(record).await {
+            warn!(function, seq, error = %e, state = state.name(), "NATS: async record not written");
+        }
+    }
+
+    /// The dead letter `id` of `function`: its message, unless there is none (or it is
+    /// another function's).
+    async fn dead_message(
+        &self,
+        function: &str,
+        id: u64,
+    ) -> Result<Option<(stream::Stream<stream::Info>, Bytes)>, StoreError> {
+        self.ensure_streams().await?;
+        let stream = self
+            .js
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| db_error("dead letters", e))?;
+        match stream.get_raw_message(id).await {
+            Ok(message)
+                if message.subject.as_str() == format!("{DLQ_SUBJECT_PREFIX}{function}") =>
+            {
+                Ok(Some((stream, message.payload)))
+            }
+            Ok(_) => Ok(None),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(db_error("dead letter", e)),
+        }
     }
 }
 
@@ -336,6 +410,18 @@ impl AsyncStore for JetStreamStore {
                         duplicate = ack.duplicate,
                         "async invocation stored in JetStream"
                     );
+                    if !ack.duplicate {
+                        let record = AsyncRecord::new(
+                            invocation.call_id.clone(),
+                            function,
+                            ack.sequence,
+                            invocation.accepted_unix_ms,
+                            AsyncState::Queued,
+                        );
+                        if let Err(e) = self.create_record(record).await {
+                            warn!(function, seq = ack.sequence, error = %e, "NATS: async record not written");
+                        }
+                    }
                     Ok(())
                 }
                 Err(e) => {
@@ -425,12 +511,35 @@ impl AsyncStore for JetStreamStore {
             };
             held.renew.abort();
             let message = held.message;
+            // The record first: a crash before the ack leaves it one step behind, and the
+            // redelivery moves it on.
             match settlement {
-                Settlement::Done => message.double_ack().await.map_err(|e| db_error("ack", e)),
-                Settlement::Retry { after, .. } => message
-                    .ack_with(AckKind::Nak(Some(after)))
-                    .await
-                    .map_err(|e| db_error("nak", e)),
+                Settlement::Done {
+                    attempts,
+                    status,
+                    reason,
+                } => {
+                    let state = AsyncState::done(status);
+                    self.mark(function, seq, &message.payload, state, |r| {
+                        (r.attempts, r.status, r.reason) = (attempts, status, reason);
+                    })
+                    .await;
+                    message.double_ack().await.map_err(|e| db_error("ack", e))
+                }
+                Settlement::Retry {
+                    attempts,
+                    status,
+                    after,
+                } => {
+                    self.mark(function, seq, &message.payload, AsyncState::Queued, |r| {
+                        (r.attempts, r.status) = (attempts, status);
+                    })
+                    .await;
+                    message
+                        .ack_with(AckKind::Nak(Some(after)))
+                        .await
+                        .map_err(|e| db_error("nak", e))
+                }
                 Settlement::DeadLetter {
                     attempts,
                     status,
@@ -438,14 +547,202 @@ impl AsyncStore for JetStreamStore {
                 } => {
                     // If this fails the lease runs out and the invocation comes back, out of
                     // attempts: dead-lettered again then.
-                    self.publish_dead(function, seq, &message.payload, attempts, status, &reason)
+                    let id = self
+                        .publish_dead(function, seq, &message.payload, attempts, status, &reason)
                         .await?;
+                    self.mark(
+                        function,
+                        seq,
+                        &message.payload,
+                        AsyncState::DeadLettered,
+                        |r| {
+                            (r.attempts, r.status, r.reason) = (attempts, status, reason);
+                            r.dead_letter = Some(id);
+                        },
+                    )
+                    .await;
                     message
                         .double_ack_with(AckKind::Term)
                         .await
                         .map_err(|e| db_error("term", e))
                 }
             }
+        })
+    }
+
+    fn started<'a>(&'a self, function: &'a str, seq: u64, attempt: u32) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let held = self
+                .out
+                .lock()
+                .unwrap()
+                .get(&(function.to_owned(), seq))
+                .map(|held| held.message.clone());
+            if let Some(message) = held {
+                self.mark(function, seq, &message.payload, AsyncState::Running, |r| {
+                    r.attempts = attempt;
+                })
+                .await;
+            }
+            Ok(())
+        })
+    }
+
+    fn record<'a>(&'a self, call_id: &'a str) -> StoreFuture<'a, Option<AsyncRecord>> {
+        Box::pin(self.read_record(call_id))
+    }
+
+    fn list_dead_letters<'a>(
+        &'a self,
+        function: Option<&'a str>,
+        limit: usize,
+    ) -> StoreFuture<'a, DeadLetters> {
+        Box::pin(async move {
+            self.ensure_streams().await?;
+            let stream = self
+                .js
+                .get_stream_no_info(DLQ_STREAM)
+                .await
+                .map_err(|e| db_error("dead letters", e))?;
+            let subject = match function {
+                Some(f) => format!("{DLQ_SUBJECT_PREFIX}{f}"),
+                None => format!("{DLQ_SUBJECT_PREFIX}>"),
+            };
+            let mut total = 0;
+            let mut subjects = stream
+                .info_with_subjects(subject.clone())
+                .await
+                .map_err(|e| db_error("dead letters", e))?;
+            while let Some(entry) = subjects.next().await {
+                total += entry.map_err(|e| db_error("dead letters", e))?.1 as u64;
+            }
+            let mut letters = Vec::new();
+            let mut from = 1;
+            while letters.len() < limit.min(MAX_LISTED) {
+                let found = stream
+                    .raw_message_builder()
+                    .sequence(from)
+                    .next_by_subject(subject.clone())
+                    .send()
+                    .await;
+                let message = match found {
+                    Ok(message) => message,
+                    Err(e)
+                        if e.kind()
+                            == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                    {
+                        break
+                    }
+                    Err(e) => return Err(db_error("dead letters", e)),
+                };
+                from = message.sequence + 1;
+                let name = message
+                    .subject
+                    .strip_prefix(DLQ_SUBJECT_PREFIX)
+                    .unwrap_or_default()
+                    .to_owned();
+                match decode_dead(message.sequence, &message.payload) {
+                    Ok(letter) => letters.push((name, letter)),
+                    Err(reason) => {
+                        warn!(function = %name, seq = message.sequence, reason, "NATS: unreadable dead letter skipped")
+                    }
+                }
+            }
+            Ok(DeadLetters { letters, total })
+        })
+    }
+
+    fn replay<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>> {
+        Box::pin(async move {
+            let Some((stream, letter)) = self.dead_message(function, id).await? else {
+                return Ok(None);
+            };
+            let corrupt = |reason| StoreError::Corrupt {
+                function: function.to_owned(),
+                seq: id,
+                reason,
+            };
+            let invocation = dead_invocation(&letter).map_err(corrupt)?;
+            let (accepted, call_id) = head(invocation).map_err(corrupt)?;
+            let publish = PublishMessage::build()
+                .payload(Bytes::copy_from_slice(invocation))
+                .message_id(format!("replay-{id}"));
+            let ack = self
+                .js
+                .send_publish(format!("{ASYNC_SUBJECT_PREFIX}{function}"), publish)
+                .await
+                .map_err(|e| db_error("replay", e))?
+                .await
+                .map_err(|e| db_error("replay", e))?;
+            let replays = self
+                .current_record(&call_id)
+                .await
+                .ok()
+                .flatten()
+                .filter(|r| r.dead_letter == Some(id))
+                .map_or(0, |r| r.replays);
+            let mut record = AsyncRecord::new(
+                call_id,
+                function,
+                ack.sequence,
+                accepted,
+                AsyncState::Queued,
+            );
+            record.replays = replays + 1;
+            if let Err(e) = self.put_record(record.clone()).await {
+                warn!(function, seq = ack.sequence, error = %e, "NATS: async record not written");
+            }
+            // Stored again: the dead letter goes. If this fails it stays listed, and replaying
+            // it again within two minutes stores nothing twice.
+            stream
+                .delete_message(id)
+                .await
+                .map_err(|e| db_error("delete dead letter", e))?;
+            Ok(Some(record))
+        })
+    }
+
+    fn discard<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>> {
+        Box::pin(async move {
+            let Some((stream, letter)) = self.dead_message(function, id).await? else {
+                return Ok(None);
+            };
+            let letter = decode_dead(id, &letter).map_err(|reason| StoreError::Corrupt {
+                function: function.to_owned(),
+                seq: id,
+                reason,
+            });
+            stream
+                .delete_message(id)
+                .await
+                .map_err(|e| db_error("delete dead letter", e))?;
+            let letter = match letter {
+                Ok(letter) => letter,
+                Err(e) => {
+                    warn!(function, seq = id, error = %e, "NATS: unreadable dead letter discarded");
+                    return Ok(None);
+                }
+            };
+            let inv = letter.invocation;
+            let stored = self.current_record(&inv.call_id).await.ok().flatten();
+            // The invocation's handle, so that the record ranks above the dead-lettered one.
+            let (seq, replays) = stored
+                .filter(|r| r.dead_letter == Some(id))
+                .map_or((0, 0), |r| (r.seq, r.replays));
+            let mut record = AsyncRecord::new(
+                inv.call_id,
+                function,
+                seq,
+                inv.accepted_unix_ms,
+                AsyncState::Discarded,
+            );
+            (record.attempts, record.status, record.reason) =
+                (letter.attempts, letter.status, letter.reason);
+            record.replays = replays;
+            if let Err(e) = self.put_record(record.clone()).await {
+                warn!(function, seq, error = %e, "NATS: async record not written");
+            }
+            Ok(Some(record))
         })
     }
 

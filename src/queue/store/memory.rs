@@ -10,7 +10,10 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{AsyncStore, DeadLetter, Invocation, Pending, Settlement, StoreFuture};
+use super::{
+    AsyncRecord, AsyncState, AsyncStore, DeadLetter, DeadLetters, Invocation, Pending, Settlement,
+    StoreFuture,
+};
 
 /// The store; see the module doc.
 #[derive(Debug, Default)]
@@ -28,6 +31,34 @@ struct State {
     pending: BTreeMap<(String, u64), Entry>,
     dead: Vec<(String, DeadLetter)>,
     settled: Vec<Settled>,
+    /// Every invocation's record, by call id (never expired here).
+    records: std::collections::HashMap<String, AsyncRecord>,
+}
+
+impl State {
+    fn mark(
+        &mut self,
+        function: &str,
+        seq: u64,
+        state: AsyncState,
+        change: impl FnOnce(&mut AsyncRecord),
+    ) {
+        let Some(entry) = self.pending.get(&(function.to_owned(), seq)) else {
+            return;
+        };
+        let inv = &entry.invocation;
+        let mut record = AsyncRecord::new(
+            inv.call_id.clone(),
+            function,
+            seq,
+            inv.accepted_unix_ms,
+            state,
+        );
+        change(&mut record);
+        if let Some(merged) = AsyncRecord::merge(self.records.get(&inv.call_id), record) {
+            self.records.insert(merged.call_id.clone(), merged);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -75,6 +106,9 @@ impl MemoryStore {
             out: false,
         };
         state.pending.insert((function.to_owned(), seq), entry);
+        state.mark(function, seq, AsyncState::Queued, |r| {
+            (r.attempts, r.status) = (attempts, last_status);
+        });
         drop(state);
         self.changed.notify_waiters();
         seq
@@ -144,7 +178,12 @@ impl AsyncStore for MemoryStore {
         let mut state = self.state.lock().unwrap();
         let key = (function.to_owned(), seq);
         match &settlement {
-            Settlement::Done => {
+            Settlement::Done {
+                attempts, status, ..
+            } => {
+                state.mark(function, seq, AsyncState::done(*status), |r| {
+                    (r.attempts, r.status) = (*attempts, *status);
+                });
                 state.pending.remove(&key);
             }
             Settlement::Retry {
@@ -152,6 +191,9 @@ impl AsyncStore for MemoryStore {
                 status,
                 after,
             } => {
+                state.mark(function, seq, AsyncState::Queued, |r| {
+                    (r.attempts, r.status) = (*attempts, *status);
+                });
                 if let Some(entry) = state.pending.get_mut(&key) {
                     entry.attempts = *attempts;
                     entry.last_status = *status;
@@ -164,6 +206,10 @@ impl AsyncStore for MemoryStore {
                 status,
                 reason,
             } => {
+                state.mark(function, seq, AsyncState::DeadLettered, |r| {
+                    (r.attempts, r.status, r.reason) = (*attempts, *status, reason.clone());
+                    r.dead_letter = Some(seq);
+                });
                 if let Some(entry) = state.pending.remove(&key) {
                     let dead = DeadLetter {
                         seq,
@@ -186,6 +232,78 @@ impl AsyncStore for MemoryStore {
         drop(state);
         self.changed.notify_waiters();
         Box::pin(async { Ok(()) })
+    }
+
+    fn started<'a>(&'a self, function: &'a str, seq: u64, attempt: u32) -> StoreFuture<'a, ()> {
+        self.state
+            .lock()
+            .unwrap()
+            .mark(function, seq, AsyncState::Running, |r| r.attempts = attempt);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn record<'a>(&'a self, call_id: &'a str) -> StoreFuture<'a, Option<AsyncRecord>> {
+        let record = self.state.lock().unwrap().records.get(call_id).cloned();
+        Box::pin(async { Ok(record) })
+    }
+
+    fn list_dead_letters<'a>(
+        &'a self,
+        function: Option<&'a str>,
+        limit: usize,
+    ) -> StoreFuture<'a, DeadLetters> {
+        let state = self.state.lock().unwrap();
+        let all: Vec<_> = state
+            .dead
+            .iter()
+            .filter(|(f, _)| function.is_none_or(|name| f == name))
+            .cloned()
+            .collect();
+        let total = all.len() as u64;
+        let letters = all.into_iter().take(limit).collect();
+        Box::pin(async move { Ok(DeadLetters { letters, total }) })
+    }
+
+    fn replay<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>> {
+        let mut state = self.state.lock().unwrap();
+        let found = state
+            .dead
+            .iter()
+            .position(|(f, d)| f == function && d.seq == id);
+        let letter = found.map(|i| state.dead.remove(i).1);
+        drop(state);
+        let record = letter.map(|letter| {
+            let call_id = letter.invocation.call_id.clone();
+            self.put(function, letter.invocation, 0, 0);
+            let mut state = self.state.lock().unwrap();
+            let record = state.records.get_mut(&call_id).expect("just recorded");
+            record.replays += 1;
+            record.clone()
+        });
+        Box::pin(async { Ok(record) })
+    }
+
+    fn discard<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>> {
+        let mut state = self.state.lock().unwrap();
+        let found = state
+            .dead
+            .iter()
+            .position(|(f, d)| f == function && d.seq == id);
+        let record = found.map(|i| {
+            let (_, letter) = state.dead.remove(i);
+            let inv = letter.invocation;
+            let mut record = AsyncRecord::new(
+                inv.call_id.clone(),
+                function,
+                id,
+                inv.accepted_unix_ms,
+                AsyncState::Discarded,
+            );
+            record.attempts = letter.attempts;
+            state.records.insert(inv.call_id, record.clone());
+            record
+        });
+        Box::pin(async { Ok(record) })
     }
 
     fn pending(&self) -> StoreFuture<'_, BTreeMap<String, u64>> {

@@ -9,9 +9,19 @@
 //! nak with a delay, term) uses those instead of keeping timers of its own. How long to wait,
 //! and how many attempts, is the dispatcher's (from config): it arrives here as
 //! [`Settlement::Retry`]'s `after`.
+//!
+//! A store also keeps the **record** of each invocation by its call id ([`AsyncRecord`]: queued,
+//! running, succeeded, failed, dead-lettered, discarded), written as the invocation moves
+//! (accept, [`AsyncStore::started`], settle, replay, discard) and readable from any gateway that
+//! shares the store. Records of finished invocations expire after the store's retention;
+//! records of invocations still pending, and of dead letters, do not. Updates may arrive out
+//! of order (two gateways, a task that lost a race): each record has a rank,
+//! ([`AsyncRecord::seq`], [`AsyncRecord::step`]), and an update that ranks below what is stored is
+//! dropped ([`AsyncRecord::merge`]).
 
 mod jetstream;
 mod record;
+mod records;
 mod redb;
 
 #[cfg(test)]
@@ -26,8 +36,9 @@ use bytes::Bytes;
 
 pub use self::jetstream::{
     JetStreamStore, ASYNC_STREAM, ASYNC_SUBJECT_PREFIX, CONSUMER_PREFIX, DLQ_STREAM,
-    DLQ_SUBJECT_PREFIX,
+    DLQ_SUBJECT_PREFIX, RECORDS_STREAM, RECORDS_SUBJECT_PREFIX,
 };
+pub use self::records::{AsyncRecord, AsyncState, DeadLetters, DEFAULT_LISTED_DEAD_LETTERS};
 pub use self::redb::RedbStore;
 
 /// For the fuzz target of record decoding: `data` decodes or fails cleanly, and what decodes
@@ -77,6 +88,32 @@ pub trait AsyncStore: crate::state::StateStore + Send + Sync + std::fmt::Debug {
         settlement: Settlement,
     ) -> StoreFuture<'a, ()>;
 
+    /// The invocation `seq` of `function` that [`next`](Self::next) handed out is being attempted
+    /// (its `attempt`-th attempt, the first is 1): its record says `running`. Resolves once
+    /// recorded; the attempt does not wait for it, and a record that could not be written is
+    /// logged, never a failure of the invocation.
+    fn started<'a>(&'a self, function: &'a str, seq: u64, attempt: u32) -> StoreFuture<'a, ()>;
+
+    /// The record of the invocation accepted with `call_id` (the latest, if a client reused the
+    /// id); `None` when there is none, or it expired.
+    fn record<'a>(&'a self, call_id: &'a str) -> StoreFuture<'a, Option<AsyncRecord>>;
+
+    /// Dead letters, oldest first, at most `limit`: of `function`, or of every function.
+    fn list_dead_letters<'a>(
+        &'a self,
+        function: Option<&'a str>,
+        limit: usize,
+    ) -> StoreFuture<'a, DeadLetters>;
+
+    /// Stores the dead letter `id` of `function` again as a new invocation (same call id,
+    /// request and callback; no attempts made) and removes the dead letter. Resolves with the
+    /// invocation's record, or `None` when there is no such dead letter.
+    fn replay<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>>;
+
+    /// Removes the dead letter `id` of `function` for good; its record says `discarded` (and
+    /// expires like a finished invocation's). `None` when there is no such dead letter.
+    fn discard<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>>;
+
     /// Invocations stored and not yet settled for good, per function name (names no longer
     /// configured included; a function with none is absent).
     fn pending(&self) -> StoreFuture<'_, BTreeMap<String, u64>>;
@@ -113,7 +150,14 @@ pub trait AsyncStore: crate::state::StateStore + Send + Sync + std::fmt::Debug {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Settlement {
     /// Final and not kept: succeeded, or failed in a way another attempt would not change.
-    Done,
+    Done {
+        /// Attempts made, this one included (0 when the invocation was final without one).
+        attempts: u32,
+        /// The last attempt's status: below 400 is a success.
+        status: u16,
+        /// Why it failed, in one line; empty on success.
+        reason: String,
+    },
     /// Failed; hand it out again once `after` has passed.
     Retry {
         /// Attempts made so far, this one included.
@@ -190,7 +234,8 @@ pub struct Pending {
 /// An invocation that ran out of attempts.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
-    /// Its sequence number.
+    /// Its id among the dead letters (what replay and discard name): the invocation's sequence
+    /// number in the redb store, the dead-letter stream's sequence in JetStream.
     pub seq: u64,
     /// The request.
     pub invocation: Invocation,

@@ -10,7 +10,7 @@ const RECORD_VERSION: u8 = 1;
 /// Version byte at the start of every encoded dead letter.
 const DEAD_VERSION: u8 = 1;
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+pub(super) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
 }
@@ -40,10 +40,10 @@ pub(super) fn encode(inv: &Invocation) -> Vec<u8> {
     out
 }
 
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
         if self.0.len() < n {
             return Err("truncated");
         }
@@ -51,25 +51,46 @@ impl<'a> Reader<'a> {
         self.0 = rest;
         Ok(head)
     }
-    fn u8(&mut self) -> Result<u8, &'static str> {
+    pub(super) fn u8(&mut self) -> Result<u8, &'static str> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, &'static str> {
+    pub(super) fn u16(&mut self) -> Result<u16, &'static str> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
     }
-    fn u32(&mut self) -> Result<u32, &'static str> {
+    pub(super) fn u32(&mut self) -> Result<u32, &'static str> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
-    fn u64(&mut self) -> Result<u64, &'static str> {
+    pub(super) fn u64(&mut self) -> Result<u64, &'static str> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn bytes(&mut self) -> Result<&'a [u8], &'static str> {
+    pub(super) fn bytes(&mut self) -> Result<&'a [u8], &'static str> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    fn string(&mut self) -> Result<String, &'static str> {
+    pub(super) fn string(&mut self) -> Result<String, &'static str> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "invalid utf-8")
     }
+}
+
+/// When an encoded invocation was accepted, and its call id, read without decoding the rest.
+pub(super) fn head(data: &[u8]) -> Result<(u64, String), &'static str> {
+    let mut r = Reader(data);
+    if r.u8()? != RECORD_VERSION {
+        return Err("unknown record version");
+    }
+    let accepted_unix_ms = r.u64()?;
+    Ok((accepted_unix_ms, r.string()?))
+}
+
+/// The encoded invocation inside an encoded dead letter.
+pub(super) fn dead_invocation(data: &[u8]) -> Result<&[u8], &'static str> {
+    let mut r = Reader(data);
+    if r.u8()? != DEAD_VERSION {
+        return Err("unknown dead-letter version");
+    }
+    r.take(8 + 4 + 2)?;
+    r.bytes()?;
+    r.bytes()
 }
 
 pub(super) fn decode(data: &[u8]) -> Result<Invocation, &'static str> {
@@ -178,5 +199,11 @@ mod tests {
         assert_eq!((dead.seq, dead.attempts, dead.status), (7, 5, 502));
         assert_eq!((dead.reason.as_str(), dead.dead_unix_ms), ("refused", 42));
         assert_eq!(dead.invocation, inv);
+        let letter = encode_dead(&encode(&inv), 5, 502, "refused", 42);
+        assert_eq!(dead_invocation(&letter).unwrap(), encode(&inv).as_slice());
+        assert_eq!(
+            head(&encode(&inv)).unwrap(),
+            (inv.accepted_unix_ms, inv.call_id)
+        );
     }
 }

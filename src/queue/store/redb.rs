@@ -7,9 +7,17 @@
 //!
 //! * `pending`: every invocation accepted and not yet finished (the request as it will be sent);
 //! * `attempts`: attempts made so far and the last status, for invocations that failed at least once;
-//! * `dead`: invocations that ran out of attempts, with their final status (never deleted by the
-//!   gateway);
+//! * `dead`: invocations that ran out of attempts, with their final status (deleted only by a
+//!   replay, which stores the invocation in `pending` again, or a discard);
 //! * `meta`: the next sequence number.
+//!
+//! and, keyed by call id, `records` (each invocation's [`AsyncRecord`], written in the same
+//! transaction as the change it records) with `record_expiry` (`(expires at, call id)` of the
+//! records of finished invocations). The writer thread deletes expired records when it has been
+//! idle for a while and at least every [`SWEEP_EVERY_MAX`]; a record read after its expiry is
+//! never returned, swept or not. Marking an attempt `running` is committed without an fsync of
+//! its own (`Durability::None`, made durable by the next commit): losing it in a crash loses
+//! nothing but that word, and the attempt would run again anyway.
 //!
 //! Nothing is acknowledged before its transaction is committed with `Durability::Immediate`, so an
 //! invocation the client saw `202` for survives a crash (even `SIGKILL`) of the gateway.
@@ -27,14 +35,18 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition,
+};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::record::{decode, decode_dead, encode, encode_dead};
+use super::record::{dead_invocation, decode, decode_dead, encode, encode_dead, head};
 use super::{
-    unix_ms, AsyncStore, DeadLetter, Invocation, Pending, Settlement, StoreError, StoreFuture,
+    unix_ms, AsyncRecord, AsyncState, AsyncStore, DeadLetter, DeadLetters, Invocation, Pending,
+    Settlement, StoreError, StoreFuture,
 };
 use crate::state::{check_key, StateError, StateFuture, StateStore};
 
@@ -46,12 +58,18 @@ const DEAD: TableDefinition<Key, &[u8]> = TableDefinition::new("dead");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The gateway's [`StateStore`] values, keyed by `(bucket, key)`.
 const STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("state");
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+const RECORD_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("record_expiry");
 const NEXT_SEQ: &str = "next_seq";
 
 /// Most operations committed in one transaction.
 const MAX_BATCH_OPS: usize = 4096;
 /// Most body bytes committed in one transaction (one large body still goes alone).
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// Longest time between two sweeps of expired records.
+pub const SWEEP_EVERY_MAX: Duration = Duration::from_secs(60);
+/// Most expired records deleted in one transaction.
+const MAX_SWEPT: usize = 10_000;
 
 fn db_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Database(e.to_string())
@@ -62,8 +80,16 @@ type Done<T> = Box<dyn FnOnce(Result<T, StoreError>) + Send>;
 enum Op {
     Insert {
         function: String,
+        call_id: String,
+        accepted_unix_ms: u64,
         record: Vec<u8>,
         done: Done<u64>,
+    },
+    Started {
+        function: String,
+        seq: u64,
+        attempt: u32,
+        done: Done<()>,
     },
     Attempted {
         function: String,
@@ -75,6 +101,9 @@ enum Op {
     Remove {
         function: String,
         seq: u64,
+        attempts: u32,
+        status: u16,
+        reason: String,
         done: Done<()>,
     },
     DeadLetter {
@@ -85,6 +114,24 @@ enum Op {
         reason: String,
         done: Done<()>,
     },
+    Replay {
+        function: String,
+        id: u64,
+        done: Done<Option<AsyncRecord>>,
+    },
+    Discard {
+        function: String,
+        id: u64,
+        done: Done<Option<AsyncRecord>>,
+    },
+}
+
+/// What committing one operation gave: a new sequence number (insert, replay), a record
+/// (replay, discard).
+#[derive(Default)]
+struct Committed {
+    seq: u64,
+    record: Option<AsyncRecord>,
 }
 
 impl Op {
@@ -175,6 +222,7 @@ impl Deliveries {
 /// The redb store: reads from the blocking pool, writes through one committing thread.
 pub struct RedbStore {
     path: PathBuf,
+    retention: Duration,
     db: RwLock<Option<Arc<Database>>>,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -190,9 +238,15 @@ impl std::fmt::Debug for RedbStore {
 }
 
 impl RedbStore {
-    /// Opens (or creates, with its parent directories) the store at `path`. Blocking: call it
-    /// from a blocking context.
+    /// Opens (or creates, with its parent directories) the store at `path`, keeping the records
+    /// of finished invocations for the default retention. Blocking: call it from a blocking
+    /// context.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with_retention(path, crate::config::DEFAULT_ASYNC_RECORD_RETENTION)
+    }
+
+    /// [`RedbStore::open`], keeping the records of finished invocations for `retention`.
+    pub fn open_with_retention(path: &Path, retention: Duration) -> Result<RedbStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| db_error(format!("cannot create {}: {e}", dir.display())))?;
@@ -207,6 +261,8 @@ impl RedbStore {
             txn.open_table(ATTEMPTS).map_err(db_error)?;
             txn.open_table(DEAD).map_err(db_error)?;
             txn.open_table(STATE).map_err(db_error)?;
+            txn.open_table(RECORDS).map_err(db_error)?;
+            txn.open_table(RECORD_EXPIRY).map_err(db_error)?;
             let meta = txn.open_table(META).map_err(db_error)?;
             next_seq = meta
                 .get(NEXT_SEQ)
@@ -220,10 +276,11 @@ impl RedbStore {
         let writer_db = db.clone();
         let writer = std::thread::Builder::new()
             .name("sluicegate-async-store".into())
-            .spawn(move || write_loop(&writer_db, next_seq, &rx))
+            .spawn(move || write_loop(&writer_db, next_seq, &rx, retention))
             .map_err(|e| db_error(format!("cannot start the store writer: {e}")))?;
         Ok(RedbStore {
             path: path.to_owned(),
+            retention,
             db: RwLock::new(Some(db)),
             ops: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
@@ -327,6 +384,8 @@ impl AsyncStore for RedbStore {
         let deliveries = self.deliveries(function);
         self.submit(Op::Insert {
             function: function.to_owned(),
+            call_id: invocation.call_id.clone(),
+            accepted_unix_ms: invocation.accepted_unix_ms,
             record: encode(invocation),
             done: Box::new(move |result| {
                 if result.is_ok() {
@@ -392,9 +451,16 @@ impl AsyncStore for RedbStore {
         let (tx, rx) = oneshot::channel();
         let function = function.to_owned();
         let op = match settlement {
-            Settlement::Done => Op::Remove {
+            Settlement::Done {
+                attempts,
+                status,
+                reason,
+            } => Op::Remove {
                 function,
                 seq,
+                attempts,
+                status,
+                reason,
                 done: Box::new(move |result| {
                     let _ = tx.send(result);
                 }),
@@ -434,6 +500,100 @@ impl AsyncStore for RedbStore {
             },
         };
         self.submit(op);
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    fn started<'a>(&'a self, function: &'a str, seq: u64, attempt: u32) -> StoreFuture<'a, ()> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Started {
+            function: function.to_owned(),
+            seq,
+            attempt,
+            done: Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        });
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    fn record<'a>(&'a self, call_id: &'a str) -> StoreFuture<'a, Option<AsyncRecord>> {
+        let call_id = call_id.to_owned();
+        let retention = self.retention;
+        Box::pin(self.read(move |db| {
+            let read = db.begin_read().map_err(db_error)?;
+            let records = read.open_table(RECORDS).map_err(db_error)?;
+            let Some(value) = records.get(call_id.as_str()).map_err(db_error)? else {
+                return Ok(None);
+            };
+            let record = AsyncRecord::decode(value.value())
+                .map_err(|reason| db_error(format!("async record {call_id:?}: {reason}")))?;
+            Ok((!record.expired(retention, unix_ms())).then_some(record))
+        }))
+    }
+
+    fn list_dead_letters<'a>(
+        &'a self,
+        function: Option<&'a str>,
+        limit: usize,
+    ) -> StoreFuture<'a, DeadLetters> {
+        let function = function.map(str::to_owned);
+        Box::pin(self.read(move |db| {
+            let read = db.begin_read().map_err(db_error)?;
+            let dead = read.open_table(DEAD).map_err(db_error)?;
+            let (entries, total) = match &function {
+                Some(f) => {
+                    let range = (f.as_str(), 0)..=(f.as_str(), u64::MAX);
+                    let total = dead.range(range.clone()).map_err(db_error)?.count() as u64;
+                    (dead.range(range).map_err(db_error)?, total)
+                }
+                None => (
+                    dead.iter().map_err(db_error)?,
+                    dead.len().map_err(db_error)?,
+                ),
+            };
+            let mut letters = Vec::new();
+            for entry in entries.take(limit) {
+                let (key, value) = entry.map_err(db_error)?;
+                let (name, seq) = key.value();
+                match decode_dead(seq, value.value()) {
+                    Ok(letter) => letters.push((name.to_owned(), letter)),
+                    Err(reason) => {
+                        warn!(
+                            function = name,
+                            seq, reason, "async store: unreadable dead letter skipped"
+                        )
+                    }
+                }
+            }
+            Ok(DeadLetters { letters, total })
+        }))
+    }
+
+    fn replay<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>> {
+        let (tx, rx) = oneshot::channel();
+        let deliveries = self.deliveries(function);
+        self.submit(Op::Replay {
+            function: function.to_owned(),
+            id,
+            done: Box::new(move |result| {
+                if matches!(result, Ok(Some(_))) {
+                    deliveries.inserted();
+                }
+                let _ = tx.send(result);
+            }),
+        });
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
+    }
+
+    fn discard<'a>(&'a self, function: &'a str, id: u64) -> StoreFuture<'a, Option<AsyncRecord>> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op::Discard {
+            function: function.to_owned(),
+            id,
+            done: Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        });
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Closed)) })
     }
 
@@ -529,8 +689,26 @@ impl AsyncStore for RedbStore {
     }
 }
 
-fn write_loop(db: &Database, mut next_seq: u64, rx: &mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
+fn write_loop(db: &Database, mut next_seq: u64, rx: &mpsc::Receiver<Op>, retention: Duration) {
+    // Expired records are swept when nothing was written for a while, and at least this often.
+    let every = (retention / 4).clamp(Duration::from_millis(100), SWEEP_EVERY_MAX);
+    let mut last_sweep = std::time::SystemTime::now();
+    loop {
+        let first = match rx.recv_timeout(every) {
+            Ok(op) => Some(op),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let since = last_sweep.elapsed().unwrap_or(Duration::ZERO);
+        if first.is_none() || since >= every {
+            last_sweep = std::time::SystemTime::now();
+            match sweep(db) {
+                Ok(0) => {}
+                Ok(n) => debug!(expired = n, "async store: expired records deleted"),
+                Err(e) => warn!(error = %e, "async store: sweeping expired records failed"),
+            }
+        }
+        let Some(first) = first else { continue };
         let mut bytes = first.size();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
@@ -542,7 +720,7 @@ fn write_loop(db: &Database, mut next_seq: u64, rx: &mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        match commit(db, next_seq, &batch) {
+        match commit(db, next_seq, &batch, retention) {
             Ok((results, next)) => {
                 next_seq = next;
                 for (op, result) in batch.into_iter().zip(results) {
@@ -559,12 +737,127 @@ fn write_loop(db: &Database, mut next_seq: u64, rx: &mpsc::Receiver<Op>) {
     }
 }
 
-fn complete(op: Op, result: Result<u64, StoreError>) {
-    match op {
-        Op::Insert { done, .. } => done(result),
-        Op::Attempted { done, .. } | Op::Remove { done, .. } | Op::DeadLetter { done, .. } => {
-            done(result.map(|_| ()))
+/// Deletes the records whose expiry has passed (at most [`MAX_SWEPT`]); returns how many.
+fn sweep(db: &Database) -> Result<usize, StoreError> {
+    let now = unix_ms();
+    let due = {
+        let read = db.begin_read().map_err(db_error)?;
+        let expiry = read.open_table(RECORD_EXPIRY).map_err(db_error)?;
+        let mut due = Vec::new();
+        for entry in expiry.range((0, "")..(now, "")).map_err(db_error)? {
+            let (key, _) = entry.map_err(db_error)?;
+            let (at, call_id) = key.value();
+            due.push((at, call_id.to_owned()));
+            if due.len() == MAX_SWEPT {
+                break;
+            }
         }
+        due
+    };
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let mut txn = db.begin_write().map_err(db_error)?;
+    txn.set_durability(Durability::None).map_err(db_error)?;
+    {
+        let mut expiry = txn.open_table(RECORD_EXPIRY).map_err(db_error)?;
+        let mut records = txn.open_table(RECORDS).map_err(db_error)?;
+        for (at, call_id) in &due {
+            // An entry in the expiry table is always the current expiry of its record.
+            if expiry
+                .remove((*at, call_id.as_str()))
+                .map_err(db_error)?
+                .is_some()
+            {
+                records.remove(call_id.as_str()).map_err(db_error)?;
+            }
+        }
+    }
+    txn.commit().map_err(db_error)?;
+    Ok(due.len())
+}
+
+fn complete(op: Op, result: Result<Committed, StoreError>) {
+    match op {
+        Op::Insert { done, .. } => done(result.map(|c| c.seq)),
+        Op::Replay { done, .. } | Op::Discard { done, .. } => done(result.map(|c| c.record)),
+        Op::Started { done, .. }
+        | Op::Attempted { done, .. }
+        | Op::Remove { done, .. }
+        | Op::DeadLetter { done, .. } => done(result.map(|_| ())),
+    }
+}
+
+/// The tables one transaction writes.
+struct Tables<'t> {
+    pending: Table<'t, Key<'static>, &'static [u8]>,
+    attempts: Table<'t, Key<'static>, (u32, u16)>,
+    dead: Table<'t, Key<'static>, &'static [u8]>,
+    records: Table<'t, &'static str, &'static [u8]>,
+    expiry: Table<'t, (u64, &'static str), ()>,
+    retention: Duration,
+}
+
+impl Tables<'_> {
+    /// When the pending invocation `key` was accepted, and its call id; `None` when it is not
+    /// pending (settled meanwhile) or cannot be read (it is dead-lettered as corrupt then).
+    fn head(&self, key: Key<'_>) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self
+            .pending
+            .get(key)
+            .map_err(db_error)?
+            .and_then(|v| head(v.value()).ok()))
+    }
+
+    /// Writes `update` over the record of its call id unless that ranks above it; returns what
+    /// was written.
+    fn put_record(&mut self, update: AsyncRecord) -> Result<Option<AsyncRecord>, StoreError> {
+        let call_id = update.call_id.clone();
+        let stored = self
+            .records
+            .get(call_id.as_str())
+            .map_err(db_error)?
+            .and_then(|v| AsyncRecord::decode(v.value()).ok());
+        let Some(record) = AsyncRecord::merge(stored.as_ref(), update) else {
+            return Ok(None);
+        };
+        if let Some(at) = stored.and_then(|s| s.expires_unix_ms(self.retention)) {
+            self.expiry
+                .remove((at, call_id.as_str()))
+                .map_err(db_error)?;
+        }
+        self.records
+            .insert(call_id.as_str(), record.encode().as_slice())
+            .map_err(db_error)?;
+        if let Some(at) = record.expires_unix_ms(self.retention) {
+            self.expiry
+                .insert((at, call_id.as_str()), ())
+                .map_err(db_error)?;
+        }
+        Ok(Some(record))
+    }
+
+    /// The record of the pending invocation `function`/`seq`, now in `state` after `attempts`.
+    fn mark(
+        &mut self,
+        function: &str,
+        seq: u64,
+        state: AsyncState,
+        attempts: u32,
+        status: u16,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        if let Some((accepted, call_id)) = self.head((function, seq))? {
+            let mut record = AsyncRecord::new(call_id, function, seq, accepted, state);
+            record.attempts = attempts;
+            record.status = status;
+            record.reason = reason.to_owned();
+            if state == AsyncState::DeadLettered {
+                record.dead_letter = Some(seq);
+            }
+            self.put_record(record)?;
+        }
+        Ok(())
     }
 }
 
@@ -574,28 +867,62 @@ fn commit(
     db: &Database,
     mut next_seq: u64,
     batch: &[Op],
-) -> Result<(Vec<Result<u64, StoreError>>, u64), StoreError> {
-    let txn = db.begin_write().map_err(db_error)?;
+    retention: Duration,
+) -> Result<(Vec<Result<Committed, StoreError>>, u64), StoreError> {
+    let mut txn = db.begin_write().map_err(db_error)?;
+    if batch.iter().all(|op| matches!(op, Op::Started { .. })) {
+        // Only `running` marks: made durable by the next commit (see the module doc).
+        txn.set_durability(Durability::None).map_err(db_error)?;
+    }
     let mut results = Vec::with_capacity(batch.len());
     {
-        let mut pending = txn.open_table(PENDING).map_err(db_error)?;
-        let mut attempts = txn.open_table(ATTEMPTS).map_err(db_error)?;
-        let mut dead = txn.open_table(DEAD).map_err(db_error)?;
+        let mut t = Tables {
+            pending: txn.open_table(PENDING).map_err(db_error)?,
+            attempts: txn.open_table(ATTEMPTS).map_err(db_error)?,
+            dead: txn.open_table(DEAD).map_err(db_error)?,
+            records: txn.open_table(RECORDS).map_err(db_error)?,
+            expiry: txn.open_table(RECORD_EXPIRY).map_err(db_error)?,
+            retention,
+        };
         let mut meta = txn.open_table(META).map_err(db_error)?;
         for op in batch {
             let result = match op {
                 Op::Insert {
-                    function, record, ..
+                    function,
+                    call_id,
+                    accepted_unix_ms,
+                    record,
+                    ..
                 } => {
                     let seq = next_seq;
-                    match pending.insert((function.as_str(), seq), record.as_slice()) {
-                        Ok(_) => {
+                    let inserted = t
+                        .pending
+                        .insert((function.as_str(), seq), record.as_slice())
+                        .map(|_| ());
+                    match inserted {
+                        Ok(()) => {
                             next_seq += 1;
-                            Ok(seq)
+                            let queued = AsyncRecord::new(
+                                call_id.clone(),
+                                function,
+                                seq,
+                                *accepted_unix_ms,
+                                AsyncState::Queued,
+                            );
+                            t.put_record(queued)?;
+                            Ok(Committed { seq, record: None })
                         }
                         Err(e) => Err(db_error(e)),
                     }
                 }
+                Op::Started {
+                    function,
+                    seq,
+                    attempt,
+                    ..
+                } => t
+                    .mark(function, *seq, AsyncState::Running, *attempt, 0, "")
+                    .map(|()| Committed::default()),
                 Op::Attempted {
                     function,
                     seq,
@@ -605,19 +932,30 @@ fn commit(
                 } => {
                     let key = (function.as_str(), *seq);
                     // Only for invocations still pending: a late update must not resurrect one.
-                    match pending.get(key).map_err(db_error)? {
-                        Some(_) => attempts
-                            .insert(key, (*n, *status))
-                            .map(|_| 0)
-                            .map_err(db_error),
-                        None => Ok(0),
+                    let still_pending = t.pending.get(key).map_err(db_error)?.is_some();
+                    match still_pending {
+                        true => {
+                            t.attempts.insert(key, (*n, *status)).map_err(db_error)?;
+                            t.mark(function, *seq, AsyncState::Queued, *n, *status, "")?;
+                            Ok(Committed::default())
+                        }
+                        false => Ok(Committed::default()),
                     }
                 }
-                Op::Remove { function, seq, .. } => {
+                Op::Remove {
+                    function,
+                    seq,
+                    attempts: n,
+                    status,
+                    reason,
+                    ..
+                } => {
                     let key = (function.as_str(), *seq);
-                    pending.remove(key).map_err(db_error)?;
-                    attempts.remove(key).map_err(db_error)?;
-                    Ok(0)
+                    let state = AsyncState::done(*status);
+                    t.mark(function, *seq, state, *n, *status, reason)?;
+                    t.pending.remove(key).map_err(db_error)?;
+                    t.attempts.remove(key).map_err(db_error)?;
+                    Ok(Committed::default())
                 }
                 Op::DeadLetter {
                     function,
@@ -628,19 +966,110 @@ fn commit(
                     ..
                 } => {
                     let key = (function.as_str(), *seq);
-                    let record = pending
+                    t.mark(
+                        function,
+                        *seq,
+                        AsyncState::DeadLettered,
+                        *n,
+                        *status,
+                        reason,
+                    )?;
+                    let record = t
+                        .pending
                         .remove(key)
                         .map_err(db_error)?
                         .map(|v| v.value().to_vec());
-                    attempts.remove(key).map_err(db_error)?;
+                    t.attempts.remove(key).map_err(db_error)?;
                     match record {
                         Some(record) => {
                             let value = encode_dead(&record, *n, *status, reason, unix_ms());
-                            dead.insert(key, value.as_slice())
-                                .map(|_| 0)
+                            t.dead
+                                .insert(key, value.as_slice())
+                                .map(|_| Committed::default())
                                 .map_err(db_error)
                         }
-                        None => Ok(0),
+                        None => Ok(Committed::default()),
+                    }
+                }
+                Op::Replay { function, id, .. } => {
+                    let key = (function.as_str(), *id);
+                    let letter = t
+                        .dead
+                        .get(key)
+                        .map_err(db_error)?
+                        .map(|v| v.value().to_vec());
+                    match letter {
+                        None => Ok(Committed::default()),
+                        Some(letter) => match dead_invocation(&letter)
+                            .and_then(|inv| head(inv).map(|h| (inv, h)))
+                        {
+                            Err(reason) => Err(StoreError::Corrupt {
+                                function: function.clone(),
+                                seq: *id,
+                                reason,
+                            }),
+                            Ok((invocation, (accepted, call_id))) => {
+                                let seq = next_seq;
+                                t.pending
+                                    .insert((function.as_str(), seq), invocation)
+                                    .map_err(db_error)?;
+                                t.dead.remove(key).map_err(db_error)?;
+                                next_seq += 1;
+                                let replays = t
+                                    .records
+                                    .get(call_id.as_str())
+                                    .map_err(db_error)?
+                                    .and_then(|v| AsyncRecord::decode(v.value()).ok())
+                                    .filter(|r| r.seq == *id)
+                                    .map_or(0, |r| r.replays);
+                                let mut record = AsyncRecord::new(
+                                    call_id,
+                                    function,
+                                    seq,
+                                    accepted,
+                                    AsyncState::Queued,
+                                );
+                                record.replays = replays + 1;
+                                t.put_record(record.clone())?;
+                                Ok(Committed {
+                                    seq,
+                                    record: Some(record),
+                                })
+                            }
+                        },
+                    }
+                }
+                Op::Discard { function, id, .. } => {
+                    let key = (function.as_str(), *id);
+                    let letter = t
+                        .dead
+                        .remove(key)
+                        .map_err(db_error)?
+                        .map(|v| v.value().to_vec());
+                    match letter.map(|l| decode_dead(*id, &l)) {
+                        None => Ok(Committed::default()),
+                        Some(Err(reason)) => {
+                            warn!(function = %function, seq = id, reason, "async store: unreadable dead letter discarded");
+                            Ok(Committed::default())
+                        }
+                        Some(Ok(letter)) => {
+                            let inv = letter.invocation;
+                            let mut record = AsyncRecord::new(
+                                inv.call_id,
+                                function,
+                                *id,
+                                inv.accepted_unix_ms,
+                                AsyncState::Discarded,
+                            );
+                            record.attempts = letter.attempts;
+                            record.status = letter.status;
+                            record.reason = letter.reason;
+                            let written = t.put_record(record.clone())?.unwrap_or(record);
+                            Ok(Committed {
+                                seq: 0,
+                                record: Some(written),
+                            })
+                        }
                     }
                 }
             };
@@ -772,6 +1201,14 @@ mod tests {
         dir.join("store.redb")
     }
 
+    fn done() -> Settlement {
+        Settlement::Done {
+            attempts: 1,
+            status: 200,
+            reason: String::new(),
+        }
+    }
+
     fn retry(attempts: u32, after: Duration) -> Settlement {
         Settlement::Retry {
             attempts,
@@ -816,10 +1253,7 @@ mod tests {
         let third = store.next("a").await.unwrap();
         assert!(third.seq > second.seq);
 
-        store
-            .settle("a", first.seq, Settlement::Done)
-            .await
-            .unwrap();
+        store.settle("a", first.seq, done()).await.unwrap();
         let dead_letter = Settlement::DeadLetter {
             attempts: 5,
             status: 502,
@@ -840,10 +1274,7 @@ mod tests {
             .settle("a", first.seq, retry(3, Duration::ZERO))
             .await
             .unwrap();
-        store
-            .settle("a", third.seq, Settlement::Done)
-            .await
-            .unwrap();
+        store.settle("a", third.seq, done()).await.unwrap();
         assert_eq!(store.pending_count("a").await.unwrap(), 0);
         let b = store.next("b").await.unwrap();
         assert_eq!(b.invocation, invocation(2));
@@ -868,7 +1299,7 @@ mod tests {
         let two = store.next("f").await.unwrap();
         assert_eq!(two.invocation, invocation(2));
         assert_eq!(Instant::now(), start);
-        store.settle("f", two.seq, Settlement::Done).await.unwrap();
+        store.settle("f", two.seq, done()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(11)).await;
         let again = store.next("f").await.unwrap();
         assert_eq!((again.seq, again.attempts), (one.seq, 1));
@@ -893,6 +1324,134 @@ mod tests {
         tokio::task::yield_now().await;
         store.insert("f", &invocation(4)).await.unwrap();
         assert_eq!(waiting.await.unwrap().unwrap().invocation, invocation(4));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn records_follow_an_invocation_through_dead_letter_replay_and_discard() {
+        let path = temp_path("records");
+        let store = RedbStore::open(&path).unwrap();
+        let state = |r: Option<AsyncRecord>| r.map(|r| (r.state, r.attempts, r.status));
+        store.insert("a", &invocation(1)).await.unwrap();
+        assert_eq!(
+            state(store.record("call-1").await.unwrap()),
+            Some((AsyncState::Queued, 0, 0))
+        );
+        assert!(store.record("call-9").await.unwrap().is_none());
+        let one = store.next("a").await.unwrap();
+        store.started("a", one.seq, 1).await.unwrap();
+        assert_eq!(
+            state(store.record("call-1").await.unwrap()),
+            Some((AsyncState::Running, 1, 0))
+        );
+        store
+            .settle("a", one.seq, retry(1, Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(
+            state(store.record("call-1").await.unwrap()),
+            Some((AsyncState::Queued, 1, 503))
+        );
+        // A late `running` mark of the first attempt changes nothing.
+        store.started("a", one.seq, 1).await.unwrap();
+        assert_eq!(
+            state(store.record("call-1").await.unwrap()),
+            Some((AsyncState::Queued, 1, 503))
+        );
+        let dead = Settlement::DeadLetter {
+            attempts: 2,
+            status: 502,
+            reason: "refused".into(),
+        };
+        let again = store.next("a").await.unwrap();
+        store.settle("a", again.seq, dead).await.unwrap();
+        let record = store.record("call-1").await.unwrap().unwrap();
+        assert_eq!(
+            (record.state, record.attempts, record.status),
+            (AsyncState::DeadLettered, 2, 502)
+        );
+        assert_eq!(
+            (record.reason.as_str(), record.dead_letter),
+            ("refused", Some(one.seq))
+        );
+
+        // Listed, replayed (a new invocation, handed out again), dead again, then discarded.
+        store.insert("b", &invocation(2)).await.unwrap();
+        let listed = store.list_dead_letters(None, 10).await.unwrap();
+        assert_eq!((listed.total, listed.letters.len()), (1, 1));
+        assert_eq!(listed.letters[0].0, "a");
+        assert!(store.replay("a", one.seq + 100).await.unwrap().is_none());
+        assert!(
+            store.replay("b", one.seq).await.unwrap().is_none(),
+            "another function's id"
+        );
+        let replayed = store.replay("a", one.seq).await.unwrap().unwrap();
+        assert!(replayed.seq > one.seq);
+        assert_eq!((replayed.state, replayed.replays), (AsyncState::Queued, 1));
+        assert_eq!(
+            store.list_dead_letters(Some("a"), 10).await.unwrap().total,
+            0
+        );
+        let back = store.next("a").await.unwrap();
+        assert_eq!((back.seq, back.attempts), (replayed.seq, 0));
+        assert_eq!(back.invocation, invocation(1));
+        let dead = Settlement::DeadLetter {
+            attempts: 1,
+            status: 500,
+            reason: "again".into(),
+        };
+        store.settle("a", back.seq, dead).await.unwrap();
+        let discarded = store.discard("a", back.seq).await.unwrap().unwrap();
+        assert_eq!(
+            (discarded.state, discarded.replays),
+            (AsyncState::Discarded, 1)
+        );
+        assert!(store.discard("a", back.seq).await.unwrap().is_none());
+        assert_eq!(store.dead_letter_count().await.unwrap(), 0);
+        let record = store.record("call-1").await.unwrap().unwrap();
+        assert_eq!((record.state, record.replays), (AsyncState::Discarded, 1));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn records_of_finished_invocations_expire_and_are_swept() {
+        let path = temp_path("expiry");
+        let retention = Duration::from_millis(200);
+        let store = RedbStore::open_with_retention(&path, retention).unwrap();
+        store.insert("a", &invocation(1)).await.unwrap();
+        store.insert("a", &invocation(2)).await.unwrap();
+        let one = store.next("a").await.unwrap();
+        let done = Settlement::Done {
+            attempts: 1,
+            status: 204,
+            reason: String::new(),
+        };
+        store.settle("a", one.seq, done).await.unwrap();
+        let record = store.record("call-1").await.unwrap().unwrap();
+        assert_eq!((record.state, record.status), (AsyncState::Succeeded, 204));
+        // Finished: gone after the retention (read or swept); pending: kept.
+        let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+        while store.record("call-1").await.unwrap().is_some() {
+            assert!(std::time::SystemTime::now() < deadline, "never expired");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(store.record("call-2").await.unwrap().is_some());
+        // The sweeper deletes it from the file too.
+        let db = store.db().unwrap();
+        let deadline = std::time::SystemTime::now() + Duration::from_secs(10);
+        loop {
+            let read = db.begin_read().unwrap();
+            let records = read.open_table(RECORDS).unwrap();
+            if records.get("call-1").unwrap().is_none() {
+                assert!(records.get("call-2").unwrap().is_some());
+                break;
+            }
+            assert!(std::time::SystemTime::now() < deadline, "never swept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(db);
         store.close().await;
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
