@@ -19,6 +19,7 @@
 //! policy as a desired count seen now: the loop will not go below it until `cooldown_period` has
 //! passed, but scales above it if load needs more.
 
+pub mod adaptive;
 pub mod policy;
 
 use std::collections::VecDeque;
@@ -127,6 +128,8 @@ pub struct Step {
     pub burst: Option<u32>,
     /// On a decision step: the policy's decision.
     pub decision: Option<Decision>,
+    /// `cooldown_period = "adaptive"`: a pre-warm started, used or wasted at this step.
+    pub prewarm: Option<adaptive::PrewarmEvent>,
 }
 
 /// The loop's pure part, without clock or I/O: samples and policy. Given a function's figures at
@@ -152,6 +155,21 @@ impl Controller {
     /// The configuration it applies.
     pub fn config(&self) -> &AutoscalerConfig {
         self.policy.config()
+    }
+
+    /// The policy (for the adaptive keep-alive's state).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The same, mutable (to load a persisted histogram).
+    pub fn policy_mut(&mut self) -> &mut Policy {
+        &mut self.policy
+    }
+
+    /// When a controller at rest must take a step by itself (a pre-warm), if ever.
+    pub fn wake_at(&self, t: Duration) -> Option<Duration> {
+        self.policy.wake_at(t)
     }
 
     /// Whether a step at `t` that saw `step` leaves nothing to do until something arrives: no
@@ -219,12 +237,14 @@ impl Controller {
             self.policy.manual(t, replicas);
         }
         let inputs = inputs(self.policy.config(), &self.samples, t, figures);
+        let used = self.policy.observe(t, &inputs);
         let burst = self.policy.burst_check(t, &inputs);
         let decision = decide.then(|| self.policy.decide(t, &inputs));
         Step {
             inputs,
             burst,
             decision,
+            prewarm: used.or(decision.and_then(|d| d.prewarm)),
         }
     }
 }
