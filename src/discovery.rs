@@ -222,7 +222,12 @@ impl Discovery {
         if let Some(queue) = self.gateway.queue() {
             queue.add_function(function.clone()).await;
         }
+        let state = self.gateway.state().ok();
         let autoscaler = Autoscaler::new(function.clone())
+            .map(|scaler| match state {
+                Some(state) => scaler.with_state(state),
+                None => scaler,
+            })
             .map(|scaler| tokio::spawn(scaler.run(self.stop.clone())).abort_handle());
         info!(function = %name, deployment = %format!("{namespace}/{object}"), "discovered function");
         self.found.insert(

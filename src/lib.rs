@@ -123,13 +123,23 @@ pub async fn start(config: Config) -> io::Result<Running> {
     ));
     let (stop_loops, stop_rx) = watch::channel(false);
     let loops = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // The adaptive keep-alive's histograms live in the gateway's state store.
+    let state = gateway.state().ok();
+    let new_scaler = move |f: Arc<Function>| {
+        let scaler = autoscaler::Autoscaler::new(f)?;
+        Some(match &state {
+            Some(state) => scaler.with_state(state.clone()),
+            None => scaler,
+        })
+    };
     for f in gateway.functions.all() {
         if autoscaler::Autoscaler::at_rest_from_the_start(&f) {
             // Started by the function's first arrival, cold start or manual scale.
             let function = Arc::downgrade(&f);
             let (loops, stop_rx) = (loops.clone(), stop_rx.clone());
+            let new_scaler = new_scaler.clone();
             f.park_autoscaler(Box::new(move || {
-                let Some(scaler) = function.upgrade().and_then(autoscaler::Autoscaler::new) else {
+                let Some(scaler) = function.upgrade().and_then(new_scaler) else {
                     return;
                 };
                 if !*stop_rx.borrow() {
@@ -137,7 +147,7 @@ pub async fn start(config: Config) -> io::Result<Running> {
                     loops.lock().unwrap().push(task);
                 }
             }));
-        } else if let Some(scaler) = autoscaler::Autoscaler::new(f) {
+        } else if let Some(scaler) = new_scaler(f) {
             loops
                 .lock()
                 .unwrap()
@@ -210,8 +220,9 @@ impl Running {
     }
 
     /// Drains and stops: `/readyz` turns 503 and new requests get 503, the async queue starts no
-    /// new attempts; in-flight requests and async attempts get `drain_timeout` to finish; then the
-    /// loops stop, the async store is closed and every replica is terminated.
+    /// new attempts; in-flight requests get `drain_timeout` to finish; then the loops stop (and
+    /// save what they keep in the state store), async attempts get what is left of
+    /// `drain_timeout`, the async store is closed and every replica is terminated.
     pub async fn shutdown(self) {
         info!("draining");
         let deadline = tokio::time::Instant::now() + self.gateway.config.drain_timeout;
@@ -221,13 +232,14 @@ impl Running {
         }
         let clean = self.server.drain(self.gateway.config.drain_timeout).await;
         self.server.close();
-        if let Some(queue) = self.gateway.queue() {
-            queue.shutdown(deadline).await;
-        }
+        // The loops before the store: an adaptive autoscaler saves its histogram as it stops.
         let _ = self.stop_loops.send(true);
         let loops = std::mem::take(&mut *self.loops.lock().unwrap());
         for task in loops {
             let _ = task.await;
+        }
+        if let Some(queue) = self.gateway.queue() {
+            queue.shutdown(deadline).await;
         }
         if let Some(cluster) = self.cluster {
             // Give the lease task its moment to hand the lease over, then stop the rest.
