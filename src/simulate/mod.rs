@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::autoscaler::adaptive::PrewarmEvent;
 use crate::autoscaler::{next_decision, sample_interval, Controller};
 use crate::config::{Config, FunctionConfig, ScaleMode};
 use crate::function::window::Ring;
@@ -112,6 +113,17 @@ pub struct Summary {
     pub peak_ready_replicas: u32,
     /// Scale-ups from zero replicas.
     pub cold_starts: u64,
+    /// Requests that arrived while the function had no ready replica (they waited for a cold
+    /// start, or were shed): what a user feels as a cold start.
+    pub cold_start_requests: u64,
+    /// Replica-seconds during which the replica served no request (starting ones included).
+    pub idle_replica_seconds: f64,
+    /// `cooldown_period = "adaptive"`: replicas started before a predicted request.
+    pub prewarms: u64,
+    /// Of those, the ones a request arrived for while they were up.
+    pub prewarms_used: u64,
+    /// And the ones that went unused.
+    pub prewarms_wasted: u64,
     /// Scale-ups the autoscaler asked for (burst or tick; wake-ups from zero not included).
     pub scale_ups: u64,
     /// Scale-downs the autoscaler asked for.
@@ -187,6 +199,8 @@ enum Event {
     Timeout { request: usize },
     /// Request `request` arrives.
     Arrive { request: usize },
+    /// The timer of a loop at rest (a pre-warm to start) fires, if it is still the rest `rest`.
+    Wake { rest: u64 },
     /// The autoscaler loop wakes up.
     Sample,
 }
@@ -224,8 +238,12 @@ struct Sim<'a> {
     scalable: bool,
     ring: Ring,
     every: Duration,
-    /// Samples taken so far.
+    /// Samples taken so far (the index of the next one on the grid).
     samples: u32,
+    /// While the loop rests (see `Autoscaler::run`): when its last step was taken.
+    resting: Option<Duration>,
+    /// Rests so far (a timer set for an earlier rest is ignored).
+    rests: u64,
     next_decision: Duration,
     events: BinaryHeap<Reverse<(Duration, Event, u64)>>,
     seq: u64,
@@ -237,6 +255,7 @@ struct Sim<'a> {
     state: Vec<State>,
     ongoing: u64,
     replica_nanos: u128,
+    idle_nanos: u128,
     holds: Vec<Duration>,
     summary: Summary,
     timeline: Timeline,
@@ -258,6 +277,8 @@ impl<'a> Sim<'a> {
             ring: Ring::new(auto.window),
             every: sample_interval(auto.window, auto.polling_interval),
             samples: 0,
+            resting: None,
+            rests: 0,
             next_decision: auto.polling_interval,
             events: BinaryHeap::new(),
             seq: 0,
@@ -269,6 +290,7 @@ impl<'a> Sim<'a> {
             state: vec![State::Pending; requests.len()],
             ongoing: 0,
             replica_nanos: 0,
+            idle_nanos: 0,
             holds: Vec::new(),
             summary: Summary {
                 function: config.name.clone(),
@@ -318,6 +340,11 @@ impl<'a> Sim<'a> {
                 Event::Ready { replica } => self.ready(replica),
                 Event::Timeout { request } => self.time_out(request),
                 Event::Arrive { request } => self.arrive(request),
+                Event::Wake { rest } => {
+                    if rest == self.rests {
+                        self.wake();
+                    }
+                }
                 Event::Sample => self.sample(),
             }
         }
@@ -329,7 +356,11 @@ impl<'a> Sim<'a> {
     /// Moves the clock to `t`, charging every existing replica for the time passed.
     fn advance(&mut self, t: Duration) {
         let passed = t.saturating_sub(self.now);
-        self.replica_nanos += passed.as_nanos() * self.replicas.len() as u128;
+        if !passed.is_zero() {
+            let idle = self.replicas.iter().filter(|r| r.busy == 0).count();
+            self.replica_nanos += passed.as_nanos() * self.replicas.len() as u128;
+            self.idle_nanos += passed.as_nanos() * idle as u128;
+        }
         self.now = t;
     }
 
@@ -407,6 +438,13 @@ impl<'a> Sim<'a> {
         self.timeline.arrivals.push(self.now);
         self.ring.record(self.now);
         self.touch();
+        if self.ready_count() == 0 {
+            self.summary.cold_start_requests += 1;
+        }
+        // The arrival wakes a loop at rest (`Function::started`).
+        if self.resting.is_some() {
+            self.wake();
+        }
         if self.queue.is_empty() {
             if let Some(slot) = self.free_slot() {
                 self.start(slot, request);
@@ -514,11 +552,18 @@ impl<'a> Sim<'a> {
             idle_for: t.saturating_sub(self.last_activity),
             backlog: 0,
         };
-        let step = self
+        let controller = self
             .controller
             .as_mut()
-            .expect("samples are scheduled only with a controller")
-            .step(t, &figures, None, decide);
+            .expect("samples are scheduled only with a controller");
+        let step = controller.step(t, &figures, None, decide);
+        let at_rest = controller.at_rest(t, &step);
+        match step.prewarm {
+            Some(PrewarmEvent::Started) => self.summary.prewarms += 1,
+            Some(PrewarmEvent::Used) => self.summary.prewarms_used += 1,
+            Some(PrewarmEvent::Wasted) => self.summary.prewarms_wasted += 1,
+            None => {}
+        }
         if let Some(up) = step.burst {
             self.apply(up);
         }
@@ -526,7 +571,41 @@ impl<'a> Sim<'a> {
             self.apply(decision.desired);
         }
         self.samples += 1;
-        self.schedule(tick(self.every * self.samples), Event::Sample);
+        if !at_rest {
+            self.schedule(tick(self.every * self.samples), Event::Sample);
+            return;
+        }
+        // At rest, as the live loop: no sample until an arrival or the controller's timer.
+        let controller = self.controller.as_mut().expect("checked above");
+        controller.rest();
+        self.resting = Some(t);
+        self.rests += 1;
+        if let Some(at) = controller.wake_at(t) {
+            self.schedule(tick(at), Event::Wake { rest: self.rests });
+        }
+    }
+
+    /// The loop at rest wakes up now: back on the sample grid at its next point, with the zero
+    /// samples it skipped, and the decision that fell due meanwhile taken at that sample.
+    fn wake(&mut self) {
+        let Some(rested) = self.resting.take() else {
+            return;
+        };
+        let woke = self.now;
+        let every = self.every;
+        let ticks = woke.as_nanos() / every.as_nanos().max(1) + 1;
+        self.samples = ticks as u32;
+        self.schedule(tick(every * self.samples), Event::Sample);
+        let controller = self
+            .controller
+            .as_mut()
+            .expect("resting needs a controller");
+        controller.rested(rested, woke, every);
+        let polling = self.config.autoscaler.polling_interval;
+        if woke >= self.next_decision {
+            self.next_decision =
+                next_decision(self.next_decision, woke, polling).saturating_sub(polling);
+        }
     }
 
     /// Like the live loop's `apply`: no change, or never to zero while anything is in flight.
@@ -591,6 +670,7 @@ impl<'a> Sim<'a> {
         let s = &mut self.summary;
         s.simulated_seconds = self.timeline.end.as_secs_f64();
         s.replica_seconds = self.replica_nanos as f64 / 1e9;
+        s.idle_replica_seconds = self.idle_nanos as f64 / 1e9;
         if !self.holds.is_empty() {
             self.holds.sort();
             let n = self.holds.len();
@@ -782,6 +862,11 @@ cooldown_period = 5
                 peak_replicas: 3,
                 peak_ready_replicas: 3,
                 cold_starts: 2,
+                cold_start_requests: 4,
+                idle_replica_seconds: 29.7,
+                prewarms: 0,
+                prewarms_used: 0,
+                prewarms_wasted: 0,
                 scale_ups: 1,
                 scale_downs: 3,
             }
@@ -837,6 +922,11 @@ cooldown_period = 5
                 peak_replicas: 3,
                 peak_ready_replicas: 3,
                 cold_starts: 2,
+                cold_start_requests: 4,
+                idle_replica_seconds: 43.9,
+                prewarms: 0,
+                prewarms_used: 0,
+                prewarms_wasted: 0,
                 scale_ups: 2,
                 scale_downs: 3,
             }
@@ -1155,7 +1245,7 @@ cooldown_period = 5
     /// Runs [`OFF_GRID`] through the live `Function` and `Autoscaler` on paused time and through
     /// the simulator; asserts that both saw the same replica changes at the same instants and
     /// the same outcomes; returns the simulator's summary.
-    async fn cross_check(config_text: &str) -> Summary {
+    async fn cross_check(config_text: &str, trace_text: &str) -> Summary {
         use crate::autoscaler::Autoscaler;
         use crate::function::{Function, Rejection, Waited};
         use crate::metrics::Metrics;
@@ -1163,7 +1253,7 @@ cooldown_period = 5
         use tokio::time::Instant;
 
         let config = config(config_text);
-        let trace = parse_csv(OFF_GRID, &["f"]).unwrap();
+        let trace = parse_csv(trace_text, &["f"]).unwrap();
         let options = Options {
             cold_start: Duration::from_millis(2030),
         };
@@ -1228,7 +1318,7 @@ cooldown_period = 5
 
     #[tokio::test(start_paused = true)]
     async fn the_live_loop_on_paused_time_agrees_with_the_simulator() {
-        let s = cross_check(CONFIG).await;
+        let s = cross_check(CONFIG, OFF_GRID).await;
         // The trace exercises what the comparison is for.
         assert!(s.shed_queue_full > 0 && s.shed_queue_timeout > 0, "{s:?}");
         assert!(
@@ -1245,7 +1335,28 @@ cooldown_period = 5
             .replace("threshold = 6", "target_ongoing_requests = 1")
             .replace("rate_seconds = 6", "rate_seconds = 10")
             .replace("polling_interval = 1", "polling_interval = \"500ms\"");
-        let s = cross_check(&config).await;
+        let s = cross_check(&config, OFF_GRID).await;
         assert!(s.scale_ups > 0 && s.scale_downs > 1, "{s:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_live_loop_agrees_with_the_simulator_on_adaptive_prewarms() {
+        // A call every 20 s with 1 s bins: the fixed window keeps it warm while it learns (ten
+        // idle times), then it is unloaded after 1 s of idleness and pre-warmed at 18 s (idle
+        // times of 19.5 s: bin 19). The 2 s cold start is longer than the one-bin lead, so a
+        // few requests still wait a little for the pre-warmed replica.
+        let config = CONFIG
+            .replace(
+                "cooldown_period = 5",
+                "cooldown_period = \"adaptive\"\nadaptive_bin_width = \"1s\"",
+            )
+            .replace("max_queued_requests = 2", "max_queued_requests = 10");
+        let mut trace = String::from("time,duration\n");
+        for i in 0..25 {
+            trace.push_str(&format!("{}.037,0.513\n", 20 * i));
+        }
+        let s = cross_check(&config, &trace).await;
+        assert!(s.prewarms >= 10 && s.prewarms_used == s.prewarms, "{s:?}");
+        assert!(s.cold_start_requests <= 12, "{s:?}");
     }
 }
