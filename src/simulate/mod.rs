@@ -25,6 +25,7 @@
 //! timeouts, arrivals, the autoscaler's sample. The run lasts until the trace's end, and then
 //! until every request has been served or shed.
 
+pub mod compare;
 pub mod svg;
 pub mod trace;
 
@@ -40,7 +41,7 @@ use crate::autoscaler::{next_decision, sample_interval, Controller};
 use crate::config::{Config, FunctionConfig, ScaleMode};
 use crate::function::window::Ring;
 use crate::function::Figures;
-pub use trace::{Request, Shape, ShapeParams, Trace, TraceError};
+pub use trace::{MinuteOptions, Request, Shape, ShapeParams, Trace, TraceError};
 
 /// Time from asking for a replica to its being ready, when `--cold-start` is not given.
 pub const DEFAULT_COLD_START: Duration = Duration::from_secs(2);
@@ -152,16 +153,57 @@ pub struct Timeline {
 
 /// Runs every configured function through its part of `trace` (functions without requests see
 /// an empty trace of the same length).
+///
+/// With a per-minute trace read against a one-function config ([`Trace::template`]), every
+/// function of the trace is simulated with that function's settings under its own name.
+/// Functions are simulated in parallel, one thread per available CPU; the report is the same
+/// whatever the number of threads.
 pub fn run(config: &Config, trace: &Trace, options: &Options) -> Report {
     let none = Vec::new();
-    Report {
-        functions: config
+    let jobs: Vec<(std::borrow::Cow<'_, FunctionConfig>, &[Request])> = match &trace.template {
+        Some(template) => {
+            let template = &config.functions[template];
+            trace
+                .requests
+                .iter()
+                .map(|(name, requests)| {
+                    let mut f = template.clone();
+                    f.name = name.clone();
+                    (std::borrow::Cow::Owned(f), requests.as_slice())
+                })
+                .collect()
+        }
+        None => config
             .functions
             .values()
             .map(|f| {
                 let requests = trace.requests.get(&f.name).unwrap_or(&none);
-                simulate_function(f, requests, trace.end, options)
+                (std::borrow::Cow::Borrowed(f), requests.as_slice())
             })
+            .collect(),
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<FunctionReport>> = vec![None; jobs.len()];
+    let done = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((f, requests)) = jobs.get(i) else {
+                    return;
+                };
+                let report = simulate_function(f, requests, trace.end, options);
+                done.lock().unwrap()[i] = Some(report);
+            });
+        }
+    });
+    Report {
+        functions: results
+            .into_iter()
+            .map(|r| r.expect("every job ran"))
             .collect(),
     }
 }
@@ -1093,6 +1135,60 @@ cooldown_period = 5
         let ok = parse_csv("time,duration,function\n0,1,b\n0,2,a\n", &two).unwrap();
         assert_eq!(ok.requests["a"].len(), 1);
         assert_eq!(ok.requests["b"].len(), 1);
+    }
+
+    #[test]
+    fn minute_traces_spread_each_count_over_its_minute() {
+        use super::trace::{parse_minutes, MinuteOptions};
+        let text = "HashOwner,HashApp,HashFunction,Trigger,duration,1,2,3\n\
+                    o,a,fa,http,0.5,2,0,1\n\
+                    o,a,fb,timer,,0,3,\n";
+        let options = MinuteOptions {
+            seed: 7,
+            service_time: Duration::from_secs(1),
+        };
+        let trace = parse_minutes(text, &["template"], &options).unwrap();
+        assert_eq!(trace.template.as_deref(), Some("template"));
+        assert_eq!(trace.end, Duration::from_secs(180));
+        let a = &trace.requests["fa"];
+        assert_eq!(a.len(), 3);
+        assert!(a[..2].iter().all(|r| r.time < s(60.0)) && a[2].time >= s(120.0));
+        assert!(a.iter().all(|r| r.duration == s(0.5)));
+        let b = &trace.requests["fb"];
+        assert_eq!(b.len(), 3);
+        assert!(b.iter().all(|r| (s(60.0)..s(120.0)).contains(&r.time)));
+        assert!(b.iter().all(|r| r.duration == s(1.0)));
+        assert_eq!(
+            parse_minutes(text, &["template"], &options).unwrap(),
+            trace,
+            "seeded"
+        );
+        // Simulated with the template's settings, under their own names.
+        let config = config(
+            CONFIG
+                .replace("[functions.f]", "[functions.template]")
+                .replace("[functions.f.", "[functions.template.")
+                .as_str(),
+        );
+        let report = run(&config, &trace, &Options::default());
+        let names: Vec<&str> = report.functions.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["fa", "fb"]);
+        assert_eq!(report.functions[0].summary.requests, 3);
+        // Several functions in the config: rows must name them.
+        let err = parse_minutes("function,1\nx,1\n", &["a", "b"], &options).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 2: unknown function `x` (the config has: a, b)"
+        );
+        assert!(matches!(
+            parse_minutes("function,duration\nx,1\n", &["a"], &options),
+            Err(TraceError::Header(_))
+        ));
+        let err = parse_minutes("function,1\nx,many\n", &["a"], &options).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 2: minute 1: `many` is not a count of invocations"
+        );
     }
 
     fn shape(shape: Shape, seconds: u64, rps: f64) -> (ShapeParams, Vec<Request>) {
