@@ -231,6 +231,7 @@ impl Discovery {
             queue.add_function(function.clone()).await;
         }
         let autoscaler = Arc::new(Mutex::new(None));
+        let state = self.gateway.state().ok();
         if Autoscaler::at_rest_from_the_start(&function) {
             // As for the file's functions: no task until the function first does something.
             let (weak, slot, stop) = (
@@ -239,9 +240,12 @@ impl Discovery {
                 self.stop.clone(),
             );
             function.park_autoscaler(Box::new(move || {
-                let (Some(scaler), Some(slot)) =
-                    (weak.upgrade().and_then(Autoscaler::new), slot.upgrade())
-                else {
+                let (Some(scaler), Some(slot)) = (
+                    weak.upgrade()
+                        .and_then(Autoscaler::new)
+                        .map(|s| with_state(s, state)),
+                    slot.upgrade(),
+                ) else {
                     return;
                 };
                 if !*stop.borrow() {
@@ -249,6 +253,7 @@ impl Discovery {
                 }
             }));
         } else if let Some(scaler) = Autoscaler::new(function.clone()) {
+            let scaler = with_state(scaler, state);
             *autoscaler.lock().unwrap() =
                 Some(tokio::spawn(scaler.run(self.stop.clone())).abort_handle());
         }
@@ -284,5 +289,13 @@ impl Discovery {
             }),
         });
         tokio::spawn(async move { function.backend().shutdown().await });
+    }
+}
+
+/// `scaler` keeping what it learns in `state`, when there is one.
+fn with_state(scaler: Autoscaler, state: Option<Arc<dyn crate::state::StateStore>>) -> Autoscaler {
+    match state {
+        Some(state) => scaler.with_state(state),
+        None => scaler,
     }
 }

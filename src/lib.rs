@@ -125,7 +125,8 @@ pub async fn start(config: Config) -> io::Result<Running> {
         Some(queue),
     ));
     let (stop_loops, stop_rx) = watch::channel(false);
-    let loops = Loops::new(stop_rx.clone());
+    // The adaptive keep-alive's histograms live in the gateway's state store.
+    let loops = Loops::new(stop_rx.clone(), gateway.state().ok());
     for f in gateway.functions.all() {
         // A function at rest gets its loop at its first arrival, cold start or manual scale.
         loops.start_autoscaler(&f);
@@ -213,8 +214,9 @@ impl Running {
     }
 
     /// Drains and stops: `/readyz` turns 503 and new requests get 503, the async queue starts no
-    /// new attempts; in-flight requests and async attempts get `drain_timeout` to finish; then the
-    /// loops stop, the async store is closed and every replica is terminated.
+    /// new attempts; in-flight requests get `drain_timeout` to finish; then the loops stop (and
+    /// save what they keep in the state store), async attempts get what is left of
+    /// `drain_timeout`, the async store is closed and every replica is terminated.
     pub async fn shutdown(self) {
         info!("draining");
         let deadline = tokio::time::Instant::now() + self.gateway.config.drain_timeout;
@@ -224,12 +226,13 @@ impl Running {
         }
         let clean = self.server.drain(self.gateway.config.drain_timeout).await;
         self.server.close();
-        if let Some(queue) = self.gateway.queue() {
-            queue.shutdown(deadline).await;
-        }
+        // The loops before the store: an adaptive autoscaler saves its histogram as it stops.
         let _ = self.stop_loops.send(true);
         for task in self.loops.take() {
             let _ = task.await;
+        }
+        if let Some(queue) = self.gateway.queue() {
+            queue.shutdown(deadline).await;
         }
         if let Some(cluster) = self.cluster {
             // Give the lease task its moment to hand the lease over, then stop the rest.

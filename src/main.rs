@@ -94,7 +94,7 @@ enum Command {
 
 /// `sluicegate simulate`.
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("input").required(true).args(["trace", "shape"])))]
+#[command(group(ArgGroup::new("input").required(true).args(["trace", "minute_trace", "shape"])))]
 struct SimulateArgs {
     /// Config file (TOML) whose functions to simulate.
     #[arg(long, short, value_name = "FILE")]
@@ -102,6 +102,17 @@ struct SimulateArgs {
     /// CSV trace with header `time,duration[,function]` (seconds as decimals).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// Per-minute invocation counts (Azure Functions 2019 format): a `function` (or
+    /// `HashFunction`) column, minute columns `1`, `2`, …, optionally `duration` (seconds). With a
+    /// one-function config every row is simulated with that function's settings.
+    #[arg(long, value_name = "FILE")]
+    minute_trace: Option<PathBuf>,
+    /// Run the input through several configurations and print their totals side by side: preset
+    /// names (keda-http, knative-kpa, openfaas-ce-idler, ray-serve, fixed-1m, fixed-5m,
+    /// fixed-10m, fixed-20m, adaptive, or `all`) and config files, comma-separated. --svg then
+    /// draws cold starts against replica-hours.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    compare: Vec<String>,
     /// A built-in load shape instead of a trace: steady, spike, onoff or diurnal.
     #[arg(long, value_name = "SHAPE")]
     shape: Option<Shape>,
@@ -112,12 +123,14 @@ struct SimulateArgs {
     #[arg(long, conflicts_with = "trace")]
     rps: Option<f64>,
     /// Shape: mean service time; each request's is uniform in ±50% of it [default: 200ms].
+    /// Minute trace: the service time of rows without a `duration` [default: 1s].
     #[arg(long, value_parser = parse_duration, conflicts_with = "trace")]
     service_time: Option<Duration>,
     /// Shape onoff: one busy+idle cycle, busy first [default: a third of --duration].
     #[arg(long, value_parser = parse_duration, conflicts_with = "trace")]
     period: Option<Duration>,
-    /// Shape: seed of the random arrivals and service times [default: 1].
+    /// Shape: seed of the random arrivals and service times; minute trace: of the spread of each
+    /// minute's arrivals [default: 1].
     #[arg(long, conflicts_with = "trace")]
     seed: Option<u64>,
     /// Time from asking for a replica to its being ready.
@@ -293,6 +306,60 @@ fn demo(listen: Option<SocketAddr>, options: sluicegate::demo::DemoOptions) -> a
     Ok(())
 }
 
+/// `simulate --compare`: the same trace through each configuration, totalled.
+fn compare(
+    config: &Config,
+    args: &SimulateArgs,
+    trace: &simulate::Trace,
+    source: &str,
+    options: &simulate::Options,
+) -> anyhow::Result<()> {
+    use simulate::compare::{preset, Totals, PRESETS};
+    let mut configs: Vec<(String, Config)> = Vec::new();
+    for item in &args.compare {
+        let item = item.trim();
+        if item == "all" {
+            configs.extend(PRESETS.iter().map(|p| (p.name.to_owned(), p.apply(config))));
+        } else if let Some(p) = preset(item) {
+            configs.push((p.name.to_owned(), p.apply(config)));
+        } else if std::path::Path::new(item).is_file() {
+            let other = Config::load(std::path::Path::new(item))
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            configs.push((item.to_owned(), other));
+        } else {
+            anyhow::bail!(
+                "--compare: `{item}` is neither a preset ({}, all) nor a config file",
+                PRESETS.map(|p| p.name).join(", ")
+            );
+        }
+    }
+    let started = tokio::time::Instant::now();
+    let mut rows = Vec::new();
+    for (name, config) in &configs {
+        let t = tokio::time::Instant::now();
+        let report = simulate::run(config, trace, options);
+        rows.push(Totals::of(name, &report));
+        eprintln!("{name}: simulated in {:.2}s", t.elapsed().as_secs_f64());
+    }
+    eprintln!("all: {:.2}s", started.elapsed().as_secs_f64());
+    let run = format!(
+        "{source}; cold start {}s",
+        simulate::trace::format_seconds(options.cold_start)
+    );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{}: {run}", config.path.display());
+        print!("{}", simulate::compare::table(&rows));
+    }
+    if let Some(path) = &args.svg {
+        let title = format!("{}\n{run}", config.path.display());
+        std::fs::write(path, simulate::compare::svg(&rows, &title))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn simulate_command(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> {
     let names: Vec<&str> = config.functions.keys().map(String::as_str).collect();
     anyhow::ensure!(
@@ -307,6 +374,25 @@ fn simulate_command(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> 
             let trace = simulate::trace::parse_csv(&text, &names)
                 .with_context(|| path.display().to_string())?;
             (trace, format!("trace {}", path.display()))
+        }
+        (None, _) if args.minute_trace.is_some() => {
+            let path = args.minute_trace.as_ref().expect("checked");
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let options = simulate::MinuteOptions {
+                seed: args.seed.unwrap_or(simulate::trace::DEFAULT_SEED),
+                service_time: args.service_time.unwrap_or(Duration::from_secs(1)),
+            };
+            let trace = simulate::trace::parse_minutes(&text, &names, &options)
+                .with_context(|| path.display().to_string())?;
+            let count: usize = trace.requests.values().map(Vec::len).sum();
+            let source = format!(
+                "minute trace {}: {} functions, {count} requests, seed {}",
+                path.display(),
+                trace.requests.len(),
+                options.seed
+            );
+            (trace, source)
         }
         (None, Some(shape)) => {
             let mut params = ShapeParams::new(shape);
@@ -326,7 +412,7 @@ fn simulate_command(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> 
             let trace = simulate::trace::shape_trace(&params, &names);
             (trace, params.describe())
         }
-        (None, None) => unreachable!("clap requires --trace or --shape"),
+        (None, None) => unreachable!("clap requires --trace, --minute-trace or --shape"),
     };
     anyhow::ensure!(
         args.request_cpu.is_finite() && args.request_cpu >= 0.0,
@@ -336,6 +422,9 @@ fn simulate_command(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> 
         cold_start: args.cold_start,
         request_cpu: args.request_cpu,
     };
+    if !args.compare.is_empty() {
+        return compare(config, args, &trace, &source, &options);
+    }
     let report = simulate::run(config, &trace, &options);
     let run = format!(
         "{source}; cold start {}s",

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use prometheus::{Encoder, IntCounter, Registry, TextEncoder};
@@ -329,6 +329,42 @@ const CALLBACKS_FAMILY: (&str, &str, &str) = (
     "Async callback delivery attempts by result: delivered, retried, failed (given up).",
 );
 
+/// Per function with `cooldown_period = "adaptive"` only, after [`CALLBACKS_FAMILY`].
+const ADAPTIVE_FAMILIES: [(&str, &str, &str); 3] = [
+    ("sluicegate_function_keep_alive_seconds", "gauge", "cooldown_period = \"adaptive\": idle time after which the function goes to zero, as learned now."),
+    ("sluicegate_function_prewarm_seconds", "gauge", "cooldown_period = \"adaptive\": idle time after which one replica is started again before the predicted next request (0: no pre-warm)."),
+    ("sluicegate_function_prewarms_total", "counter", "cooldown_period = \"adaptive\": pre-warms by result: started, used (a request came while it was up), wasted (it went unused)."),
+];
+
+/// What became of a pre-warm (the `result` label of `sluicegate_function_prewarms_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrewarmResult {
+    /// One replica started before the predicted next request.
+    Started,
+    /// A request arrived while it was up.
+    Used,
+    /// It went unused.
+    Wasted,
+}
+
+impl PrewarmResult {
+    /// Every result, in label order.
+    pub const ALL: [PrewarmResult; 3] = [
+        PrewarmResult::Started,
+        PrewarmResult::Used,
+        PrewarmResult::Wasted,
+    ];
+
+    /// The `result` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            PrewarmResult::Started => "started",
+            PrewarmResult::Used => "used",
+            PrewarmResult::Wasted => "wasted",
+        }
+    }
+}
+
 impl Metrics {
     /// Creates the registry and its global series.
     pub fn new() -> Metrics {
@@ -373,6 +409,10 @@ impl Metrics {
             async_backlog: Gauge::default(),
             async_outcomes: Default::default(),
             async_callbacks: Default::default(),
+            adaptive: AtomicBool::new(false),
+            keep_alive_ms: AtomicU64::new(0),
+            prewarm_ms: AtomicU64::new(0),
+            prewarms: Default::default(),
             by_code: OnceLock::new(),
         });
         all.insert(name.into(), Arc::downgrade(&f));
@@ -404,6 +444,15 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for f in &functions {
                 f.encode(index, name, &mut out);
+            }
+        }
+        for (index, (name, kind, help)) in ADAPTIVE_FAMILIES.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for f in functions
+                .iter()
+                .filter(|f| f.adaptive.load(Ordering::Relaxed))
+            {
+                f.encode_adaptive(index, name, &mut out);
             }
         }
         out
@@ -456,6 +505,11 @@ pub struct FunctionMetrics {
     pub async_backlog: Gauge,
     async_outcomes: [Counter; AsyncOutcome::ALL.len()],
     async_callbacks: [Counter; CallbackResult::ALL.len()],
+    /// Whether the adaptive keep-alive runs for the function (its series are exported then).
+    adaptive: AtomicBool,
+    keep_alive_ms: AtomicU64,
+    prewarm_ms: AtomicU64,
+    prewarms: [Counter; PrewarmResult::ALL.len()],
     /// Allocated at the first finished invocation, one slot per status code.
     by_code: OnceLock<Box<[OnceLock<Box<CodeSeries>>]>>,
 }
@@ -546,6 +600,76 @@ impl FunctionMetrics {
         match direction {
             Direction::Up => self.scaled_up.inc(),
             Direction::Down => self.scaled_down.inc(),
+        }
+    }
+
+    /// Publishes the adaptive keep-alive's current windows (and exports its series from now on).
+    pub fn set_adaptive_windows(
+        &self,
+        keep_alive: std::time::Duration,
+        prewarm: Option<std::time::Duration>,
+    ) {
+        self.adaptive.store(true, Ordering::Relaxed);
+        self.keep_alive_ms
+            .store(keep_alive.as_millis() as u64, Ordering::Relaxed);
+        self.prewarm_ms.store(
+            prewarm.map_or(0, |d| d.as_millis() as u64),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The adaptive keep-alive's windows as last published: keep-alive and pre-warm (`None`:
+    /// no pre-warm); `None` when the function is not adaptive.
+    pub fn adaptive_windows(&self) -> Option<(std::time::Duration, Option<std::time::Duration>)> {
+        use std::time::Duration;
+        if !self.adaptive.load(Ordering::Relaxed) {
+            return None;
+        }
+        let prewarm = self.prewarm_ms.load(Ordering::Relaxed);
+        Some((
+            Duration::from_millis(self.keep_alive_ms.load(Ordering::Relaxed)),
+            (prewarm > 0).then(|| Duration::from_millis(prewarm)),
+        ))
+    }
+
+    /// Counts a pre-warm's start, use or waste.
+    pub fn prewarm(&self, result: PrewarmResult) {
+        self.prewarms[result as usize].inc();
+    }
+
+    /// Pre-warms so far with one result.
+    pub fn prewarm_count(&self, result: PrewarmResult) -> u64 {
+        self.prewarms[result as usize].get()
+    }
+
+    fn encode_adaptive(&self, index: usize, name: &str, out: &mut Vec<u8>) {
+        let fname = &*self.name;
+        let seconds = |ms: &AtomicU64| ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        match index {
+            0 => {
+                let _ = writeln!(
+                    out,
+                    "{name}{{function_name=\"{fname}\"}} {}",
+                    seconds(&self.keep_alive_ms)
+                );
+            }
+            1 => {
+                let _ = writeln!(
+                    out,
+                    "{name}{{function_name=\"{fname}\"}} {}",
+                    seconds(&self.prewarm_ms)
+                );
+            }
+            _ => {
+                for (r, c) in PrewarmResult::ALL.iter().zip(&self.prewarms) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{function_name=\"{fname}\",result=\"{}\"}} {}",
+                        r.label(),
+                        c.get()
+                    );
+                }
+            }
         }
     }
 

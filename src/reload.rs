@@ -49,6 +49,8 @@ const RETIRE_POLL: Duration = Duration::from_millis(20);
 /// The autoscaler tasks (and other background loops) of a running gateway.
 pub struct Loops {
     stop: watch::Receiver<bool>,
+    /// Where autoscalers keep what they learn (the adaptive keep-alive's histograms).
+    state: Option<Arc<dyn crate::state::StateStore>>,
     /// Every task started, for the shutdown to wait on.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Each function's autoscaler task, keyed by the function object (its address, valid for
@@ -70,9 +72,13 @@ fn key(function: &Arc<Function>) -> usize {
 
 impl Loops {
     /// No loop yet; every loop started ends when `stop` turns true.
-    pub fn new(stop: watch::Receiver<bool>) -> Arc<Loops> {
+    pub fn new(
+        stop: watch::Receiver<bool>,
+        state: Option<Arc<dyn crate::state::StateStore>>,
+    ) -> Arc<Loops> {
         Arc::new(Loops {
             stop,
+            state,
             tasks: Mutex::new(Vec::new()),
             autoscalers: Mutex::new(HashMap::new()),
             retiring: Mutex::new(Vec::new()),
@@ -100,6 +106,10 @@ impl Loops {
         if *self.stop.borrow() {
             return;
         }
+        let scaler = match &self.state {
+            Some(state) => scaler.with_state(state.clone()),
+            None => scaler,
+        };
         let task = tokio::spawn(scaler.run(self.stop.clone()));
         self.autoscalers.lock().unwrap().insert(
             key(function),

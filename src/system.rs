@@ -54,6 +54,17 @@ pub struct FunctionStatus {
     pub max_replicas: u32,
     /// Autoscaler mode.
     pub autoscaler: String,
+    /// `cooldown_period`: a duration (`300s`), or `adaptive` with its bounds.
+    #[serde(default)]
+    pub cooldown: String,
+    /// `cooldown_period = "adaptive"`: the idle time after which the function goes to zero, as
+    /// learned now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_seconds: Option<f64>,
+    /// `cooldown_period = "adaptive"`: the idle time after which one replica is started again
+    /// before the predicted next request (absent: no pre-warm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prewarm_seconds: Option<f64>,
     /// When this gateway is one of several: the whole cluster's figures for the function.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
@@ -89,6 +100,7 @@ pub fn status(f: &Function) -> FunctionStatus {
         share: f.share(),
         leader: f.is_leader(),
     });
+    let adaptive = f.metrics.adaptive_windows();
     FunctionStatus {
         name: f.name.to_string(),
         provider: f.backend().kind().to_owned(),
@@ -102,6 +114,9 @@ pub fn status(f: &Function) -> FunctionStatus {
         min_replicas: f.config.autoscaler.min_replicas,
         max_replicas: f.config.autoscaler.max_replicas,
         autoscaler: f.config.autoscaler.mode.name().to_owned(),
+        cooldown: f.config.autoscaler.describe_cooldown(),
+        keep_alive_seconds: adaptive.map(|(k, _)| k.as_secs_f64()),
+        prewarm_seconds: adaptive.and_then(|(_, p)| p).map(|p| p.as_secs_f64()),
         cluster,
     }
 }

@@ -20,6 +20,7 @@
 //! policy as a desired count seen now: the loop will not go below it until `cooldown_period` has
 //! passed, but scales above it if load needs more.
 
+pub mod adaptive;
 pub mod policy;
 
 use std::collections::VecDeque;
@@ -28,12 +29,21 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{AutoscalerConfig, ScaleMode};
 use crate::function::{Figures, Function};
-use crate::metrics::Direction;
+use crate::metrics::{Direction, PrewarmResult};
+use crate::state::StateStore;
+use adaptive::{IdleHistogram, PrewarmEvent};
 pub use policy::{Decision, Inputs, Policy};
+
+/// The state-store bucket of the adaptive keep-alive's histograms (key: the function's name).
+pub const IDLE_HISTORY_BUCKET: &str = "idle_history";
+/// A changed histogram is written at most this often (and when the loop stops).
+pub const SAVE_EVERY: Duration = Duration::from_secs(60);
+/// Longest wait for the state store when loading or saving a histogram.
+const STATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The decision deadline after one taken at `now` that was due at `due`: anchored to the schedule
 /// (`due + polling`), so decisions average one per `polling_interval` even when samples do not
@@ -171,6 +181,8 @@ pub struct Step {
     pub burst: Option<u32>,
     /// On a decision step: the policy's decision.
     pub decision: Option<Decision>,
+    /// `cooldown_period = "adaptive"`: a pre-warm started, used or wasted at this step.
+    pub prewarm: Option<adaptive::PrewarmEvent>,
 }
 
 /// The loop's pure part, without clock or I/O: samples and policy. Given a function's figures at
@@ -198,6 +210,21 @@ impl Controller {
     /// The configuration it applies.
     pub fn config(&self) -> &AutoscalerConfig {
         self.policy.config()
+    }
+
+    /// The policy (for the adaptive keep-alive's state).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The same, mutable (to load a persisted histogram).
+    pub fn policy_mut(&mut self) -> &mut Policy {
+        &mut self.policy
+    }
+
+    /// When a controller at rest must take a step by itself (a pre-warm), if ever.
+    pub fn wake_at(&self, t: Duration) -> Option<Duration> {
+        self.policy.wake_at(t)
     }
 
     /// Whether a step at `t` that saw `step` leaves nothing to do until something arrives: no
@@ -269,12 +296,14 @@ impl Controller {
             self.policy.manual(t, replicas);
         }
         let inputs = inputs(self.policy.config(), &self.samples, &self.cpu, t, figures);
+        let used = self.policy.observe(t, &inputs);
         let burst = self.policy.burst_check(t, &inputs);
         let decision = decide.then(|| self.policy.decide(t, &inputs));
         Step {
             inputs,
             burst,
             decision,
+            prewarm: used.or(decision.and_then(|d| d.prewarm)),
         }
     }
 }
@@ -284,6 +313,11 @@ pub struct Autoscaler {
     function: Arc<Function>,
     controller: Controller,
     origin: Instant,
+    /// Where the adaptive keep-alive's histogram is kept across restarts.
+    state: Option<Arc<dyn StateStore>>,
+    /// The histogram changed since it was last saved.
+    unsaved: bool,
+    saved_at: Option<Instant>,
 }
 
 impl Autoscaler {
@@ -297,10 +331,112 @@ impl Autoscaler {
             .metrics
             .desired
             .set(function.backend().replicas() as i64);
+        let controller = Controller::new(config);
+        if let Some(a) = controller.policy().adaptive() {
+            let w = a.windows();
+            function
+                .metrics
+                .set_adaptive_windows(w.keep_alive, w.prewarm.map(|p| p.at));
+        }
         Some(Autoscaler {
             function,
-            controller: Controller::new(config),
+            controller,
             origin: Instant::now(),
+            state: None,
+            unsaved: false,
+            saved_at: None,
+        })
+    }
+
+    /// Keeps the adaptive keep-alive's histogram in `state` (bucket [`IDLE_HISTORY_BUCKET`]):
+    /// loaded when the loop starts, saved when it changed, at most every [`SAVE_EVERY`], and when
+    /// the loop stops.
+    pub fn with_state(mut self, state: Arc<dyn StateStore>) -> Autoscaler {
+        self.state = Some(state);
+        self
+    }
+
+    /// The controller (for tests and `/system`).
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    fn publish_windows(&self) {
+        if let Some(a) = self.controller.policy().adaptive() {
+            let w = a.windows();
+            self.function
+                .metrics
+                .set_adaptive_windows(w.keep_alive, w.prewarm.map(|p| p.at));
+        }
+    }
+
+    /// Loads the persisted histogram, if there is a store and one was saved.
+    pub async fn load_histogram(&mut self) {
+        let (Some(state), Some(a)) = (&self.state, self.controller.policy().adaptive()) else {
+            return;
+        };
+        let width = a.histogram().bin_width();
+        let name = &self.function.name;
+        match tokio::time::timeout(STATE_TIMEOUT, state.state_get(IDLE_HISTORY_BUCKET, name)).await
+        {
+            Ok(Ok(Some(bytes))) => match IdleHistogram::decode(&bytes, width) {
+                Some(h) => {
+                    info!(function = %name, observations = h.observations(), "adaptive keep-alive: idle-time histogram loaded");
+                    if let Some(a) = self.controller.policy_mut().adaptive_mut() {
+                        a.load(h);
+                    }
+                    self.publish_windows();
+                }
+                None => {
+                    warn!(function = %name, "adaptive keep-alive: stored histogram is of another format or bin width; starting afresh")
+                }
+            },
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                warn!(function = %name, error = %e, "adaptive keep-alive: cannot load the histogram")
+            }
+            Err(_) => {
+                warn!(function = %name, "adaptive keep-alive: the state store did not answer; starting afresh")
+            }
+        }
+    }
+
+    /// Saves the histogram now if it changed (awaited: for the loop's end).
+    pub async fn save_histogram(&mut self) {
+        let Some(put) = self.pending_save(Instant::now()) else {
+            return;
+        };
+        put.await;
+    }
+
+    /// The save to run if the histogram changed, marking it saved at `now`.
+    fn pending_save(
+        &mut self,
+        now: Instant,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if !self.unsaved {
+            return None;
+        }
+        let state = self.state.clone()?;
+        let bytes = self.controller.policy().adaptive()?.histogram().encode();
+        self.unsaved = false;
+        self.saved_at = Some(now);
+        let name = self.function.name.clone();
+        Some(async move {
+            match tokio::time::timeout(
+                STATE_TIMEOUT,
+                state.state_put(IDLE_HISTORY_BUCKET, &name, bytes),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(function = %name, error = %e, "adaptive keep-alive: cannot save the histogram")
+                }
+                Err(_) => {
+                    warn!(function = %name, "adaptive keep-alive: the state store did not answer; histogram not saved")
+                }
+            }
         })
     }
 
@@ -319,6 +455,12 @@ impl Autoscaler {
     /// Runs until `shutdown` turns true: a sample every sample interval and a decision every
     /// `polling_interval`, both on a fixed grid from the start, except while at rest.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        self.load_histogram().await;
+        self.ticking(&mut shutdown).await;
+        self.save_histogram().await;
+    }
+
+    async fn ticking(&mut self, shutdown: &mut watch::Receiver<bool>) {
         let config = self.controller.config().clone();
         let every = sample_interval(config.window, config.polling_interval);
         let start = Instant::now();
@@ -345,8 +487,17 @@ impl Autoscaler {
                 continue;
             }
             self.controller.rest();
+            // A pre-warm to start is the only reason to look again without an arrival.
+            let timer = self
+                .controller
+                .wake_at(now.saturating_duration_since(self.origin))
+                .map(|at| self.origin + at);
             let woken = tokio::select! {
                 woken = self.function.dormant_until_woken(arrivals) => woken,
+                _ = sleep_until_some(timer) => {
+                    self.function.leave_dormancy();
+                    true
+                }
                 _ = shutdown.changed() => return,
             };
             // Back on the grid; the skipped samples were zeros, the skipped decisions zero.
@@ -388,11 +539,53 @@ impl Autoscaler {
         if let Some(up) = step.burst {
             self.apply(up, &step.inputs, &figures, "burst");
         }
+        let prewarm = step.prewarm == Some(PrewarmEvent::Started);
         if let Some(decision) = step.decision {
             self.function.metrics.burst_mode.set(decision.burst as i64);
-            self.apply(decision.desired, &step.inputs, &figures, "tick");
+            let why = if prewarm { "prewarm" } else { "tick" };
+            self.apply(decision.desired, &step.inputs, &figures, why);
         }
+        self.adaptive_step(now, &step);
         manual.is_none() && self.controller.at_rest(t, &step)
+    }
+
+    /// The adaptive keep-alive's side of a step: pre-warm metrics and log, windows published,
+    /// the histogram saved when it changed (at most every [`SAVE_EVERY`]).
+    fn adaptive_step(&mut self, now: Instant, step: &Step) {
+        let Some(changed) = self
+            .controller
+            .policy_mut()
+            .adaptive_mut()
+            .map(adaptive::Adaptive::take_changed)
+        else {
+            return;
+        };
+        let metrics = &self.function.metrics;
+        match step.prewarm {
+            Some(PrewarmEvent::Started) => {
+                metrics.prewarm(PrewarmResult::Started);
+                let w = self.controller.policy().adaptive().map(|a| a.windows());
+                info!(
+                    function = %self.function.name,
+                    idle_s = step.inputs.idle_for.as_secs_f64(),
+                    prewarm_s = w.and_then(|w| w.prewarm).map_or(0.0, |p| p.at.as_secs_f64()),
+                    keep_alive_s = w.map_or(0.0, |w| w.keep_alive.as_secs_f64()),
+                    "pre-warm: starting one replica before the predicted next request"
+                );
+            }
+            Some(PrewarmEvent::Used) => metrics.prewarm(PrewarmResult::Used),
+            Some(PrewarmEvent::Wasted) => metrics.prewarm(PrewarmResult::Wasted),
+            None => {}
+        }
+        if changed {
+            self.publish_windows();
+            self.unsaved = true;
+        }
+        if self.saved_at.is_none_or(|at| now >= at + SAVE_EVERY) {
+            if let Some(put) = self.pending_save(now) {
+                tokio::spawn(put);
+            }
+        }
     }
 
     fn apply(&self, desired: u32, inputs: &Inputs, figures: &Figures, why: &'static str) {
@@ -433,6 +626,14 @@ impl Autoscaler {
             "scaling"
         );
         self.function.scale_to(desired);
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

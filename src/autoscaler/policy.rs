@@ -10,6 +10,9 @@
 //!   down only when the higher candidates have aged out;
 //! * scale to zero only when `min_replicas = 0` and no request arrived or was in flight for the
 //!   whole `cooldown_period`;
+//! * with `cooldown_period = "adaptive"` (and `min_replicas = 0`), while nothing is in flight the
+//!   learned windows ([`super::adaptive`]) decide instead: keep the last replica, go to zero, or
+//!   pre-warm one; `cooldown_period` (300 s) then only governs scale-downs between non-zero counts;
 //! * burst mode (Knative's panic window): when the burst window (a tenth of the window) shows at
 //!   least twice the current capacity, scale up at once to what the burst needs, and do not scale
 //!   down until the burst condition has been absent for a whole window.
@@ -17,6 +20,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use super::adaptive::{Adaptive, Phase, PrewarmEvent};
 use crate::config::{AutoscalerConfig, ScaleMode};
 
 /// The figures one decision uses.
@@ -48,6 +52,8 @@ pub struct Decision {
     pub raw: u32,
     /// Whether burst mode is on.
     pub burst: bool,
+    /// `cooldown_period = "adaptive"`: a pre-warm started, or one that went unused.
+    pub prewarm: Option<PrewarmEvent>,
 }
 
 /// The policy's memory: recent candidates (for the cooldown) and burst state.
@@ -57,16 +63,61 @@ pub struct Policy {
     history: VecDeque<(Duration, u32)>,
     /// While `Some(t)`: burst mode, ending at `t` unless the condition is seen again.
     burst_until: Option<Duration>,
+    /// `cooldown_period = "adaptive"` on a function that may scale to zero.
+    adaptive: Option<Adaptive>,
+    /// After a manual scale, the learned windows wait until then (a whole `cooldown_period`).
+    manual_until: Option<Duration>,
 }
 
 impl Policy {
     /// A policy with no memory yet.
     pub fn new(config: AutoscalerConfig) -> Policy {
+        let adaptive = config
+            .adaptive
+            .filter(|_| config.min_replicas == 0)
+            .map(Adaptive::new);
         Policy {
             config,
             history: VecDeque::new(),
             burst_until: None,
+            adaptive,
+            manual_until: None,
         }
+    }
+
+    /// The adaptive keep-alive's state, with `cooldown_period = "adaptive"`.
+    pub fn adaptive(&self) -> Option<&Adaptive> {
+        self.adaptive.as_ref()
+    }
+
+    /// The same, to load a persisted histogram into.
+    pub fn adaptive_mut(&mut self) -> Option<&mut Adaptive> {
+        self.adaptive.as_mut()
+    }
+
+    /// Every sample: lets the adaptive keep-alive see arrivals and idle periods. Reports a
+    /// pre-warm that an arrival used.
+    pub fn observe(&mut self, t: Duration, inputs: &Inputs) -> Option<PrewarmEvent> {
+        self.adaptive
+            .as_mut()?
+            .observe(t, inputs.in_flight, inputs.idle_for)
+    }
+
+    /// The learned windows' say at `t`, when they have one: adaptive, idle, no manual scale
+    /// being held.
+    fn phase(&self, t: Duration) -> Option<Phase> {
+        if self.manual_until.is_some_and(|until| t < until) {
+            return None;
+        }
+        match self.adaptive.as_ref()?.phase(t) {
+            Phase::Unknown => None,
+            phase => Some(phase),
+        }
+    }
+
+    /// When a policy at rest must look again by itself (a pre-warm to start), if ever.
+    pub fn wake_at(&self, t: Duration) -> Option<Duration> {
+        self.adaptive.as_ref()?.wake_at(t)
     }
 
     /// The configuration it applies.
@@ -126,8 +177,15 @@ impl Policy {
 
     /// Whether every later decision is zero until something arrives: no burst, and nothing above
     /// zero remembered for the cooldown. With zero load, [`Policy::decide`] then stays at zero.
+    /// With the adaptive keep-alive, a function in its zero phase is at rest whatever it remembers
+    /// (only an arrival or the pre-warm time changes that).
     pub fn at_rest(&self, t: Duration) -> bool {
-        !self.in_burst(t) && self.history.iter().all(|(_, c)| *c == 0)
+        !self.in_burst(t)
+            && match self.phase(t) {
+                Some(Phase::Down) => true,
+                Some(_) => false,
+                None => self.history.iter().all(|(_, c)| *c == 0),
+            }
     }
 
     /// Frees the memory of a policy [at rest](Policy::at_rest): the remembered candidates are
@@ -155,6 +213,9 @@ impl Policy {
         self.history.clear();
         self.burst_until = None;
         self.history.push_back((t, replicas));
+        if self.adaptive.is_some() {
+            self.manual_until = Some(t + self.config.cooldown_period);
+        }
     }
 
     /// One tick's decision.
@@ -164,6 +225,7 @@ impl Policy {
                 desired: inputs.current,
                 raw: inputs.current,
                 burst: false,
+                prewarm: None,
             };
         };
         let raw = Self::ceil_ratio(inputs.metric, target);
@@ -186,17 +248,38 @@ impl Policy {
         if burst {
             desired = desired.max(inputs.current);
         }
-        // Zero only after a whole cooldown with nothing arriving or in flight.
-        if desired == 0
-            && inputs.current > 0
-            && (inputs.in_flight > 0 || inputs.idle_for < self.config.cooldown_period)
-        {
-            desired = 1;
+        let mut prewarm = None;
+        match self.phase(t).filter(|_| inputs.in_flight == 0 && !burst) {
+            // The learned windows decide the last replica.
+            Some(Phase::Warm) => desired = desired.max(1),
+            Some(Phase::Down) => {
+                desired = 0;
+                if inputs.current > 0 {
+                    prewarm = self.adaptive.as_mut().and_then(Adaptive::unloaded);
+                }
+            }
+            Some(Phase::Prewarm) => {
+                desired = desired.min(inputs.current).max(1);
+                if inputs.current == 0 {
+                    self.adaptive.as_mut().map(Adaptive::prewarm_started);
+                    prewarm = Some(PrewarmEvent::Started);
+                }
+            }
+            // Zero only after a whole cooldown with nothing arriving or in flight.
+            _ => {
+                if desired == 0
+                    && inputs.current > 0
+                    && (inputs.in_flight > 0 || inputs.idle_for < self.config.cooldown_period)
+                {
+                    desired = 1;
+                }
+            }
         }
         Decision {
             desired: desired.clamp(self.config.min_replicas, self.config.max_replicas),
             raw,
             burst,
+            prewarm,
         }
     }
 }
@@ -213,6 +296,7 @@ mod tests {
             window: Duration::from_secs(30),
             polling_interval: Duration::from_secs(1),
             cooldown_period: Duration::from_secs(300),
+            adaptive: None,
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time::{advance, Instant};
 
 use super::*;
+use crate::metrics::PrewarmResult;
 use crate::provider::{Backend, Endpoints};
 use crate::test_support::{function, replica, Fake};
 
@@ -523,4 +524,162 @@ fn cpu_samples_give_percent_of_one_core_over_the_window() {
     assert_eq!(cpu.percent_since(s(5)), 0.0);
     // The last second only (a burst window): the reading at or before t = 14 is t = 5's.
     assert_eq!(cpu.percent_since(s(14)), 0.0);
+}
+
+/// An adaptive function on a backend whose replicas are ready 2 s after they are asked for.
+fn adaptive_function(extra: &str) -> (Arc<Function>, Arc<crate::test_support::Delayed>, Instant) {
+    let text = format!(
+        "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\nmax_ongoing_requests = 10\n[functions.f.autoscaler]\ntype = \"rps\"\nmin_replicas = 0\nmax_replicas = 3\ncooldown_period = \"adaptive\"\n{extra}"
+    );
+    let config = crate::config::Config::parse(std::path::Path::new("t.toml"), &text, None).unwrap();
+    let f = Function::new(
+        config.functions["f"].clone(),
+        &crate::metrics::Metrics::new(),
+    );
+    let origin = Instant::now();
+    let publisher = f.publisher();
+    let backend = Arc::new(crate::test_support::Delayed::new(
+        move |e| publisher.publish(e),
+        Duration::from_secs(2),
+        origin,
+    ));
+    f.attach(backend.clone());
+    (f, backend, origin)
+}
+
+/// One call of 1 s at `at`: whether it waited for a cold start.
+async fn call_at(f: &Arc<Function>, at: Instant) -> bool {
+    tokio::time::sleep_until(at).await;
+    f.arrived(Instant::now());
+    let permit = f.admit(Instant::now()).await.expect("served");
+    let cold = matches!(permit.waited(), crate::function::Waited::ColdStart(_));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(permit);
+    cold
+}
+
+fn minutes(m: u64) -> Duration {
+    Duration::from_secs(60 * m)
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_a_periodic_function_is_prewarmed_before_each_call_and_scaled_down_after() {
+    let (f, backend, origin) = adaptive_function("");
+    let (stop, task) = spawn_loop(Autoscaler::new(f.clone()).unwrap());
+    // A call every 20 minutes. The first eleven teach the histogram (ten idle times are needed).
+    let mut colds = Vec::new();
+    for i in 0..20 {
+        colds.push(call_at(&f, origin + minutes(20) * i).await);
+    }
+    // Learning: the fixed 10-minute window, so every call starts cold; then every one is warm.
+    assert!(colds[..11].iter().all(|c| *c), "{colds:?}");
+    assert!(colds[11..].iter().all(|c| !*c), "{colds:?}");
+    let m = &f.metrics;
+    assert_eq!(m.prewarm_count(PrewarmResult::Started), 9);
+    assert_eq!(m.prewarm_count(PrewarmResult::Used), 9);
+    assert_eq!(m.prewarm_count(PrewarmResult::Wasted), 0);
+    // Idle 19:59 each time: bin 19, pre-warm one bin earlier (18 min), keep-alive 20 × 1.1 min.
+    assert_eq!(m.adaptive_windows(), Some((minutes(22), Some(minutes(18)))));
+    // Between two warm calls: down a minute after the call ended, up again 18 minutes after.
+    let log = backend.log();
+    let last = minutes(20) * 19;
+    let around: Vec<_> = log
+        .iter()
+        .filter(|(t, _, _)| *t > last - minutes(20) && *t <= last)
+        .map(|(t, asked, _)| (t.as_secs() - (last - minutes(20)).as_secs(), *asked))
+        .collect();
+    assert_eq!(around, [(61, 0), (1081, 1), (1083, 1)], "{log:?}");
+    // The calls stop: the last pre-warm goes unused, and the function is at zero after it.
+    tokio::time::sleep(minutes(60)).await;
+    assert_eq!(m.prewarm_count(PrewarmResult::Wasted), 1);
+    assert_eq!(backend.replicas(), 0);
+    assert!(f.autoscaler_dormant());
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_a_changed_pattern_is_followed_within_a_bounded_number_of_calls() {
+    let (f, _backend, origin) = adaptive_function("");
+    let (stop, task) = spawn_loop(Autoscaler::new(f.clone()).unwrap());
+    let mut at = origin;
+    for _ in 0..30 {
+        call_at(&f, at).await;
+        at += minutes(10);
+    }
+    assert_eq!(
+        f.metrics.adaptive_windows().unwrap().1,
+        Some(minutes(8)),
+        "every 10 minutes"
+    );
+    // Now every 25 minutes: at most the first call after the change is cold (the keep-alive
+    // covers the longer idle time once one is seen), and the pre-warm moves to the new period
+    // within 100 calls (the old idle times' weight decays by 1/32 per call).
+    let mut colds = 0;
+    let mut calls = 0;
+    while f.metrics.adaptive_windows().unwrap().1 != Some(minutes(23)) {
+        colds += call_at(&f, at).await as u32;
+        at += minutes(25);
+        calls += 1;
+        assert!(calls <= 100, "{:?}", f.metrics.adaptive_windows());
+    }
+    assert!(colds <= 1, "{colds} cold starts");
+    // Back to every 10 minutes: at most one cold call again (the pre-warm at 23 minutes comes
+    // too late for the first one; the 5th percentile moves down with it).
+    let mut colds = 0;
+    for _ in 0..10 {
+        colds += call_at(&f, at).await as u32;
+        at += minutes(10);
+    }
+    assert!(colds <= 1, "{colds} cold starts");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_the_histogram_survives_a_restart_in_the_state_store() {
+    let state: Arc<dyn crate::state::StateStore> = Arc::new(crate::state::MemoryState::default());
+    let (f, _backend, origin) = adaptive_function("");
+    let (stop, task) = spawn_loop(
+        Autoscaler::new(f.clone())
+            .unwrap()
+            .with_state(state.clone()),
+    );
+    for i in 0..14 {
+        call_at(&f, origin + minutes(20) * i).await;
+    }
+    let learned = f.metrics.adaptive_windows();
+    assert_eq!(learned, Some((minutes(22), Some(minutes(18)))));
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let saved = state
+        .state_get(IDLE_HISTORY_BUCKET, "f")
+        .await
+        .unwrap()
+        .expect("saved when the loop stopped");
+    assert_eq!(
+        IdleHistogram::decode(&saved, minutes(1))
+            .unwrap()
+            .observations(),
+        13
+    );
+
+    // A new gateway: the same windows before a single call, and its first idle period is
+    // pre-warmed at once.
+    let (g, _backend, origin) = adaptive_function("");
+    let (stop, task) = spawn_loop(
+        Autoscaler::new(g.clone())
+            .unwrap()
+            .with_state(state.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(g.metrics.adaptive_windows(), learned);
+    assert!(
+        call_at(&g, origin + minutes(1)).await,
+        "nothing ran yet: cold"
+    );
+    assert!(!call_at(&g, origin + minutes(21)).await, "pre-warmed");
+    assert_eq!(g.metrics.prewarm_count(PrewarmResult::Used), 1);
+    stop.send(true).unwrap();
+    task.await.unwrap();
 }

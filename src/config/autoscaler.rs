@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::duration::Dur;
 use super::line;
 use super::provider::ProviderConfig;
-use super::table::{count, given, table, At};
+use super::table::{count, table, At};
 use super::ConfigError;
 
 /// Smallest replica count the autoscaler keeps.
@@ -27,6 +27,8 @@ pub const DEFAULT_TARGET_CPU_PERCENT: f64 = 75.0;
 pub const DEFAULT_POLLING_INTERVAL: Duration = Duration::from_secs(1);
 /// Time a scale-down waits: the replica count never drops below the highest desired count in this period.
 pub const DEFAULT_COOLDOWN_PERIOD: Duration = Duration::from_secs(300);
+/// `cooldown_period = "adaptive"`: width of one bin of the idle-time histogram (240 bins).
+pub const DEFAULT_ADAPTIVE_BIN_WIDTH: Duration = Duration::from_secs(60);
 
 table! {
     /// `[functions.NAME.autoscaler]` (and `[defaults.autoscaler]`) as written.
@@ -69,17 +71,139 @@ table! {
             pub polling_interval: Duration =
                 at_least_10ms(polling_interval, DEFAULT_POLLING_INTERVAL),
         },
-        cooldown_period: Dur => {
-            /// A scale-down never goes below the highest desired count seen in this period.
-            pub cooldown_period: Duration = given(cooldown_period, DEFAULT_COOLDOWN_PERIOD),
+        adaptive_min_keep_alive: Dur,
+        adaptive_max_keep_alive: Dur,
+        adaptive_bin_width: Dur => {
+            /// With `cooldown_period = "adaptive"`: the learned keep-alive and pre-warm windows.
+            pub adaptive: Option<AdaptiveConfig> = adaptive(
+                cooldown_period,
+                adaptive_min_keep_alive,
+                adaptive_max_keep_alive,
+                adaptive_bin_width,
+            ),
+        },
+        cooldown_period: Cooldown => {
+            /// A scale-down never goes below the highest desired count seen in this period. With
+            /// `cooldown_period = "adaptive"` this is [`DEFAULT_COOLDOWN_PERIOD`] (it then governs
+            /// only scale-downs between non-zero counts) and [`AutoscalerConfig::adaptive`] decides
+            /// when the last replica goes and when one is started again.
+            pub cooldown_period: Duration = Ok(match cooldown_period {
+                Some(Cooldown::Fixed(d)) => d.into(),
+                _ => DEFAULT_COOLDOWN_PERIOD,
+            }),
         },
     }
+}
+
+/// `cooldown_period` as written: a duration, or `"adaptive"`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(in crate::config) enum Cooldown {
+    /// A fixed duration.
+    Fixed(Dur),
+    /// Learned per function from its idle times.
+    Adaptive,
+}
+
+impl super::table::Merge for Cooldown {
+    fn over(self, _: Self) -> Self {
+        self
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cooldown {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Other(Dur),
+        }
+        match Written::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected whole seconds, a duration string such as \"5m\", or \"adaptive\"",
+            )
+        })? {
+            Written::Text(t) if t.trim() == "adaptive" => Ok(Cooldown::Adaptive),
+            Written::Text(t) => super::duration::parse_duration(&t)
+                .map(|d| Cooldown::Fixed(Dur(d)))
+                .map_err(|e| serde::de::Error::custom(format!("{e}, or \"adaptive\""))),
+            Written::Other(d) => Ok(Cooldown::Fixed(d)),
+        }
+    }
+}
+
+/// `cooldown_period = "adaptive"`: the bounds and the time scale of the learned windows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveConfig {
+    /// Width of one of the histogram's 240 bins (`adaptive_bin_width`, default 1 minute): the
+    /// histogram covers 240 of them (4 hours by default); idle times beyond count apart.
+    pub bin_width: Duration,
+    /// The last replica stays at least this long after the function goes idle
+    /// (`adaptive_min_keep_alive`; none by default).
+    pub min_keep_alive: Option<Duration>,
+    /// The function never stays up idle longer than this after it goes idle, and is never
+    /// pre-warmed this late (`adaptive_max_keep_alive`; none by default).
+    pub max_keep_alive: Option<Duration>,
+}
+
+fn adaptive(
+    cooldown: Option<Cooldown>,
+    min: Option<Dur>,
+    max: Option<Dur>,
+    bin: Option<Dur>,
+) -> Result<Option<AdaptiveConfig>, String> {
+    if cooldown != Some(Cooldown::Adaptive) {
+        return match (min, max, bin) {
+            (None, None, None) => Ok(None),
+            _ => Err("adaptive_min_keep_alive, adaptive_max_keep_alive and adaptive_bin_width apply only with cooldown_period = \"adaptive\"".into()),
+        };
+    }
+    let bin_width = at_least_10ms(bin, DEFAULT_ADAPTIVE_BIN_WIDTH)?;
+    let (min_keep_alive, max_keep_alive) = (min.map(Duration::from), max.map(Duration::from));
+    if let (Some(lo), Some(hi)) = (min_keep_alive, max_keep_alive) {
+        if hi < lo {
+            return Err(format!(
+                "adaptive_max_keep_alive ({hi:?}) is less than adaptive_min_keep_alive ({lo:?})"
+            ));
+        }
+    }
+    if max_keep_alive.is_some_and(|d| d.is_zero()) {
+        return Err("adaptive_max_keep_alive must be greater than zero".into());
+    }
+    Ok(Some(AdaptiveConfig {
+        bin_width,
+        min_keep_alive,
+        max_keep_alive,
+    }))
 }
 
 impl AutoscalerConfig {
     /// Replicas requested when a request arrives for a function at zero.
     pub fn wake_replicas(&self) -> u32 {
         self.min_replicas.max(1)
+    }
+
+    /// `cooldown_period` as `check-config` and `/system` show it: `300s`, or `adaptive` with its
+    /// bounds and bin width.
+    pub fn describe_cooldown(&self) -> String {
+        let Some(a) = &self.adaptive else {
+            return format!("{:?}", self.cooldown_period);
+        };
+        let mut text = format!("adaptive (bin {:?}", a.bin_width);
+        if let Some(d) = a.min_keep_alive {
+            text.push_str(&format!(", keep-alive at least {d:?}"));
+        }
+        if let Some(d) = a.max_keep_alive {
+            text.push_str(&format!(", at most {d:?}"));
+        }
+        if self.min_replicas > 0 {
+            text.push_str(", no effect: min_replicas > 0");
+        }
+        text.push_str(&format!(
+            "; scale-downs above zero after {:?})",
+            self.cooldown_period
+        ));
+        text
     }
 
     /// Appends the `check-config` line of the autoscaler.
@@ -99,13 +223,13 @@ impl AutoscalerConfig {
             out,
             "autoscaler",
             format!(
-                "type = {}{target}, replicas {}..={}, rate_seconds = {:?}, polling_interval = {:?}, cooldown_period = {:?}",
+                "type = {}{target}, replicas {}..={}, rate_seconds = {:?}, polling_interval = {:?}, cooldown_period = {}",
                 self.mode.name(),
                 self.min_replicas,
                 self.max_replicas,
                 self.window,
                 self.polling_interval,
-                self.cooldown_period
+                self.describe_cooldown()
             ),
         );
     }

@@ -613,3 +613,45 @@ fn cpu_mode_has_a_target_and_needs_process_replicas() {
     .to_string();
     assert!(err.contains("needs provider = \"process\""), "{err}");
 }
+
+#[test]
+fn cooldown_period_takes_a_duration_or_adaptive_with_its_bounds() {
+    let f = |autoscaler: &str| {
+        parse(&format!(
+            "[functions.f]\nprovider = \"process\"\ncommand = [\"x\"]\n[functions.f.autoscaler]\nmin_replicas = 0\n{autoscaler}"
+        ))
+    };
+    let fixed = f("cooldown_period = \"90s\"").unwrap();
+    let a = &fixed.functions["f"].autoscaler;
+    assert_eq!(
+        (a.cooldown_period, a.adaptive),
+        (Duration::from_secs(90), None)
+    );
+    let adaptive = f(
+        "cooldown_period = \"adaptive\"\nadaptive_min_keep_alive = \"30s\"\nadaptive_max_keep_alive = \"2h\"",
+    )
+    .unwrap();
+    let a = &adaptive.functions["f"].autoscaler;
+    assert_eq!(a.cooldown_period, DEFAULT_COOLDOWN_PERIOD);
+    assert_eq!(
+        a.adaptive,
+        Some(AdaptiveConfig {
+            bin_width: Duration::from_secs(60),
+            min_keep_alive: Some(Duration::from_secs(30)),
+            max_keep_alive: Some(Duration::from_secs(7200)),
+        })
+    );
+    assert!(adaptive
+        .describe()
+        .contains("cooldown_period = adaptive (bin 60s, keep-alive at least 30s, at most 7200s"));
+    let err = |text: &str| f(text).unwrap_err().to_string();
+    assert!(
+        err("adaptive_max_keep_alive = \"1h\"")
+            .contains("apply only with cooldown_period = \"adaptive\""),
+        "{}",
+        err("adaptive_max_keep_alive = \"1h\"")
+    );
+    assert!(err("cooldown_period = \"adaptive\"\nadaptive_min_keep_alive = \"2h\"\nadaptive_max_keep_alive = \"1h\"")
+        .contains("is less than adaptive_min_keep_alive"));
+    assert!(err("cooldown_period = \"often\"").contains("or \"adaptive\""));
+}

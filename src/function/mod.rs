@@ -397,6 +397,11 @@ impl Function {
         self.parked.lock().unwrap().is_some()
     }
 
+    /// The autoscaler woke by itself (a timer), not through the function.
+    pub fn leave_dormancy(&self) {
+        self.dormant.store(false, Ordering::SeqCst);
+    }
+
     /// Whether the autoscaler is asleep until this function does something.
     pub fn autoscaler_dormant(&self) -> bool {
         self.dormant.load(Ordering::SeqCst)

@@ -27,6 +27,7 @@
 //! timeouts, arrivals, the autoscaler's sample. The run lasts until the trace's end, and then
 //! until every request has been served or shed.
 
+pub mod compare;
 pub mod svg;
 pub mod trace;
 
@@ -37,11 +38,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::autoscaler::adaptive::PrewarmEvent;
 use crate::autoscaler::{next_decision, sample_interval, Controller};
 use crate::config::{Config, FunctionConfig, ScaleMode};
 use crate::function::window::Ring;
 use crate::function::Figures;
-pub use trace::{Request, Shape, ShapeParams, Trace, TraceError};
+pub use trace::{MinuteOptions, Request, Shape, ShapeParams, Trace, TraceError};
 
 /// Time from asking for a replica to its being ready, when `--cold-start` is not given.
 pub const DEFAULT_COLD_START: Duration = Duration::from_secs(2);
@@ -120,6 +122,17 @@ pub struct Summary {
     pub peak_ready_replicas: u32,
     /// Scale-ups from zero replicas.
     pub cold_starts: u64,
+    /// Requests that arrived while the function had no ready replica (they waited for a cold
+    /// start, or were shed): what a user feels as a cold start.
+    pub cold_start_requests: u64,
+    /// Replica-seconds during which the replica served no request (starting ones included).
+    pub idle_replica_seconds: f64,
+    /// `cooldown_period = "adaptive"`: replicas started before a predicted request.
+    pub prewarms: u64,
+    /// Of those, the ones a request arrived for while they were up.
+    pub prewarms_used: u64,
+    /// And the ones that went unused.
+    pub prewarms_wasted: u64,
     /// Scale-ups the autoscaler asked for (burst or tick; wake-ups from zero not included).
     pub scale_ups: u64,
     /// Scale-downs the autoscaler asked for.
@@ -148,16 +161,57 @@ pub struct Timeline {
 
 /// Runs every configured function through its part of `trace` (functions without requests see
 /// an empty trace of the same length).
+///
+/// With a per-minute trace read against a one-function config ([`Trace::template`]), every
+/// function of the trace is simulated with that function's settings under its own name.
+/// Functions are simulated in parallel, one thread per available CPU; the report is the same
+/// whatever the number of threads.
 pub fn run(config: &Config, trace: &Trace, options: &Options) -> Report {
     let none = Vec::new();
-    Report {
-        functions: config
+    let jobs: Vec<(std::borrow::Cow<'_, FunctionConfig>, &[Request])> = match &trace.template {
+        Some(template) => {
+            let template = &config.functions[template];
+            trace
+                .requests
+                .iter()
+                .map(|(name, requests)| {
+                    let mut f = template.clone();
+                    f.name = name.clone();
+                    (std::borrow::Cow::Owned(f), requests.as_slice())
+                })
+                .collect()
+        }
+        None => config
             .functions
             .values()
             .map(|f| {
                 let requests = trace.requests.get(&f.name).unwrap_or(&none);
-                simulate_function(f, requests, trace.end, options)
+                (std::borrow::Cow::Borrowed(f), requests.as_slice())
             })
+            .collect(),
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<FunctionReport>> = vec![None; jobs.len()];
+    let done = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((f, requests)) = jobs.get(i) else {
+                    return;
+                };
+                let report = simulate_function(f, requests, trace.end, options);
+                done.lock().unwrap()[i] = Some(report);
+            });
+        }
+    });
+    Report {
+        functions: results
+            .into_iter()
+            .map(|r| r.expect("every job ran"))
             .collect(),
     }
 }
@@ -195,6 +249,8 @@ enum Event {
     Timeout { request: usize },
     /// Request `request` arrives.
     Arrive { request: usize },
+    /// The timer of a loop at rest (a pre-warm to start) fires, if it is still the rest `rest`.
+    Wake { rest: u64 },
     /// The autoscaler loop wakes up.
     Sample,
 }
@@ -232,8 +288,12 @@ struct Sim<'a> {
     scalable: bool,
     ring: Ring,
     every: Duration,
-    /// Samples taken so far.
+    /// Samples taken so far (the index of the next one on the grid).
     samples: u32,
+    /// While the loop rests (see `Autoscaler::run`): when its last step was taken.
+    resting: Option<Duration>,
+    /// Rests so far (a timer set for an earlier rest is ignored).
+    rests: u64,
     next_decision: Duration,
     events: BinaryHeap<Reverse<(Duration, Event, u64)>>,
     seq: u64,
@@ -247,6 +307,7 @@ struct Sim<'a> {
     replica_nanos: u128,
     /// CPU seconds used by requests so far.
     cpu_seconds: f64,
+    idle_nanos: u128,
     holds: Vec<Duration>,
     summary: Summary,
     timeline: Timeline,
@@ -268,6 +329,8 @@ impl<'a> Sim<'a> {
             ring: Ring::new(auto.window),
             every: sample_interval(auto.window, auto.polling_interval),
             samples: 0,
+            resting: None,
+            rests: 0,
             next_decision: auto.polling_interval,
             events: BinaryHeap::new(),
             seq: 0,
@@ -280,6 +343,7 @@ impl<'a> Sim<'a> {
             ongoing: 0,
             replica_nanos: 0,
             cpu_seconds: 0.0,
+            idle_nanos: 0,
             holds: Vec::new(),
             summary: Summary {
                 function: config.name.clone(),
@@ -329,6 +393,11 @@ impl<'a> Sim<'a> {
                 Event::Ready { replica } => self.ready(replica),
                 Event::Timeout { request } => self.time_out(request),
                 Event::Arrive { request } => self.arrive(request),
+                Event::Wake { rest } => {
+                    if rest == self.rests {
+                        self.wake();
+                    }
+                }
                 Event::Sample => self.sample(),
             }
         }
@@ -340,7 +409,11 @@ impl<'a> Sim<'a> {
     /// Moves the clock to `t`, charging every existing replica for the time passed.
     fn advance(&mut self, t: Duration) {
         let passed = t.saturating_sub(self.now);
-        self.replica_nanos += passed.as_nanos() * self.replicas.len() as u128;
+        if !passed.is_zero() {
+            let idle = self.replicas.iter().filter(|r| r.busy == 0).count();
+            self.replica_nanos += passed.as_nanos() * self.replicas.len() as u128;
+            self.idle_nanos += passed.as_nanos() * idle as u128;
+        }
         self.cpu_seconds += passed.as_secs_f64() * self.ongoing as f64 * self.options.request_cpu;
         self.now = t;
     }
@@ -419,6 +492,13 @@ impl<'a> Sim<'a> {
         self.timeline.arrivals.push(self.now);
         self.ring.record(self.now);
         self.touch();
+        if self.ready_count() == 0 {
+            self.summary.cold_start_requests += 1;
+        }
+        // The arrival wakes a loop at rest (`Function::started`).
+        if self.resting.is_some() {
+            self.wake();
+        }
         if self.queue.is_empty() {
             if let Some(slot) = self.free_slot() {
                 self.start(slot, request);
@@ -527,11 +607,18 @@ impl<'a> Sim<'a> {
             backlog: 0,
             cpu_seconds: self.cpu_seconds,
         };
-        let step = self
+        let controller = self
             .controller
             .as_mut()
-            .expect("samples are scheduled only with a controller")
-            .step(t, &figures, None, decide);
+            .expect("samples are scheduled only with a controller");
+        let step = controller.step(t, &figures, None, decide);
+        let at_rest = controller.at_rest(t, &step);
+        match step.prewarm {
+            Some(PrewarmEvent::Started) => self.summary.prewarms += 1,
+            Some(PrewarmEvent::Used) => self.summary.prewarms_used += 1,
+            Some(PrewarmEvent::Wasted) => self.summary.prewarms_wasted += 1,
+            None => {}
+        }
         if let Some(up) = step.burst {
             self.apply(up);
         }
@@ -539,7 +626,41 @@ impl<'a> Sim<'a> {
             self.apply(decision.desired);
         }
         self.samples += 1;
-        self.schedule(tick(self.every * self.samples), Event::Sample);
+        if !at_rest {
+            self.schedule(tick(self.every * self.samples), Event::Sample);
+            return;
+        }
+        // At rest, as the live loop: no sample until an arrival or the controller's timer.
+        let controller = self.controller.as_mut().expect("checked above");
+        controller.rest();
+        self.resting = Some(t);
+        self.rests += 1;
+        if let Some(at) = controller.wake_at(t) {
+            self.schedule(tick(at), Event::Wake { rest: self.rests });
+        }
+    }
+
+    /// The loop at rest wakes up now: back on the sample grid at its next point, with the zero
+    /// samples it skipped, and the decision that fell due meanwhile taken at that sample.
+    fn wake(&mut self) {
+        let Some(rested) = self.resting.take() else {
+            return;
+        };
+        let woke = self.now;
+        let every = self.every;
+        let ticks = woke.as_nanos() / every.as_nanos().max(1) + 1;
+        self.samples = ticks as u32;
+        self.schedule(tick(every * self.samples), Event::Sample);
+        let controller = self
+            .controller
+            .as_mut()
+            .expect("resting needs a controller");
+        controller.rested(rested, woke, every);
+        let polling = self.config.autoscaler.polling_interval;
+        if woke >= self.next_decision {
+            self.next_decision =
+                next_decision(self.next_decision, woke, polling).saturating_sub(polling);
+        }
     }
 
     /// Like the live loop's `apply`: no change, or never to zero while anything is in flight.
@@ -604,6 +725,7 @@ impl<'a> Sim<'a> {
         let s = &mut self.summary;
         s.simulated_seconds = self.timeline.end.as_secs_f64();
         s.replica_seconds = self.replica_nanos as f64 / 1e9;
+        s.idle_replica_seconds = self.idle_nanos as f64 / 1e9;
         if !self.holds.is_empty() {
             self.holds.sort();
             let n = self.holds.len();
@@ -795,6 +917,11 @@ cooldown_period = 5
                 peak_replicas: 3,
                 peak_ready_replicas: 3,
                 cold_starts: 2,
+                cold_start_requests: 4,
+                idle_replica_seconds: 29.7,
+                prewarms: 0,
+                prewarms_used: 0,
+                prewarms_wasted: 0,
                 scale_ups: 1,
                 scale_downs: 3,
             }
@@ -850,6 +977,11 @@ cooldown_period = 5
                 peak_replicas: 3,
                 peak_ready_replicas: 3,
                 cold_starts: 2,
+                cold_start_requests: 4,
+                idle_replica_seconds: 43.9,
+                prewarms: 0,
+                prewarms_used: 0,
+                prewarms_wasted: 0,
                 scale_ups: 2,
                 scale_downs: 3,
             }
@@ -1055,6 +1187,60 @@ cooldown_period = 10
         assert_eq!(ok.requests["b"].len(), 1);
     }
 
+    #[test]
+    fn minute_traces_spread_each_count_over_its_minute() {
+        use super::trace::{parse_minutes, MinuteOptions};
+        let text = "HashOwner,HashApp,HashFunction,Trigger,duration,1,2,3\n\
+                    o,a,fa,http,0.5,2,0,1\n\
+                    o,a,fb,timer,,0,3,\n";
+        let options = MinuteOptions {
+            seed: 7,
+            service_time: Duration::from_secs(1),
+        };
+        let trace = parse_minutes(text, &["template"], &options).unwrap();
+        assert_eq!(trace.template.as_deref(), Some("template"));
+        assert_eq!(trace.end, Duration::from_secs(180));
+        let a = &trace.requests["fa"];
+        assert_eq!(a.len(), 3);
+        assert!(a[..2].iter().all(|r| r.time < s(60.0)) && a[2].time >= s(120.0));
+        assert!(a.iter().all(|r| r.duration == s(0.5)));
+        let b = &trace.requests["fb"];
+        assert_eq!(b.len(), 3);
+        assert!(b.iter().all(|r| (s(60.0)..s(120.0)).contains(&r.time)));
+        assert!(b.iter().all(|r| r.duration == s(1.0)));
+        assert_eq!(
+            parse_minutes(text, &["template"], &options).unwrap(),
+            trace,
+            "seeded"
+        );
+        // Simulated with the template's settings, under their own names.
+        let config = config(
+            CONFIG
+                .replace("[functions.f]", "[functions.template]")
+                .replace("[functions.f.", "[functions.template.")
+                .as_str(),
+        );
+        let report = run(&config, &trace, &Options::default());
+        let names: Vec<&str> = report.functions.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["fa", "fb"]);
+        assert_eq!(report.functions[0].summary.requests, 3);
+        // Several functions in the config: rows must name them.
+        let err = parse_minutes("function,1\nx,1\n", &["a", "b"], &options).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 2: unknown function `x` (the config has: a, b)"
+        );
+        assert!(matches!(
+            parse_minutes("function,duration\nx,1\n", &["a"], &options),
+            Err(TraceError::Header(_))
+        ));
+        let err = parse_minutes("function,1\nx,many\n", &["a"], &options).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 2: minute 1: `many` is not a count of invocations"
+        );
+    }
+
     fn shape(shape: Shape, seconds: u64, rps: f64) -> (ShapeParams, Vec<Request>) {
         let mut params = ShapeParams::new(shape);
         params.duration = Duration::from_secs(seconds);
@@ -1205,7 +1391,7 @@ cooldown_period = 10
     /// Runs [`OFF_GRID`] through the live `Function` and `Autoscaler` on paused time and through
     /// the simulator; asserts that both saw the same replica changes at the same instants and
     /// the same outcomes; returns the simulator's summary.
-    async fn cross_check(config_text: &str) -> Summary {
+    async fn cross_check(config_text: &str, trace_text: &str) -> Summary {
         use crate::autoscaler::Autoscaler;
         use crate::function::{Function, Rejection, Waited};
         use crate::metrics::Metrics;
@@ -1213,7 +1399,7 @@ cooldown_period = 10
         use tokio::time::Instant;
 
         let config = config(config_text);
-        let trace = parse_csv(OFF_GRID, &["f"]).unwrap();
+        let trace = parse_csv(trace_text, &["f"]).unwrap();
         let options = Options {
             cold_start: Duration::from_millis(2030),
             ..Options::default()
@@ -1279,7 +1465,7 @@ cooldown_period = 10
 
     #[tokio::test(start_paused = true)]
     async fn the_live_loop_on_paused_time_agrees_with_the_simulator() {
-        let s = cross_check(CONFIG).await;
+        let s = cross_check(CONFIG, OFF_GRID).await;
         // The trace exercises what the comparison is for.
         assert!(s.shed_queue_full > 0 && s.shed_queue_timeout > 0, "{s:?}");
         assert!(
@@ -1296,7 +1482,28 @@ cooldown_period = 10
             .replace("threshold = 6", "target_ongoing_requests = 1")
             .replace("rate_seconds = 6", "rate_seconds = 10")
             .replace("polling_interval = 1", "polling_interval = \"500ms\"");
-        let s = cross_check(&config).await;
+        let s = cross_check(&config, OFF_GRID).await;
         assert!(s.scale_ups > 0 && s.scale_downs > 1, "{s:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_live_loop_agrees_with_the_simulator_on_adaptive_prewarms() {
+        // A call every 20 s with 1 s bins: the fixed window keeps it warm while it learns (ten
+        // idle times), then it is unloaded after 1 s of idleness and pre-warmed at 18 s (idle
+        // times of 19.5 s: bin 19). The 2 s cold start is longer than the one-bin lead, so a
+        // few requests still wait a little for the pre-warmed replica.
+        let config = CONFIG
+            .replace(
+                "cooldown_period = 5",
+                "cooldown_period = \"adaptive\"\nadaptive_bin_width = \"1s\"",
+            )
+            .replace("max_queued_requests = 2", "max_queued_requests = 10");
+        let mut trace = String::from("time,duration\n");
+        for i in 0..25 {
+            trace.push_str(&format!("{}.037,0.513\n", 20 * i));
+        }
+        let s = cross_check(&config, &trace).await;
+        assert!(s.prewarms >= 10 && s.prewarms_used == s.prewarms, "{s:?}");
+        assert!(s.cold_start_requests <= 12, "{s:?}");
     }
 }

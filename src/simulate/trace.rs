@@ -1,4 +1,5 @@
-//! The simulator's input: request traces read from CSV, and the built-in synthetic shapes.
+//! The simulator's input: request traces read from CSV (one row per request, or per-minute
+//! invocation counts as published for Azure Functions), and the built-in synthetic shapes.
 //!
 //! A trace is, per function, a list of requests: when each arrives and how long a replica takes
 //! to serve it. Times are virtual ([`Duration`] since the start of the run); nothing here reads a
@@ -26,6 +27,9 @@ pub struct Trace {
     pub requests: BTreeMap<String, Vec<Request>>,
     /// End of the trace: the simulated run lasts at least this long.
     pub end: Duration,
+    /// A per-minute trace read against a config of one function: the name of that function,
+    /// whose settings every function of the trace is simulated with.
+    pub template: Option<String>,
 }
 
 /// Why a trace file could not be read.
@@ -90,18 +94,13 @@ pub fn format_seconds(d: Duration) -> String {
 /// `functions` has several names, every row must name one of them. Rows need not be sorted. The
 /// trace ends at its last arrival.
 pub fn parse_csv(text: &str, functions: &[&str]) -> Result<Trace, TraceError> {
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
-    let Some((_, header)) = lines.next() else {
-        return Err(TraceError::Header(String::new()));
-    };
-    let columns: Vec<&str> = header.split(',').map(str::trim).collect();
+    let mut reader = reader(text);
+    let header = read_header(&mut reader)?;
+    let columns: Vec<&str> = header.iter().collect();
     let find = |name: &str| columns.iter().position(|c| *c == name);
+    let joined = columns.join(",");
     let (Some(time_col), Some(duration_col)) = (find("time"), find("duration")) else {
-        return Err(TraceError::Header(header.to_owned()));
+        return Err(TraceError::Header(joined));
     };
     let function_col = find("function");
     if columns
@@ -109,7 +108,7 @@ pub fn parse_csv(text: &str, functions: &[&str]) -> Result<Trace, TraceError> {
         .any(|c| !matches!(*c, "time" | "duration" | "function"))
         || columns.len() != 2 + function_col.is_some() as usize
     {
-        return Err(TraceError::Header(header.to_owned()));
+        return Err(TraceError::Header(joined));
     }
     let only = match functions {
         [one] => Some(*one),
@@ -118,21 +117,25 @@ pub fn parse_csv(text: &str, functions: &[&str]) -> Result<Trace, TraceError> {
 
     let mut requests: BTreeMap<String, Vec<Request>> = BTreeMap::new();
     let mut end = Duration::ZERO;
-    for (line, row) in lines {
+    let mut record = csv::StringRecord::new();
+    loop {
+        let (line, more) = next_record(&mut reader, &mut record)?;
+        if !more {
+            break;
+        }
         let err = |reason: String| TraceError::Row { line, reason };
-        let fields: Vec<&str> = row.split(',').map(str::trim).collect();
-        if fields.len() != columns.len() {
+        if record.len() != columns.len() {
             return Err(err(format!(
                 "expected {} fields ({}), found {}",
                 columns.len(),
-                columns.join(","),
-                fields.len()
+                joined,
+                record.len()
             )));
         }
-        let time = parse_seconds(fields[time_col]).map_err(|r| err(format!("time: {r}")))?;
+        let time = parse_seconds(&record[time_col]).map_err(|r| err(format!("time: {r}")))?;
         let duration =
-            parse_seconds(fields[duration_col]).map_err(|r| err(format!("duration: {r}")))?;
-        let name = match function_col.map(|c| fields[c]).filter(|f| !f.is_empty()) {
+            parse_seconds(&record[duration_col]).map_err(|r| err(format!("duration: {r}")))?;
+        let name = match function_col.map(|c| &record[c]).filter(|f| !f.is_empty()) {
             Some(name) if functions.contains(&name) => name,
             Some(name) => {
                 return Err(err(format!(
@@ -156,7 +159,151 @@ pub fn parse_csv(text: &str, functions: &[&str]) -> Result<Trace, TraceError> {
     for list in requests.values_mut() {
         list.sort_by_key(|r| r.time);
     }
-    Ok(Trace { requests, end })
+    Ok(Trace {
+        requests,
+        end,
+        template: None,
+    })
+}
+
+fn reader(text: &str) -> csv::Reader<&[u8]> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(text.as_bytes())
+}
+
+fn read_header(reader: &mut csv::Reader<&[u8]>) -> Result<csv::StringRecord, TraceError> {
+    let mut header = csv::StringRecord::new();
+    match reader.read_record(&mut header) {
+        Ok(true) => Ok(header),
+        Ok(false) => Err(TraceError::Header(String::new())),
+        Err(e) => Err(TraceError::Header(e.to_string())),
+    }
+}
+
+/// Reads the next record; returns its line number and whether there was one.
+fn next_record(
+    reader: &mut csv::Reader<&[u8]>,
+    record: &mut csv::StringRecord,
+) -> Result<(usize, bool), TraceError> {
+    let more = reader.read_record(record).map_err(|e| TraceError::Row {
+        line: e.position().map_or(0, |p| p.line() as usize),
+        reason: e.to_string(),
+    })?;
+    let line = record.position().map_or(0, |p| p.line() as usize);
+    Ok((line, more))
+}
+
+/// How a per-minute trace's counts become requests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MinuteOptions {
+    /// Seed of the spread of each minute's arrivals.
+    pub seed: u64,
+    /// Service time of a function whose row gives none.
+    pub service_time: Duration,
+}
+
+/// Reads a per-minute invocation-count trace, as published for Azure Functions 2019
+/// (`invocations_per_function_md.anon.dNN.csv`): a header, then one row per function with its
+/// name in the `function` column (or `HashFunction`; `HashOwner`, `HashApp` and `Trigger` are
+/// ignored), its invocations in each minute in columns named `1`, `2`, … and optionally its mean
+/// service time in seconds in a `duration` column.
+///
+/// Each minute's count becomes that many arrivals spread uniformly at random over the minute
+/// (seeded by `options.seed` and the function's name), each busy for the function's duration.
+/// With `functions` of one name, every row is simulated with that function's settings, under the
+/// row's own name ([`Trace::template`]); otherwise every row must name a function of the config.
+pub fn parse_minutes(
+    text: &str,
+    functions: &[&str],
+    options: &MinuteOptions,
+) -> Result<Trace, TraceError> {
+    let mut reader = reader(text);
+    let header = read_header(&mut reader)?;
+    let joined = header.iter().collect::<Vec<_>>().join(",");
+    let function_col = header
+        .iter()
+        .position(|c| c == "function")
+        .or_else(|| header.iter().position(|c| c == "HashFunction"));
+    let duration_col = header.iter().position(|c| c == "duration");
+    let minutes: Vec<(usize, u64)> = header
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.parse::<u64>().ok().filter(|m| *m >= 1).map(|m| (i, m)))
+        .collect();
+    let Some(function_col) = function_col.filter(|_| !minutes.is_empty()) else {
+        return Err(TraceError::Header(format!(
+            "{joined} (a per-minute trace needs a `function` or `HashFunction` column and minute columns 1, 2, …)"
+        )));
+    };
+    let template = match functions {
+        [one] => Some(one.to_string()),
+        _ => None,
+    };
+    let last_minute = minutes.iter().map(|(_, m)| *m).max().unwrap_or(0);
+    let mut requests: BTreeMap<String, Vec<Request>> = BTreeMap::new();
+    let mut record = csv::StringRecord::new();
+    loop {
+        let (line, more) = next_record(&mut reader, &mut record)?;
+        if !more {
+            break;
+        }
+        let err = |reason: String| TraceError::Row { line, reason };
+        let name = record.get(function_col).unwrap_or("").to_owned();
+        if name.is_empty() {
+            return Err(err("no function named".into()));
+        }
+        if template.is_none() && !functions.contains(&name.as_str()) {
+            return Err(err(format!(
+                "unknown function `{name}` (the config has: {})",
+                functions.join(", ")
+            )));
+        }
+        let duration = match duration_col
+            .and_then(|c| record.get(c))
+            .filter(|d| !d.is_empty())
+        {
+            Some(d) => parse_seconds(d).map_err(|r| err(format!("duration: {r}")))?,
+            None => options.service_time,
+        };
+        let mut rng = SplitMix64::new(options.seed ^ fnv1a(&name));
+        let list = requests.entry(name).or_default();
+        for (col, minute) in &minutes {
+            let text = record.get(*col).unwrap_or("");
+            let count: u64 = if text.is_empty() {
+                0
+            } else {
+                text.parse().map_err(|_| {
+                    err(format!(
+                        "minute {minute}: `{text}` is not a count of invocations"
+                    ))
+                })?
+            };
+            let start = (minute - 1) as f64 * 60.0;
+            for _ in 0..count {
+                let time = micros(start + 60.0 * rng.next_f64());
+                list.push(Request { time, duration });
+            }
+        }
+    }
+    for list in requests.values_mut() {
+        list.sort_by_key(|r| r.time);
+    }
+    Ok(Trace {
+        requests,
+        end: Duration::from_secs(60 * last_minute),
+        template,
+    })
+}
+
+/// FNV-1a of a name: mixes a function's name into its seed.
+fn fnv1a(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A small, fast, seedable generator (Steele, Lea and Flood's SplitMix64): the same seed gives
@@ -367,5 +514,6 @@ pub fn shape_trace(params: &ShapeParams, functions: &[&str]) -> Trace {
             .map(|name| (name.to_string(), requests.clone()))
             .collect(),
         end: params.duration,
+        template: None,
     }
 }

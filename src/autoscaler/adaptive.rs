@@ -1,0 +1,578 @@
+//! `cooldown_period = "adaptive"`: per function, when to let the last replica go and when to
+//! start one again, learned from the function's own idle times (the hybrid histogram policy of
+//! "Serverless in the Wild", Shahrad et al., USENIX ATC 2020, adapted to a gateway that sees
+//! every request).
+//!
+//! Pure and deterministic: time is passed in as `t` (time since the loop's origin, read from
+//! `tokio::time`), so the live loop, its tests on paused time and the offline simulator run this
+//! very code.
+//!
+//! * **Idle time**: from the moment the function has nothing in flight to the next arrival. At
+//!   most one is recorded per bin width of time (the paper's one sample per active minute), so a
+//!   busy function records a 0 about once a minute, not once per request.
+//! * **Histogram**: 240 bins of `adaptive_bin_width` (1 minute: 4 hours), plus a count of idle
+//!   times beyond; 16-bit weights, decayed by 1/32 at each observation so that it follows
+//!   changes (491 bytes persisted).
+//! * **Windows** once there are [`MIN_OBSERVATIONS`], fewer than half of them beyond the range,
+//!   and the bin weights are not flat (coefficient of variation at least [`CV_THRESHOLD`]):
+//!   keep-alive = the upper edge of the bin holding the 99th percentile, plus 10%; pre-warm = one
+//!   bin before the bin holding the 5th percentile. With a pre-warm, the replica goes after one
+//!   bin of idleness, one is started again at the pre-warm time and kept until the keep-alive;
+//!   without, the replica stays for the keep-alive. Otherwise (too few, beyond the range — where
+//!   the paper forecasts with ARIMA —, or flat) a fixed [`FALLBACK_KEEP_ALIVE`] and no pre-warm.
+//!   `adaptive_min_keep_alive` and `adaptive_max_keep_alive` bound everything.
+
+use std::time::Duration;
+
+use crate::config::AdaptiveConfig;
+
+/// Bins of the histogram.
+pub const BINS: usize = 240;
+/// Observations needed before the histogram is trusted.
+pub const MIN_OBSERVATIONS: u32 = 10;
+/// Below this coefficient of variation of the bin weights the histogram is flat: no pattern.
+pub const CV_THRESHOLD: f64 = 2.0;
+/// At or above this share of idle times beyond the range, the histogram is not representative.
+pub const BEYOND_THRESHOLD: f64 = 0.5;
+/// The percentile whose bin sets the pre-warm.
+pub const HEAD: f64 = 0.05;
+/// The percentile whose bin sets the keep-alive.
+pub const TAIL: f64 = 0.99;
+/// Added to the keep-alive.
+pub const KEEP_ALIVE_MARGIN: f64 = 0.10;
+/// The fixed keep-alive while the histogram is not trusted.
+pub const FALLBACK_KEEP_ALIVE: Duration = Duration::from_secs(600);
+/// The weight of one new observation; every weight is decayed by `1/2^DECAY_SHIFT` first.
+const ONE: u32 = 1024;
+const DECAY_SHIFT: u32 = 5;
+/// Version byte of the persisted form.
+const FORMAT: u8 = 1;
+
+/// Idle times of one function, decayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdleHistogram {
+    bin_width: Duration,
+    bins: [u16; BINS],
+    beyond: u16,
+    observations: u32,
+}
+
+impl IdleHistogram {
+    /// An empty histogram with bins of `bin_width`.
+    pub fn new(bin_width: Duration) -> IdleHistogram {
+        IdleHistogram {
+            bin_width,
+            bins: [0; BINS],
+            beyond: 0,
+            observations: 0,
+        }
+    }
+
+    /// Idle times recorded so far (not decayed).
+    pub fn observations(&self) -> u32 {
+        self.observations
+    }
+
+    /// Width of a bin.
+    pub fn bin_width(&self) -> Duration {
+        self.bin_width
+    }
+
+    /// Records one idle time: every weight decays, then the idle time's bin gains one.
+    pub fn record(&mut self, idle: Duration) {
+        // Rounded up, so that a weight decays to zero rather than lingering.
+        let decay =
+            |w: &mut u16| *w -= ((*w as u32 + (1 << DECAY_SHIFT) - 1) >> DECAY_SHIFT) as u16;
+        self.bins.iter_mut().for_each(decay);
+        decay(&mut self.beyond);
+        let bin = (idle.as_nanos() / self.bin_width.as_nanos().max(1)) as usize;
+        let slot = self.bins.get_mut(bin).unwrap_or(&mut self.beyond);
+        *slot = (*slot as u32 + ONE).min(u16::MAX as u32) as u16;
+        self.observations = self.observations.saturating_add(1);
+    }
+
+    /// The persisted form: version, bin width (ms), observations, weight beyond, the bins.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(11 + 2 * BINS);
+        out.push(FORMAT);
+        out.extend_from_slice(&(self.bin_width.as_millis() as u32).to_le_bytes());
+        out.extend_from_slice(&self.observations.to_le_bytes());
+        out.extend_from_slice(&self.beyond.to_le_bytes());
+        for w in self.bins {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads [`IdleHistogram::encode`]'s form; `None` when it is not that, or was recorded with
+    /// another bin width than `bin_width` (its bins would mean other times).
+    pub fn decode(bytes: &[u8], bin_width: Duration) -> Option<IdleHistogram> {
+        if bytes.len() != 11 + 2 * BINS || bytes[0] != FORMAT {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        let u16_at = |i: usize| u16::from_le_bytes(bytes[i..i + 2].try_into().unwrap());
+        if u32_at(1) as u128 != bin_width.as_millis() {
+            return None;
+        }
+        let mut bins = [0; BINS];
+        for (i, w) in bins.iter_mut().enumerate() {
+            *w = u16_at(11 + 2 * i);
+        }
+        Some(IdleHistogram {
+            bin_width,
+            bins,
+            beyond: u16_at(9),
+            observations: u32_at(5),
+        })
+    }
+}
+
+/// What the windows are based on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Basis {
+    /// The histogram.
+    Histogram,
+    /// Fewer than [`MIN_OBSERVATIONS`] idle times: the fixed window.
+    TooFew,
+    /// Too many idle times beyond the histogram's range: the fixed window.
+    BeyondRange,
+    /// The bin weights are flat (no pattern): the fixed window.
+    Flat,
+}
+
+impl Basis {
+    /// The name shown by `/system` and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Basis::Histogram => "histogram",
+            Basis::TooFew => "too_few",
+            Basis::BeyondRange => "beyond_range",
+            Basis::Flat => "flat",
+        }
+    }
+}
+
+/// When, counted from the moment the function went idle, the last replica goes and comes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    /// With a pre-warm: the replica goes after `unload_after`, one is started at `at` and kept
+    /// until `keep_alive`.
+    pub prewarm: Option<Prewarm>,
+    /// The function is at zero from this long after it went idle (until its next request).
+    pub keep_alive: Duration,
+    /// What the windows come from.
+    pub basis: Basis,
+}
+
+/// A pre-warm: unload early, start again before the next predicted arrival.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prewarm {
+    /// The replica goes this long after the function went idle.
+    pub unload_after: Duration,
+    /// One replica is started again this long after the function went idle.
+    pub at: Duration,
+}
+
+/// The windows a histogram gives under `config`'s bounds.
+pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
+    let bin = h.bin_width;
+    let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
+    let max = config.max_keep_alive.unwrap_or(Duration::MAX);
+    let fixed = |basis| Windows {
+        prewarm: None,
+        keep_alive: FALLBACK_KEEP_ALIVE.clamp(min, max),
+        basis,
+    };
+    if h.observations < MIN_OBSERVATIONS {
+        return fixed(Basis::TooFew);
+    }
+    let inside: u64 = h.bins.iter().map(|w| *w as u64).sum();
+    let beyond = h.beyond as u64;
+    if inside == 0 || beyond as f64 >= BEYOND_THRESHOLD * (inside + beyond) as f64 {
+        return fixed(Basis::BeyondRange);
+    }
+    let mean = inside as f64 / BINS as f64;
+    let variance = h
+        .bins
+        .iter()
+        .map(|w| (*w as f64 - mean).powi(2))
+        .sum::<f64>()
+        / BINS as f64;
+    if variance.sqrt() / mean < CV_THRESHOLD {
+        return fixed(Basis::Flat);
+    }
+    let percentile_bin = |q: f64| {
+        let goal = q * inside as f64;
+        let mut sum = 0u64;
+        h.bins
+            .iter()
+            .position(|w| {
+                sum += *w as u64;
+                sum as f64 >= goal
+            })
+            .unwrap_or(BINS - 1)
+    };
+    let (head, tail) = (percentile_bin(HEAD), percentile_bin(TAIL));
+    let keep_alive = bin
+        .saturating_mul(tail as u32 + 1)
+        .mul_f64(1.0 + KEEP_ALIVE_MARGIN)
+        .clamp(min, max);
+    // Unloading is worth it only when the replica would be gone for at least a bin.
+    let unload_after = bin.max(min);
+    let at = bin.saturating_mul(head.saturating_sub(1) as u32);
+    let prewarm =
+        (at >= unload_after + bin && at < keep_alive).then_some(Prewarm { unload_after, at });
+    Windows {
+        prewarm,
+        keep_alive,
+        basis: Basis::Histogram,
+    }
+}
+
+/// Where an idle function stands in its windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Something is in flight, or the function has not been seen busy yet.
+    Unknown,
+    /// Idle, within the keep-alive (or before the early unload): keep the last replica.
+    Warm,
+    /// Idle, between the early unload and the pre-warm, or past the keep-alive: zero.
+    Down,
+    /// Idle, within the pre-warm window: one replica.
+    Prewarm,
+}
+
+/// A pre-warm's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrewarmEvent {
+    /// One replica was asked for before the predicted arrival.
+    Started,
+    /// A request arrived while the pre-warmed replica was up (or starting).
+    Used,
+    /// The keep-alive ran out first: the replica went unused.
+    Wasted,
+}
+
+/// One function's idle-time tracker and windows.
+#[derive(Clone, Debug)]
+pub struct Adaptive {
+    config: AdaptiveConfig,
+    histogram: IdleHistogram,
+    windows: Windows,
+    /// The last activity (arrival or finish) seen at the previous step.
+    last_activity: Option<Duration>,
+    /// When the current idle period began (the function is idle since then).
+    idle_since: Option<Duration>,
+    /// When the last idle time was recorded.
+    last_observation: Option<Duration>,
+    /// A pre-warm was started in the current idle period.
+    prewarmed: bool,
+    /// The function was seen busy since the tracker started.
+    seen: bool,
+    /// The histogram changed since [`Adaptive::take_changed`].
+    changed: bool,
+}
+
+impl Adaptive {
+    /// A tracker with an empty histogram.
+    pub fn new(config: AdaptiveConfig) -> Adaptive {
+        Adaptive::with_histogram(config, IdleHistogram::new(config.bin_width))
+    }
+
+    /// A tracker starting from `histogram` (e.g. loaded at start).
+    pub fn with_histogram(config: AdaptiveConfig, histogram: IdleHistogram) -> Adaptive {
+        Adaptive {
+            windows: windows(&histogram, &config),
+            config,
+            histogram,
+            last_activity: None,
+            idle_since: None,
+            last_observation: None,
+            prewarmed: false,
+            seen: false,
+            changed: false,
+        }
+    }
+
+    /// The histogram.
+    pub fn histogram(&self) -> &IdleHistogram {
+        &self.histogram
+    }
+
+    /// Replaces the histogram (one loaded from the state store) and recomputes the windows.
+    pub fn load(&mut self, histogram: IdleHistogram) {
+        self.windows = windows(&histogram, &self.config);
+        self.histogram = histogram;
+    }
+
+    /// The windows in force.
+    pub fn windows(&self) -> Windows {
+        self.windows
+    }
+
+    /// Whether the histogram changed since the last call (for persisting it).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// One sample at `t`: requests in flight (ongoing, queued) and the time since the last
+    /// arrival or finish. Records the idle time an arrival ends; says whether that arrival found
+    /// a pre-warmed replica.
+    pub fn observe(
+        &mut self,
+        t: Duration,
+        in_flight: u64,
+        idle_for: Duration,
+    ) -> Option<PrewarmEvent> {
+        let activity = t.saturating_sub(idle_for);
+        let moved = match self.last_activity {
+            Some(before) => activity > before,
+            None => activity > Duration::ZERO,
+        };
+        self.last_activity = Some(activity);
+        let mut outcome = None;
+        if in_flight > 0 || moved {
+            if let Some(since) = self.idle_since.take() {
+                self.record(activity, activity.saturating_sub(since));
+                if std::mem::take(&mut self.prewarmed) {
+                    outcome = Some(PrewarmEvent::Used);
+                }
+            }
+        }
+        self.seen |= moved || in_flight > 0;
+        if in_flight == 0 && self.idle_since.is_none() && self.seen {
+            self.idle_since = Some(activity);
+        }
+        outcome
+    }
+
+    fn record(&mut self, arrival: Duration, idle: Duration) {
+        let bin = self.histogram.bin_width;
+        if self.last_observation.is_some_and(|o| arrival < o + bin) {
+            return;
+        }
+        self.last_observation = Some(arrival);
+        self.histogram.record(idle);
+        self.windows = windows(&self.histogram, &self.config);
+        self.changed = true;
+    }
+
+    /// Where the function stands at `t` (see [`Adaptive::observe`] for what it saw).
+    pub fn phase(&self, t: Duration) -> Phase {
+        let Some(since) = self.idle_since else {
+            return Phase::Unknown;
+        };
+        let idle = t.saturating_sub(since);
+        let w = &self.windows;
+        match w.prewarm {
+            _ if idle >= w.keep_alive => Phase::Down,
+            Some(p) if idle >= p.at => Phase::Prewarm,
+            Some(p) if idle >= p.unload_after => Phase::Down,
+            _ => Phase::Warm,
+        }
+    }
+
+    /// When, after `t`, the function should next change phase by itself: the pre-warm time, if
+    /// it is still to come. A loop at rest sets a timer for it.
+    pub fn wake_at(&self, t: Duration) -> Option<Duration> {
+        let at = self.idle_since? + self.windows.prewarm?.at;
+        (at > t).then_some(at)
+    }
+
+    /// A replica was started by the pre-warm.
+    pub fn prewarm_started(&mut self) {
+        self.prewarmed = true;
+    }
+
+    /// The function goes to zero: a pre-warm still unused was wasted.
+    pub fn unloaded(&mut self) -> Option<PrewarmEvent> {
+        std::mem::take(&mut self.prewarmed).then_some(PrewarmEvent::Wasted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AdaptiveConfig {
+        AdaptiveConfig {
+            bin_width: Duration::from_secs(60),
+            min_keep_alive: None,
+            max_keep_alive: None,
+        }
+    }
+
+    fn m(minutes: f64) -> Duration {
+        Duration::from_secs_f64(minutes * 60.0)
+    }
+
+    /// An idle time between 1 s calls every `minutes`.
+    fn period(minutes: f64) -> Duration {
+        m(minutes) - Duration::from_secs(1)
+    }
+
+    /// Runs `idle` times through a tracker as a function would: one 1 s request, then idle.
+    /// Returns when the next request arrives (the last idle period began `idles.last()` before).
+    fn drive(a: &mut Adaptive, start: Duration, idles: &[Duration]) -> Duration {
+        let mut t = start;
+        for idle in idles {
+            // A request arrives at t and finishes 1 s later; samples every second around it.
+            a.observe(t, 1, Duration::ZERO);
+            t += Duration::from_secs(1);
+            a.observe(t, 0, Duration::ZERO);
+            t += *idle;
+        }
+        t
+    }
+
+    #[test]
+    fn too_few_observations_use_the_fixed_window() {
+        let mut a = Adaptive::new(config());
+        drive(&mut a, m(0.0), &[m(30.0); 9]);
+        assert_eq!(a.windows().basis, Basis::TooFew);
+        assert_eq!(a.windows().keep_alive, FALLBACK_KEEP_ALIVE);
+        assert_eq!(a.windows().prewarm, None);
+    }
+
+    #[test]
+    fn a_periodic_function_is_unloaded_and_prewarmed_before_its_next_call() {
+        let mut a = Adaptive::new(config());
+        let t = drive(&mut a, m(0.0), &[period(60.0); 12]);
+        let w = a.windows();
+        assert_eq!(w.basis, Basis::Histogram);
+        // Idle 59 min 59 s: bin 59. Pre-warm one bin before: 58 min; keep-alive (60 + 10%).
+        assert_eq!(
+            w.prewarm,
+            Some(Prewarm {
+                unload_after: m(1.0),
+                at: m(58.0)
+            })
+        );
+        assert_eq!(w.keep_alive, m(66.0));
+        // The last idle period began when the last request finished.
+        let idle = t - period(60.0);
+        assert_eq!(a.phase(idle + m(0.5)), Phase::Warm);
+        assert_eq!(a.phase(idle + m(1.0)), Phase::Down);
+        assert_eq!(a.wake_at(idle + m(1.0)), Some(idle + m(58.0)));
+        assert_eq!(a.phase(idle + m(58.0)), Phase::Prewarm);
+        assert_eq!(a.phase(idle + m(66.0)), Phase::Down);
+    }
+
+    #[test]
+    fn a_busy_function_records_one_zero_a_minute_and_keeps_its_replica() {
+        let mut a = Adaptive::new(config());
+        // A request every 5 s for an hour: 60 idle times recorded, all in bin 0.
+        let mut t = Duration::ZERO;
+        for _ in 0..720 {
+            a.observe(t, 1, Duration::ZERO);
+            a.observe(t + Duration::from_secs(1), 0, Duration::ZERO);
+            t += Duration::from_secs(5);
+        }
+        assert_eq!(a.histogram().observations(), 60);
+        let w = a.windows();
+        assert_eq!((w.basis, w.prewarm), (Basis::Histogram, None));
+        assert_eq!(w.keep_alive, m(1.1));
+    }
+
+    #[test]
+    fn idle_times_beyond_the_range_or_flat_fall_back() {
+        let mut a = Adaptive::new(config());
+        drive(&mut a, m(0.0), &[m(300.0); 12]);
+        assert_eq!(a.windows().basis, Basis::BeyondRange);
+        // One idle time in each of many bins: no pattern.
+        let mut a = Adaptive::new(config());
+        let spread: Vec<Duration> = (0..400).map(|i| m((i % 200) as f64 + 1.5)).collect();
+        drive(&mut a, m(0.0), &spread);
+        assert_eq!(a.windows().basis, Basis::Flat);
+    }
+
+    #[test]
+    fn bounds_clamp_the_windows() {
+        let bounded = AdaptiveConfig {
+            min_keep_alive: Some(m(2.0)),
+            max_keep_alive: Some(m(30.0)),
+            ..config()
+        };
+        let mut a = Adaptive::new(bounded);
+        assert_eq!(
+            a.windows().keep_alive,
+            m(10.0),
+            "the fallback, within bounds"
+        );
+        drive(&mut a, m(0.0), &[period(60.0); 12]);
+        // 66 min capped at 30; a pre-warm at 58 min would come after it: none.
+        assert_eq!(a.windows().keep_alive, m(30.0));
+        assert_eq!(a.windows().prewarm, None);
+        let mut a = Adaptive::new(bounded);
+        drive(&mut a, m(0.0), &[period(20.0); 12]);
+        assert_eq!(
+            a.windows().prewarm,
+            Some(Prewarm {
+                unload_after: m(2.0),
+                at: m(18.0)
+            })
+        );
+    }
+
+    #[test]
+    fn a_changed_pattern_is_followed_within_a_bounded_number_of_calls() {
+        let mut a = Adaptive::new(config());
+        let t = drive(&mut a, m(0.0), &[period(60.0); 40]);
+        // Now every 20 minutes: the pre-warm comes earlier at once (the new idle times are
+        // more than 5% of the weight after two calls), the keep-alive shrinks once the old
+        // weight is under 1% (1/32 decay: 146 calls).
+        let mut calls = 0;
+        let mut t = t;
+        while a.windows().prewarm.map(|p| p.at) != Some(m(18.0)) {
+            t = drive(&mut a, t, &[period(20.0)]);
+            calls += 1;
+            assert!(calls <= 3, "{:?}", a.windows());
+        }
+        while a.windows().keep_alive != m(22.0) {
+            t = drive(&mut a, t, &[period(20.0)]);
+            calls += 1;
+            assert!(calls <= 150, "{:?}", a.windows());
+        }
+        // And back to hourly: the keep-alive covers the longer idle time after one call (the
+        // second arrival records the first hour).
+        drive(&mut a, t, &[period(60.0), period(60.0)]);
+        assert_eq!(a.windows().keep_alive, m(66.0));
+    }
+
+    #[test]
+    fn pre_warm_outcomes_are_reported() {
+        let mut a = Adaptive::new(config());
+        let t = drive(&mut a, m(0.0), &[period(60.0); 12]);
+        a.prewarm_started();
+        // The request comes as predicted: used.
+        assert_eq!(a.observe(t, 1, Duration::ZERO), Some(PrewarmEvent::Used));
+        assert_eq!(a.unloaded(), None);
+        a.prewarm_started();
+        assert_eq!(a.unloaded(), Some(PrewarmEvent::Wasted));
+    }
+
+    #[test]
+    fn the_histogram_round_trips_and_refuses_another_bin_width() {
+        let mut a = Adaptive::new(config());
+        drive(&mut a, m(0.0), &[m(7.0), m(300.0), m(0.2), m(7.0)]);
+        let bytes = a.histogram().encode();
+        assert_eq!(bytes.len(), 491);
+        let back = IdleHistogram::decode(&bytes, m(1.0)).unwrap();
+        assert_eq!(&back, a.histogram());
+        assert_eq!(IdleHistogram::decode(&bytes, m(2.0)), None);
+        assert_eq!(IdleHistogram::decode(&bytes[1..], m(1.0)), None);
+    }
+
+    #[test]
+    fn a_function_never_seen_busy_has_no_idle_period() {
+        let mut a = Adaptive::new(config());
+        // Samples of a function that never had a request since the loop started.
+        for s in 1..100 {
+            let t = Duration::from_secs(s);
+            a.observe(t, 0, t);
+        }
+        assert_eq!(a.phase(m(100.0)), Phase::Unknown);
+        assert_eq!(a.histogram().observations(), 0);
+    }
+}
