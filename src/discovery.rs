@@ -226,10 +226,8 @@ impl Discovery {
         if let Some(view) = &self.cluster {
             function.join_cluster(view.clone());
         }
-        self.gateway.functions.insert(function.clone());
-        if let Some(queue) = self.gateway.queue() {
-            queue.add_function(function.clone()).await;
-        }
+        // The autoscaler is parked (or started) before the function is reachable: a request
+        // that finds it must find its start too.
         let autoscaler = Arc::new(Mutex::new(None));
         let state = self.gateway.state().ok();
         if Autoscaler::at_rest_from_the_start(&function) {
@@ -256,6 +254,10 @@ impl Discovery {
             let scaler = with_state(scaler, state);
             *autoscaler.lock().unwrap() =
                 Some(tokio::spawn(scaler.run(self.stop.clone())).abort_handle());
+        }
+        self.gateway.functions.insert(function.clone());
+        if let Some(queue) = self.gateway.queue() {
+            queue.add_function(function.clone()).await;
         }
         info!(function = %name, deployment = %format!("{namespace}/{object}"), "discovered function");
         self.found.insert(

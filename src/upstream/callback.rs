@@ -49,7 +49,9 @@ pub fn parse_callback_url(text: &str) -> Result<Uri, Refused> {
         }
         None => return Err(Refused(format!("`{text}` is not an absolute http:// URL"))),
     }
-    if uri.host().is_none_or(str::is_empty) {
+    // `http://[]:80/` parses with the host `[]`: no host either.
+    let bare = uri.host().map(|h| h.trim_start_matches('[').trim_end_matches(']'));
+    if bare.is_none_or(str::is_empty) {
         return Err(Refused(format!("`{text}` has no host")));
     }
     Ok(uri)
