@@ -299,22 +299,24 @@ impl Reloader {
 
     async fn add(&self, fc: &FunctionConfig) {
         let function = self.build(fc);
+        // Its autoscaler parked (or started) first: a request that finds the function must find
+        // the start it wakes.
+        self.loops.start_autoscaler(&function);
         self.gateway.functions.insert(function.clone());
         if let Some(queue) = self.gateway.queue() {
             queue.add_function(function.clone()).await;
         }
-        self.loops.start_autoscaler(&function);
     }
 
     async fn replace(&self, fc: &FunctionConfig) {
         let function = self.build(fc);
         let old = self.gateway.functions.get(&fc.name);
+        self.loops.start_autoscaler(&function);
         // One map write: every request from here on finds the new function.
         self.gateway.functions.insert(function.clone());
         if let Some(queue) = self.gateway.queue() {
             queue.add_function(function.clone()).await;
         }
-        self.loops.start_autoscaler(&function);
         if let Some(old) = old {
             self.loops.retire(old);
         }
