@@ -279,6 +279,12 @@ def sync_client(i):
             if resp.getheader("Connection", "").lower() == "close":
                 conn.close()
                 conn = None
+        except http.client.IncompleteRead as e:
+            # The head (200) went out, then the replica died under the body: the gateway aborts
+            # the response rather than end it early (a truncated body is never passed as whole).
+            record("200 then aborted mid-body (replica killed)")
+            conn.close()
+            conn = None
         except Exception as e:  # noqa: BLE001 - every one is a failure
             record(f"NO ANSWER: {type(e).__name__}", (f"{method} {path}", repr(e)))
             conn.close()
@@ -317,8 +323,10 @@ def async_client(i):
     while not STOP.is_set() and time.monotonic() < DEADLINE:
         if conn is None:
             conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
-        # One in 50 exits its replica on every attempt: it is retried, then dead-lettered.
-        query = "exit=1" if r.random() < 0.02 else f"sleep={r.randrange(100)}ms"
+        # One in 100 answers 500 on every attempt, one in 500 exits its replica on every attempt:
+        # both are retried, then dead-lettered (and their callbacks say so).
+        roll = r.random()
+        query = "status=500" if roll < 0.01 else "exit=1" if roll < 0.012 else f"sleep={r.randrange(100)}ms"
         try:
             status, reason, _, resp = request(
                 "POST", f"/async-function/worker/job?{query}", os.urandom(r.choice([64, 4096])),
@@ -345,7 +353,10 @@ def raw(data_parts, pause=0.0, read=True, timeout=15):
     s = socket.create_connection(("127.0.0.1", PORT), timeout=timeout)
     try:
         for part in data_parts:
-            s.sendall(part)
+            try:
+                s.sendall(part)
+            except OSError:
+                break  # the gateway gave up on us: read what it said
             if pause:
                 time.sleep(pause)
         if read:
@@ -477,13 +488,21 @@ def main():
     mon.join(15)
 
     # Async: every 202 ends (callback, or a final record).
-    drain_until = time.monotonic() + 180
+    drain_until = time.monotonic() + 600
+    drain_t0 = time.monotonic()
     while time.monotonic() < drain_until:
         with lock:
             missing = [c for c in accepted if c not in callbacks]
         if not missing:
             break
+        text = request("GET", "/metrics", timeout=10)[2].decode()
+        m = re.search(r'^sluicegate_async_backlog\{function_name="worker"\} (\S+)', text, re.M)
+        if m and float(m.group(1)) == 0:
+            break
         time.sleep(2)
+    drained_in = time.monotonic() - drain_t0
+    with lock:
+        missing = [c for c in accepted if c not in callbacks]
     lost, ended_without_callback = [], collections.Counter()
     for call in missing:
         try:
@@ -502,7 +521,7 @@ def main():
     leftovers = {f: {g: metric(text, g, f) for g in ("sluicegate_function_ongoing_requests",
                                                         "sluicegate_function_queued_requests")}
                  for f in ("web", "cold", "worker")}
-    backlog = re.search(r"^sluicegate_async_backlog\S* (\S+)", text, re.M)
+    backlog = re.search(r'^sluicegate_async_backlog\{function_name="worker"\} (\S+)', text, re.M)
 
     # Growth after the warm-up: median of its first minute against median of the last minute.
     after = [s for s in samples if s[0] >= args.warmup]
@@ -555,7 +574,7 @@ def main():
     print("* outcomes: " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items(), key=lambda kv: -kv[1])))
     print("* chaos: " + ", ".join(f"{k}: {v}" for k, v in sorted(chaos.items())))
     print("* misbehaving clients: " + ", ".join(f"{k}: {v}" for k, v in sorted(abuse.items())))
-    print(f"* async: {len(accepted)} accepted, {len(accepted) - len(missing)} callbacks "
+    print(f"* async: backlog drained {drained_in:.0f} s after the load; {len(accepted)} accepted, {len(accepted) - len(missing)} callbacks "
           f"(function status {dict(callback_statuses)}), ended without a callback "
           f"{dict(ended_without_callback)}, **lost {len(lost)}**")
     print(f"* left in flight or queued after the load: {leftovers}; async backlog "
