@@ -7,7 +7,9 @@
 //! * any other path → `200` with a short text echo of the request (method, path, query, the
 //!   `X-Call-Id` and forwarded headers it received, body size, pid); query parameters change it:
 //!   `sleep=250ms` waits first, `status=503` picks the status, `bytes=N` sends N bytes,
-//!   `chunks=N&every=100ms` streams N chunks, `exit=1` exits the process before answering.
+//!   `chunks=N&every=100ms` streams N chunks, `exit=1` exits the process before answering,
+//!   `env=NAME` adds a line `env NAME=<value>` (the replica's environment variable), `headers=1`
+//!   adds one line per request header (`header name: value`).
 //!
 //! The echo ends with `inflight=N max_inflight=M received_unix_ns=T`: the requests this process was
 //! serving when it answered, the most it ever served at once (tests use it to check per-replica
@@ -120,6 +122,7 @@ async fn handle(
             .to_owned()
     };
     let call_id = header("x-call-id");
+    let headers = req.headers().clone();
     let forwarded = format!(
         "for={} proto={} host={}",
         header("x-forwarded-for"),
@@ -150,11 +153,23 @@ async fn handle(
             .body(Chunks::new(n, every).boxed())
             .unwrap());
     }
-    let text = format!(
+    let mut text = format!(
         "hello from sluicegate demo-function pid={} method={method} path={path} query={query} call_id={call_id} {forwarded} body_bytes={body_bytes} inflight={inflight} max_inflight={} received_unix_ns={received}\n",
         std::process::id(),
         MAX_INFLIGHT.load(Ordering::SeqCst)
     );
+    if let Some(name) = query_param(&query, "env") {
+        let value = std::env::var(name).unwrap_or_else(|_| "<unset>".into());
+        text.push_str(&format!("env {name}={value}\n"));
+    }
+    if query_param(&query, "headers").is_some() {
+        for (name, value) in &headers {
+            text.push_str(&format!(
+                "header {name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
+        }
+    }
     Ok(Response::builder()
         .status(status)
         .header("content-type", "text/plain; charset=utf-8")

@@ -226,6 +226,7 @@ impl Discovery {
         if let Some(view) = &self.cluster {
             function.join_cluster(view.clone());
         }
+        self.gateway.controls().adopt(&function);
         // The autoscaler is parked (or started) before the function is reachable: a request
         // that finds it must find its start too.
         let autoscaler = Arc::new(Mutex::new(None));

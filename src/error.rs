@@ -72,6 +72,24 @@ pub enum GatewayError {
     /// `/system` on a listener that is not loopback, with no admin token and `admin_open` off.
     #[error("{0}")]
     AdminClosed(&'static str),
+    /// A function with `auth = "token"` called without a valid service token.
+    #[error("{}", .0.message())]
+    TokenRefused(TokenRefusal),
+    /// No service token with that id (`DELETE /system/function/{name}/tokens/{id}`).
+    #[error("function {function} has no service token {id}")]
+    UnknownToken {
+        /// The function named.
+        function: String,
+        /// The token id named.
+        id: String,
+    },
+    /// An admin change that a paused function cannot take (a manual scale).
+    #[error("function {0} is paused: resume it first (POST /system/resume-function/{0})")]
+    FunctionPaused(String),
+    /// The gateway's state store (pauses, service tokens) could not be read or written: nothing
+    /// was changed.
+    #[error("state store unavailable, nothing was changed: {0}")]
+    StateUnavailable(String),
 
     // Capacity.
     /// Admission turned the request away.
@@ -112,6 +130,53 @@ pub enum GatewayError {
     Internal(String),
 }
 
+/// Why a service token was refused (`401`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No `Authorization: Bearer` header and no token query parameter.
+    Missing,
+    /// No token of the function has that value.
+    Unknown,
+    /// The token's `expiresAt` has passed.
+    Expired,
+    /// The token was revoked.
+    Revoked,
+}
+
+impl TokenRefusal {
+    /// The `X-Sluicegate-Reason` code.
+    pub fn code(self) -> &'static str {
+        match self {
+            TokenRefusal::Missing => "token_missing",
+            TokenRefusal::Unknown => "token_invalid",
+            TokenRefusal::Expired => "token_expired",
+            TokenRefusal::Revoked => "token_revoked",
+        }
+    }
+
+    /// The body line.
+    pub fn message(self) -> &'static str {
+        match self {
+            TokenRefusal::Missing => {
+                "this function needs a service token (Authorization: Bearer TOKEN)"
+            }
+            TokenRefusal::Unknown => "service token not recognised",
+            TokenRefusal::Expired => "service token expired",
+            TokenRefusal::Revoked => "service token revoked",
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge (RFC 6750 §3: no error code when no token was sent).
+    fn challenge(self) -> &'static str {
+        match self {
+            TokenRefusal::Missing => "Bearer realm=\"sluicegate\"",
+            TokenRefusal::Unknown => "Bearer realm=\"sluicegate\", error=\"invalid_token\", error_description=\"token not recognised\"",
+            TokenRefusal::Expired => "Bearer realm=\"sluicegate\", error=\"invalid_token\", error_description=\"token expired\"",
+            TokenRefusal::Revoked => "Bearer realm=\"sluicegate\", error=\"invalid_token\", error_description=\"token revoked\"",
+        }
+    }
+}
+
 fn rejection_message(r: &Rejection) -> String {
     match r {
         Rejection::QueueFull { .. } => {
@@ -124,6 +189,7 @@ fn rejection_message(r: &Rejection) -> String {
             "no replica became ready within cold_start_timeout".to_owned()
         }
         Rejection::StartFailed { reason, .. } => reason.to_string(),
+        Rejection::Paused { .. } => "function is paused".to_owned(),
     }
 }
 
@@ -149,12 +215,15 @@ impl GatewayError {
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::TransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::Unauthorized | GatewayError::TokenRefused(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::UnknownToken { .. } => StatusCode::NOT_FOUND,
+            GatewayError::FunctionPaused(_) => StatusCode::CONFLICT,
             GatewayError::AdminClosed(_) => StatusCode::FORBIDDEN,
             GatewayError::Rejected(_)
             | GatewayError::Draining
             | GatewayError::AsyncBacklogFull { .. }
-            | GatewayError::AsyncStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::AsyncStoreUnavailable(_)
+            | GatewayError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamConnect(_)
             | GatewayError::UpstreamReset(_)
             | GatewayError::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
@@ -180,6 +249,10 @@ impl GatewayError {
             GatewayError::TransferCoding(_) => "unsupported_transfer_coding",
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::AdminClosed(_) => "admin_closed",
+            GatewayError::TokenRefused(r) => r.code(),
+            GatewayError::UnknownToken { .. } => "unknown_token",
+            GatewayError::FunctionPaused(_) => "function_paused",
+            GatewayError::StateUnavailable(_) => "state_unavailable",
             GatewayError::Rejected(r) => r.reason().label(),
             GatewayError::Draining => "draining",
             GatewayError::AsyncBacklogFull { .. } => "async_backlog_full",
@@ -211,8 +284,10 @@ impl GatewayError {
                 Rejection::QueueFull { retry_after }
                 | Rejection::QueueTimeout { retry_after }
                 | Rejection::ColdStartTimeout { retry_after }
-                | Rejection::StartFailed { retry_after, .. },
+                | Rejection::StartFailed { retry_after, .. }
+                | Rejection::Paused { retry_after },
             ) => Some(*retry_after),
+            GatewayError::StateUnavailable(_) => Some(ASYNC_STORE_RETRY_AFTER),
             GatewayError::Draining => Some(1),
             GatewayError::AsyncBacklogFull { retry_after, .. } => Some(*retry_after),
             GatewayError::AsyncStoreUnavailable(_) => Some(ASYNC_STORE_RETRY_AFTER),
@@ -240,6 +315,12 @@ impl GatewayError {
             headers.insert(
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"sluicegate\""),
+            );
+        }
+        if let GatewayError::TokenRefused(refusal) = self {
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(refusal.challenge()),
             );
         }
         if let GatewayError::MethodNotAllowed(allow) = self {

@@ -2,8 +2,10 @@
 //! response on its way back. A leaf: header names and pure functions on header maps, no I/O.
 //!
 //! * hop-by-hop headers (RFC 9110 §7.6.1, and those named in `Connection`) never cross;
-//! * `X-Forwarded-For` (the client's address appended), `X-Forwarded-Proto`, `X-Forwarded-Host`
-//!   and `X-Call-Id` replace whatever the client sent ([`Forwarded`]);
+//! * `X-Forwarded-For` (the client's address appended), `X-Forwarded-Proto`, `X-Forwarded-Host`,
+//!   `X-Call-Id` and `X-Sluicegate-Token-Name` replace whatever the client sent ([`Forwarded`]);
+//!   the last is set only for a caller that presented a service token ([`TokenName`]), and a
+//!   client's own copy never reaches a replica;
 //! * the replica sees the path after `/function/{name}` (at least `/`) and the original query.
 //!
 //! The sync path applies these while encoding the request head (`upstream::send`), so the client's
@@ -22,6 +24,8 @@ pub static CALL_ID: HeaderName = HeaderName::from_static("x-call-id");
 pub static COLD_START: HeaderName = HeaderName::from_static("x-sluicegate-cold-start");
 /// Response header with the time the gateway received the request (Unix nanoseconds, as OpenFaaS).
 pub static START_TIME: HeaderName = HeaderName::from_static("x-start-time");
+/// Request header naming the service token a caller presented (functions with `auth = "token"`).
+pub static TOKEN_NAME: HeaderName = HeaderName::from_static("x-sluicegate-token-name");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -63,33 +67,44 @@ pub fn replica_path_and_query(uri: &Uri, name_end: usize) -> String {
 }
 
 /// The header rules for a request on its way to a replica: hop-by-hop headers and `Host` out
-/// (the upgrade pair kept with `upgrade`), then [`Forwarded`] applied. Async invocations store
-/// the result; the sync path applies the same rules while encoding (see `proxy::forward`).
+/// (the upgrade pair kept with `upgrade`), then [`Forwarded`] applied (with the caller's
+/// `token_name`, if it presented a service token). Async invocations store the result; the sync
+/// path applies the same rules while encoding (see `proxy::forward`).
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     peer: &Peer,
     forwarded_host: Option<HeaderValue>,
     call_id: &HeaderValue,
     upgrade: bool,
+    token_name: Option<TokenName>,
 ) {
     strip_hop_by_hop(headers, upgrade);
     headers.remove(header::HOST);
-    Forwarded::new(headers, peer, forwarded_host, call_id).apply(headers);
+    let mut forwarded = Forwarded::new(headers, peer, forwarded_host, call_id);
+    forwarded.set_token_name(token_name);
+    forwarded.apply(headers);
 }
+
+/// A request extension set by the service-token check: the name of the token the caller
+/// presented, sent to the replica as `X-Sluicegate-Token-Name`.
+#[derive(Clone, Debug)]
+pub struct TokenName(pub HeaderValue);
 
 /// The headers the gateway sets on every request it forwards: the client's address appended to
-/// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` (the host the client addressed) and
-/// `X-Call-Id`. They replace any the client sent.
+/// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` (the host the client addressed),
+/// `X-Call-Id`, and `X-Sluicegate-Token-Name` when the caller presented a service token. They
+/// replace any the client sent.
 #[derive(Debug)]
 pub struct Forwarded {
-    values: [Option<HeaderValue>; 4],
+    values: [Option<HeaderValue>; 5],
 }
 
-const FORWARDED_NAMES: [&HeaderName; 4] = [
+const FORWARDED_NAMES: [&HeaderName; 5] = [
     &X_FORWARDED_FOR,
     &X_FORWARDED_PROTO,
     &X_FORWARDED_HOST,
     &CALL_ID,
+    &TOKEN_NAME,
 ];
 
 impl Forwarded {
@@ -106,8 +121,14 @@ impl Forwarded {
                 Some(HeaderValue::from_static("http")),
                 forwarded_host,
                 Some(call_id.clone()),
+                None,
             ],
         }
+    }
+
+    /// Names the service token the caller presented (`X-Sluicegate-Token-Name`).
+    pub fn set_token_name(&mut self, name: Option<TokenName>) {
+        self.values[4] = name.map(|n| n.0);
     }
 
     /// Whether the client's header `name` is one of these (and is replaced).

@@ -9,6 +9,7 @@
 //! | phase | sync (`invoke`) | async (`Gateway::invoke_async`, then the queue's dispatcher) |
 //! |---|---|---|
 //! | route | `router::route`, once, in `serve` | the same |
+//! | token | `auth = "token"` only: `Controls::authenticate` in `serve` (`401`, nothing counted but the status) | the same, in `invoke_async` |
 //! | count | `Function::arrived` (window, started) | `started` now; the window counts the dispatch |
 //! | limits | `limits`: draining, declared body size | the same at accept; then `AsyncQueue::accept` (backlog, body, store) |
 //! | admit | `Function::admit` | the dispatcher's `Function::admit` |
@@ -30,7 +31,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::body::ResponseBody;
-use crate::config::GatewayConfig;
+use crate::config::{Auth, GatewayConfig};
 use crate::conn::RequestGuard;
 use crate::error::GatewayError;
 use crate::forwarding::{self, content_length, Peer, CALL_ID, START_TIME};
@@ -56,6 +57,8 @@ pub struct Gateway {
     queue: Option<AsyncQueue>,
     /// What `POST /system/reload` calls (set once at start, when there is a file to reload).
     reloader: std::sync::OnceLock<Arc<dyn system::Reload>>,
+    /// Pauses and service tokens, kept in the state store.
+    controls: system::Controls,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -77,6 +80,11 @@ enum Target {
     ListFunctions,
     GetFunction(String),
     ScaleFunction(String),
+    PauseFunction(String),
+    ResumeFunction(String),
+    ListTokens(String),
+    CreateToken(String),
+    RevokeToken(String, String),
     Reload,
     AsyncRecord(String),
     DeadLetters,
@@ -94,6 +102,10 @@ impl Gateway {
         functions: Functions,
         queue: Option<AsyncQueue>,
     ) -> Gateway {
+        let state = match &queue {
+            Some(queue) => queue.state(),
+            None => Err("this gateway runs without an async store".into()),
+        };
         Gateway {
             config,
             functions,
@@ -101,7 +113,13 @@ impl Gateway {
             draining: AtomicBool::new(false),
             queue,
             reloader: std::sync::OnceLock::new(),
+            controls: system::Controls::new(state),
         }
+    }
+
+    /// Pauses and service tokens (kept in the state store; see [`system::Controls`]).
+    pub fn controls(&self) -> &system::Controls {
+        &self.controls
     }
 
     /// Sets what `POST /system/reload` calls (once; later calls are ignored).
@@ -143,6 +161,7 @@ impl Gateway {
             functions: &self.functions,
             token: self.config.admin_token.as_ref().map(|t| t.expose()),
             refusal: self.config.admin_refusal(),
+            controls: &self.controls,
         }
     }
 
@@ -155,7 +174,7 @@ impl Gateway {
     /// callgrind: ~0.9k instructions per request for two layers).
     pub fn serve(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: &Peer,
         guard: RequestGuard,
     ) -> Serving {
@@ -163,6 +182,15 @@ impl Gateway {
             Route::Invoke { name, .. } => match self.function(name) {
                 Some(function) => {
                     let name_end = FUNCTION_PREFIX.len() + name.len();
+                    // Before anything is counted: a caller without a valid token wakes nothing.
+                    if function.config.auth == Auth::Token {
+                        if let Err(e) = self.controls.authenticate(&function, &mut req) {
+                            let call_id = forwarding::call_id(&req);
+                            let mut resp = respond(&function, Err(e), call_id, Instant::now());
+                            resp.body_mut().set_guard(guard);
+                            return Box::pin(std::future::ready(Ok(resp)));
+                        }
+                    }
                     let draining = self.is_draining();
                     return Box::pin(invoke(
                         function,
@@ -187,6 +215,11 @@ impl Gateway {
             Route::ListFunctions => Target::ListFunctions,
             Route::GetFunction(name) => Target::GetFunction(name.to_owned()),
             Route::ScaleFunction(name) => Target::ScaleFunction(name.to_owned()),
+            Route::PauseFunction(name) => Target::PauseFunction(name.to_owned()),
+            Route::ResumeFunction(name) => Target::ResumeFunction(name.to_owned()),
+            Route::ListTokens(name) => Target::ListTokens(name.to_owned()),
+            Route::CreateToken(name) => Target::CreateToken(name.to_owned()),
+            Route::RevokeToken(name, id) => Target::RevokeToken(name.to_owned(), id.to_owned()),
             Route::Reload => Target::Reload,
             Route::AsyncRecord(call_id) => Target::AsyncRecord(call_id.to_owned()),
             Route::DeadLetters => Target::DeadLetters,
@@ -229,6 +262,17 @@ impl Gateway {
             Target::ListFunctions => system::list(self.admin(), &req),
             Target::GetFunction(name) => system::get(self.admin(), &req, &name),
             Target::ScaleFunction(name) => Box::pin(system::scale(self.admin(), req, &name)).await,
+            Target::PauseFunction(name) => Box::pin(system::pause(self.admin(), req, &name)).await,
+            Target::ResumeFunction(name) => {
+                Box::pin(system::resume(self.admin(), req, &name)).await
+            }
+            Target::ListTokens(name) => system::list_tokens(self.admin(), &req, &name),
+            Target::CreateToken(name) => {
+                Box::pin(system::create_token(self.admin(), req, &name)).await
+            }
+            Target::RevokeToken(name, id) => {
+                Box::pin(system::revoke_token(self.admin(), req, &name, &id)).await
+            }
             Target::Reload => {
                 Box::pin(system::reload(self.admin(), &req, self.reloader.get())).await
             }
@@ -278,13 +322,20 @@ impl Gateway {
     async fn invoke_async(
         &self,
         function: Arc<Function>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         name_end: usize,
         peer: &Peer,
     ) -> Response<ResponseBody> {
         let arrived = Instant::now();
-        function.started();
         let call_id = forwarding::call_id(&req);
+        // The token is checked at accept: what is stored was authorised.
+        if function.config.auth == Auth::Token {
+            if let Err(e) = self.controls.authenticate(&function, &mut req) {
+                function.metrics.async_outcome(AsyncOutcome::Rejected);
+                return respond(&function, Err(e), call_id, arrived);
+            }
+        }
+        function.started();
         let coding = match forwarding::content_length(req.headers()) {
             None => transfer_coding(&req),
             Some(_) => Ok(()),

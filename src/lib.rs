@@ -124,6 +124,14 @@ pub async fn start(config: Config) -> io::Result<Running> {
         functions,
         Some(queue),
     ));
+    // Pauses and service tokens from the state store, before any autoscaler looks: a function
+    // paused before the restart is paused again at once.
+    gateway.controls().load().await;
+    for f in gateway.functions.all() {
+        if gateway.controls().adopt(&f) {
+            info!(function = %f.name, "function paused (kept from before the restart)");
+        }
+    }
     let (stop_loops, stop_rx) = watch::channel(false);
     // The adaptive keep-alive's histograms live in the gateway's state store.
     let loops = Loops::new(stop_rx.clone(), gateway.state().ok());

@@ -52,11 +52,13 @@ pub enum RejectReason {
     AsyncBacklogFull,
     /// An async invocation refused: the async store could not be opened or written.
     AsyncStoreUnavailable,
+    /// The function is paused (admin API), or a request held while it was paused waited too long.
+    Paused,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::QueueFull,
         RejectReason::QueueTimeout,
         RejectReason::ColdStartTimeout,
@@ -65,6 +67,7 @@ impl RejectReason {
         RejectReason::BodyTooLarge,
         RejectReason::AsyncBacklogFull,
         RejectReason::AsyncStoreUnavailable,
+        RejectReason::Paused,
     ];
 
     /// The `reason` label value.
@@ -78,6 +81,7 @@ impl RejectReason {
             RejectReason::BodyTooLarge => "body_too_large",
             RejectReason::AsyncBacklogFull => "async_backlog_full",
             RejectReason::AsyncStoreUnavailable => "async_store_unavailable",
+            RejectReason::Paused => "paused",
         }
     }
 }
@@ -329,7 +333,14 @@ const CALLBACKS_FAMILY: (&str, &str, &str) = (
     "Async callback delivery attempts by result: delivered, retried, failed (given up).",
 );
 
-/// Per function with `cooldown_period = "adaptive"` only, after [`CALLBACKS_FAMILY`].
+/// Per function once it is active or has ever been paused, after [`CALLBACKS_FAMILY`].
+const PAUSED_FAMILY: (&str, &str, &str) = (
+    "sluicegate_function_paused",
+    "gauge",
+    "1 while the function is paused through the admin API (POST /system/pause-function), else 0.",
+);
+
+/// Per function with `cooldown_period = "adaptive"` only, after [`PAUSED_FAMILY`].
 const ADAPTIVE_FAMILIES: [(&str, &str, &str); 3] = [
     ("sluicegate_function_keep_alive_seconds", "gauge", "cooldown_period = \"adaptive\": idle time after which the function goes to zero, as learned now."),
     ("sluicegate_function_prewarm_seconds", "gauge", "cooldown_period = \"adaptive\": idle time after which one replica is started again before the predicted next request (0: no pre-warm)."),
@@ -413,6 +424,8 @@ impl Metrics {
             keep_alive_ms: AtomicU64::new(0),
             prewarm_ms: AtomicU64::new(0),
             prewarms: Default::default(),
+            paused: Gauge::default(),
+            pause_known: AtomicBool::new(false),
             by_code: OnceLock::new(),
         });
         all.insert(name.into(), Arc::downgrade(&f));
@@ -444,6 +457,18 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for f in &functions {
                 f.encode(index, name, &mut out);
+            }
+        }
+        let (name, kind, help) = PAUSED_FAMILY;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for f in &functions {
+            if f.active() || f.pause_known.load(Ordering::Relaxed) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{function_name=\"{}\"}} {}",
+                    f.name,
+                    f.paused.get()
+                );
             }
         }
         for (index, (name, kind, help)) in ADAPTIVE_FAMILIES.iter().enumerate() {
@@ -510,6 +535,10 @@ pub struct FunctionMetrics {
     keep_alive_ms: AtomicU64,
     prewarm_ms: AtomicU64,
     prewarms: [Counter; PrewarmResult::ALL.len()],
+    /// `sluicegate_function_paused`: 1 while paused.
+    paused: Gauge,
+    /// Whether the function was ever paused (its paused series is exported from then on).
+    pause_known: AtomicBool,
     /// Allocated at the first finished invocation, one slot per status code.
     by_code: OnceLock<Box<[OnceLock<Box<CodeSeries>>]>>,
 }
@@ -630,6 +659,17 @@ impl FunctionMetrics {
             Duration::from_millis(self.keep_alive_ms.load(Ordering::Relaxed)),
             (prewarm > 0).then(|| Duration::from_millis(prewarm)),
         ))
+    }
+
+    /// Sets `sluicegate_function_paused` (exported from the first pause on).
+    pub fn set_paused(&self, paused: bool) {
+        self.pause_known.store(true, Ordering::Relaxed);
+        self.paused.set(i64::from(paused));
+    }
+
+    /// `sluicegate_function_paused` now.
+    pub fn paused(&self) -> bool {
+        self.paused.get() != 0
     }
 
     /// Counts a pre-warm's start, use or waste.

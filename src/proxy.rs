@@ -25,10 +25,11 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::body::ResponseBody;
+use crate::config::Auth;
 use crate::error::GatewayError;
 use crate::forwarding::{
     content_length, forwarded_host, is_upgrade, replica_path, replica_path_and_query,
-    strip_hop_by_hop, Forwarded, Peer, CALL_ID, COLD_START,
+    strip_hop_by_hop, Forwarded, Peer, TokenName, CALL_ID, COLD_START,
 };
 use crate::function::{Function, Permit, Waited};
 use crate::incoming::OnUpgrade;
@@ -64,7 +65,10 @@ pub async fn forward(
     let forwarded_host = forwarded_host(&parts);
     let endpoint = permit.endpoint().clone();
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    let forwarded = Forwarded::new(&parts.headers, peer, forwarded_host, call_id);
+    let mut forwarded = Forwarded::new(&parts.headers, peer, forwarded_host, call_id);
+    if function.config.auth == Auth::Token {
+        forwarded.set_token_name(parts.extensions.remove::<TokenName>());
+    }
     let body = UpstreamBody::stream(body, limit);
 
     // 2. Send, bounded by the function's timeout on the response head.

@@ -294,6 +294,8 @@ impl Reloader {
         if let Some(view) = &self.cluster {
             function.join_cluster(view.clone());
         }
+        // A paused function stays paused through a reload (and one added back is paused again).
+        self.gateway.controls().adopt(&function);
         function
     }
 

@@ -38,6 +38,16 @@ pub enum Route<'a> {
     GetFunction(&'a str),
     /// `POST /system/scale-function/{name}`.
     ScaleFunction(&'a str),
+    /// `POST /system/pause-function/{name}`.
+    PauseFunction(&'a str),
+    /// `POST /system/resume-function/{name}`.
+    ResumeFunction(&'a str),
+    /// `GET /system/function/{name}/tokens`.
+    ListTokens(&'a str),
+    /// `POST /system/function/{name}/tokens`.
+    CreateToken(&'a str),
+    /// `DELETE /system/function/{name}/tokens/{id}`.
+    RevokeToken(&'a str, &'a str),
     /// `POST /system/reload`.
     Reload,
     /// `GET /system/async/{call_id}`: the call id as in the path (percent-encoded).
@@ -112,20 +122,45 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
     if let Some(tail) = path.strip_prefix("/system/async-dead-letters/") {
         return dead_letter(method, tail);
     }
-    if let Some(name) = path.strip_prefix("/system/function/") {
+    if let Some(tail) = path.strip_prefix("/system/function/") {
+        let (name, rest) = name_and_rest(tail);
         if !is_valid_function_name(name) {
             return Route::MalformedName;
         }
-        return get_only(Route::GetFunction(name));
+        return match rest {
+            "/" if tail.len() == name.len() => get_only(Route::GetFunction(name)),
+            "/tokens" if method == Method::POST => Route::CreateToken(name),
+            "/tokens" if method == Method::GET || method == Method::HEAD => Route::ListTokens(name),
+            "/tokens" => Route::MethodNotAllowed("GET, POST"),
+            _ => match rest.strip_prefix("/tokens/") {
+                Some(id) if !id.is_empty() && !id.contains('/') => {
+                    if method == Method::DELETE {
+                        Route::RevokeToken(name, id)
+                    } else {
+                        Route::MethodNotAllowed("DELETE")
+                    }
+                }
+                _ => Route::NotFound,
+            },
+        };
     }
-    if let Some(name) = path.strip_prefix("/system/scale-function/") {
-        if !is_valid_function_name(name) {
-            return Route::MalformedName;
+    for (prefix, control) in [
+        (
+            "/system/scale-function/",
+            Route::ScaleFunction as fn(&'a str) -> Route<'a>,
+        ),
+        ("/system/pause-function/", Route::PauseFunction),
+        ("/system/resume-function/", Route::ResumeFunction),
+    ] {
+        if let Some(name) = path.strip_prefix(prefix) {
+            if !is_valid_function_name(name) {
+                return Route::MalformedName;
+            }
+            if method != Method::POST {
+                return Route::MethodNotAllowed("POST");
+            }
+            return control(name);
         }
-        if method != Method::POST {
-            return Route::MethodNotAllowed("POST");
-        }
-        return Route::ScaleFunction(name);
     }
     Route::NotFound
 }
@@ -230,6 +265,58 @@ mod tests {
         assert_eq!(
             route(&Method::DELETE, "/system/async-dead-letters/Job/7"),
             Route::MalformedName
+        );
+    }
+
+    #[test]
+    fn pause_and_token_routes() {
+        assert_eq!(
+            route(&Method::POST, "/system/pause-function/job"),
+            Route::PauseFunction("job")
+        );
+        assert_eq!(
+            route(&Method::POST, "/system/resume-function/job"),
+            Route::ResumeFunction("job")
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/pause-function/job"),
+            Route::MethodNotAllowed("POST")
+        );
+        assert_eq!(
+            route(&Method::POST, "/system/pause-function/Job"),
+            Route::MalformedName
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/function/job"),
+            Route::GetFunction("job")
+        );
+        assert_eq!(
+            route(&Method::POST, "/system/function/job/tokens"),
+            Route::CreateToken("job")
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/function/job/tokens"),
+            Route::ListTokens("job")
+        );
+        assert_eq!(
+            route(&Method::PUT, "/system/function/job/tokens"),
+            Route::MethodNotAllowed("GET, POST")
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/system/function/job/tokens/ab12"),
+            Route::RevokeToken("job", "ab12")
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/function/job/tokens/ab12"),
+            Route::MethodNotAllowed("DELETE")
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/system/function/job/tokens/"),
+            Route::NotFound
+        );
+        assert_eq!(
+            route(&Method::GET, "/system/function/job/other"),
+            Route::NotFound
         );
     }
 

@@ -1,10 +1,13 @@
-//! The admin API under `/system`: function status (OpenFaaS field names) and manual scaling.
+//! The admin API under `/system`: function status (OpenFaaS field names), manual scaling, pause
+//! and resume, service tokens (what survives a restart of those is in `controls.rs`).
 //!
 //! When an admin token is configured, every `/system` request needs `Authorization: Bearer TOKEN`;
 //! without it the answer is `401`. Without a token, a listener that is not loopback refuses
 //! `/system` with `403` unless `[gateway] admin_open` is set.
 
+mod controls;
 mod reload;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -17,7 +20,11 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::info;
 
+pub use controls::{Controls, CreatedToken, PausedRecord, PAUSED_BUCKET};
 pub use reload::{reload, Reload, ReloadReport};
+pub use tokens::{
+    StoredToken, TokenInfo, DEFAULT_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME, TOKENS_BUCKET, TOKEN_PREFIX,
+};
 
 use crate::body::ResponseBody;
 use crate::error::GatewayError;
@@ -65,6 +72,15 @@ pub struct FunctionStatus {
     /// before the predicted next request (absent: no pre-warm).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prewarm_seconds: Option<f64>,
+    /// Whether the function is paused (`POST /system/pause-function/{name}`).
+    #[serde(default)]
+    pub paused: bool,
+    /// What its sync requests get while paused: `refuse` or `hold`.
+    #[serde(default)]
+    pub when_paused: String,
+    /// Who may invoke it: `none` or `token` (service tokens).
+    #[serde(default)]
+    pub auth: String,
     /// When this gateway is one of several: the whole cluster's figures for the function.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
@@ -117,6 +133,9 @@ pub fn status(f: &Function) -> FunctionStatus {
         cooldown: f.config.autoscaler.describe_cooldown(),
         keep_alive_seconds: adaptive.map(|(k, _)| k.as_secs_f64()),
         prewarm_seconds: adaptive.and_then(|(_, p)| p).map(|p| p.as_secs_f64()),
+        paused: f.is_paused(),
+        when_paused: f.config.when_paused.name().to_owned(),
+        auth: f.config.auth.name().to_owned(),
         cluster,
     }
 }
@@ -130,6 +149,8 @@ pub struct Admin<'a> {
     pub token: Option<&'a str>,
     /// Without a token: why `/system` is refused (a listener that is not loopback), if it is.
     pub refusal: Option<&'static str>,
+    /// Pauses and service tokens.
+    pub controls: &'a Controls,
 }
 
 /// `Ok` when `req` may use `/system`: the bearer token when one is configured, else a loopback
@@ -246,6 +267,9 @@ pub async fn scale(
             "expected a JSON body like {{\"replicas\": 2}}: {e}"
         ))
     })?;
+    if f.is_paused() {
+        return Err(GatewayError::FunctionPaused(name.to_owned()));
+    }
     if !f.backend().scalable() {
         return Err(GatewayError::BadRequest(format!(
             "function {name} uses provider {} and cannot be scaled",
@@ -261,6 +285,128 @@ pub async fn scale(
     info!(function = %name, asked = request.replicas, replicas, "manual scale");
     f.scale_manually(replicas);
     Ok(json(&status(&f)))
+}
+
+/// The function named, or `404`.
+fn function(admin: Admin<'_>, name: &str) -> Result<Arc<Function>, GatewayError> {
+    admin
+        .functions
+        .get(name)
+        .ok_or_else(|| GatewayError::UnknownFunction(name.to_owned()))
+}
+
+/// `POST /system/pause-function/{name}`: the function goes to zero replicas and its requests
+/// are refused (`503 paused`) or held (`when_paused = "hold"`) until the resume; its autoscaler
+/// stops; async invocations are accepted and wait. Answers its status.
+pub async fn pause<B>(
+    admin: Admin<'_>,
+    req: Request<B>,
+    name: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(admin, &req)?;
+    let f = function(admin, name)?;
+    admin.controls.pause(&f).await?;
+    Ok(json(&status(&f)))
+}
+
+/// `POST /system/resume-function/{name}`: the replica count it had when paused is asked for
+/// again, its autoscaler goes on, held requests and waiting async invocations are served.
+pub async fn resume<B>(
+    admin: Admin<'_>,
+    req: Request<B>,
+    name: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(admin, &req)?;
+    let f = function(admin, name)?;
+    admin.controls.resume(&f).await?;
+    Ok(json(&status(&f)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    name: String,
+    #[serde(default)]
+    expires_in: Option<Lifetime>,
+}
+
+/// `expires_in`: seconds, or a duration string (`"30m"`, `"7d"` is not one: `"168h"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Lifetime {
+    Seconds(u64),
+    Text(String),
+}
+
+/// `POST /system/function/{name}/tokens` with `{"name": …, "expires_in": …}`: `201` with the
+/// token, shown this once.
+pub async fn create_token(
+    admin: Admin<'_>,
+    req: Request<Incoming>,
+    name: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(admin, &req)?;
+    let f = function(admin, name)?;
+    let body = Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|e| GatewayError::BadRequest(format!("cannot read body: {e}")))?
+        .to_bytes();
+    let request: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
+        GatewayError::BadRequest(format!(
+            "expected a JSON body like {{\"name\": \"ci\", \"expires_in\": \"24h\"}}: {e}"
+        ))
+    })?;
+    let lifetime = match request.expires_in {
+        None => DEFAULT_TOKEN_LIFETIME,
+        Some(Lifetime::Seconds(s)) => std::time::Duration::from_secs(s),
+        Some(Lifetime::Text(text)) => crate::config::parse_duration(&text)
+            .map_err(|e| GatewayError::BadRequest(format!("expires_in: {e}")))?,
+    };
+    let created = admin
+        .controls
+        .create_token(&f, &request.name, lifetime)
+        .await?;
+    let mut resp = json(&created);
+    *resp.status_mut() = http::StatusCode::CREATED;
+    Ok(resp)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenList {
+    function: String,
+    auth: &'static str,
+    tokens: Vec<TokenInfo>,
+}
+
+/// `GET /system/function/{name}/tokens`: the function's tokens, without their values.
+pub fn list_tokens<B>(
+    admin: Admin<'_>,
+    req: &Request<B>,
+    name: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(admin, req)?;
+    let f = function(admin, name)?;
+    Ok(json(&TokenList {
+        function: name.to_owned(),
+        auth: f.config.auth.name(),
+        tokens: admin.controls.list_tokens(name),
+    }))
+}
+
+/// `DELETE /system/function/{name}/tokens/{id}`: refused from now on; answers the token's
+/// record (`revoked`).
+pub async fn revoke_token<B>(
+    admin: Admin<'_>,
+    req: Request<B>,
+    name: &str,
+    id: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    authorize(admin, &req)?;
+    function(admin, name)?;
+    let info = admin.controls.revoke_token(name, id).await?;
+    Ok(json(&info))
 }
 
 #[cfg(test)]

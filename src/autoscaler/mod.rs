@@ -16,6 +16,9 @@
 //! have decided zero; the concurrency samples it skipped are filled in as zeros on waking, and the
 //! decision schedule resumes on its grid.
 //!
+//! A paused function's loop stops until the resume (`Function::until_resumed`), which hands it
+//! the count to restore as a manual scale.
+//!
 //! Manual scaling (`/system/scale-function`) is applied at once by the admin API and handed to the
 //! policy as a desired count seen now: the loop will not go below it until `cooldown_period` has
 //! passed, but scales above it if load needs more.
@@ -471,6 +474,15 @@ impl Autoscaler {
                 _ = tokio::time::sleep_until(tick) => {}
                 _ = shutdown.changed() => return,
             }
+            if self.function.is_paused() {
+                // Stopped while paused: the resume hands it the count to go on from.
+                tokio::select! {
+                    _ = self.function.until_resumed() => {}
+                    _ = shutdown.changed() => return,
+                }
+                tick = Instant::now() + every;
+                continue;
+            }
             let now = Instant::now();
             let t = now.saturating_duration_since(start);
             let decide = t >= next;
@@ -589,8 +601,9 @@ impl Autoscaler {
     }
 
     fn apply(&self, desired: u32, inputs: &Inputs, figures: &Figures, why: &'static str) {
-        // Of several gateways only the leader scales; the others keep their samples warm.
-        if !self.function.is_leader() {
+        // Of several gateways only the leader scales; the others keep their samples warm. A
+        // paused function is not scaled.
+        if !self.function.is_leader() || self.function.is_paused() {
             return;
         }
         let current = self.function.backend().replicas();

@@ -138,6 +138,101 @@ table! {
             pub async_max_retry_wait: Duration =
                 longest_retry_wait(async_max_retry_wait, async_initial_retry_wait),
         },
+        when_paused: String => {
+            /// What a sync request gets while the function is paused (admin API): `refuse`
+            /// (`503 paused` at once) or `hold` (waits for the resume, as for a cold start:
+            /// within `max_queued_requests` and `cold_start_timeout`).
+            pub when_paused: WhenPaused = when_paused_rule(when_paused),
+        },
+        auth: String => {
+            /// Who may invoke the function: `none` (anyone who reaches the gateway) or `token`
+            /// (a service token created through the admin API, on every sync and async call).
+            pub auth: Auth = auth_rule(auth),
+        },
+        token_query_param: String => {
+            /// With `auth = "token"`: a query parameter that may carry the token instead of
+            /// `Authorization: Bearer` (removed before the replica sees the query). `None`: the
+            /// header only.
+            pub token_query_param: Option<String> = query_param_rule(token_query_param),
+        },
+    }
+}
+
+/// What a sync request gets while its function is paused (`when_paused`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenPaused {
+    /// `503 paused` with `Retry-After` at once.
+    #[default]
+    Refuse,
+    /// Held until the resume, within `max_queued_requests` and `cold_start_timeout`.
+    Hold,
+}
+
+impl WhenPaused {
+    /// Whether requests are held while paused.
+    pub fn holds(self) -> bool {
+        self == WhenPaused::Hold
+    }
+
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            WhenPaused::Refuse => "refuse",
+            WhenPaused::Hold => "hold",
+        }
+    }
+}
+
+/// Who may invoke a function (`auth`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Auth {
+    /// Anyone who reaches the gateway.
+    #[default]
+    None,
+    /// A caller with a valid service token of the function.
+    Token,
+}
+
+impl Auth {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Auth::None => "none",
+            Auth::Token => "token",
+        }
+    }
+}
+
+fn when_paused_rule(written: Option<String>) -> Result<WhenPaused, String> {
+    match written.as_deref() {
+        None | Some("refuse") => Ok(WhenPaused::Refuse),
+        Some("hold") => Ok(WhenPaused::Hold),
+        Some(other) => Err(format!("`{other}` is not \"refuse\" or \"hold\"")),
+    }
+}
+
+fn auth_rule(written: Option<String>) -> Result<Auth, String> {
+    match written.as_deref() {
+        None | Some("none") => Ok(Auth::None),
+        Some("token") => Ok(Auth::Token),
+        Some(other) => Err(format!("`{other}` is not \"none\" or \"token\"")),
+    }
+}
+
+/// A query parameter name: letters, digits, `-`, `_`, `.`, `~` (nothing to percent-decode).
+fn query_param_rule(written: Option<String>) -> Result<Option<String>, String> {
+    match written {
+        Some(p)
+            if p.is_empty()
+                || !p.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')
+                }) =>
+        {
+            Err(format!(
+                "`{p}` is not a query parameter name (letters, digits, -, _, ., ~)"
+            ))
+        }
+        other => Ok(other),
     }
 }
 
@@ -200,6 +295,16 @@ impl FunctionConfig {
                 self.async_max_body_bytes()
             ),
         );
+        line(out, "when_paused", self.when_paused.name());
+        match (self.auth, &self.token_query_param) {
+            (Auth::Token, Some(param)) => line(
+                out,
+                "auth",
+                format!("token (Authorization: Bearer, or ?{param}=)"),
+            ),
+            (Auth::Token, None) => line(out, "auth", "token (Authorization: Bearer)"),
+            (Auth::None, _) => line(out, "auth", "none"),
+        }
         self.autoscaler.describe(out);
     }
 }

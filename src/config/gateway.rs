@@ -365,13 +365,19 @@ fn token(env: Option<String>, file: Option<String>) -> Result<Option<Secret>, St
     Ok(env.or(file).filter(|t| !t.is_empty()).map(Secret))
 }
 
-/// A secret value from the config (the admin token): its `Debug` and `Display` print
+/// A secret value from the config (the admin token, a function's secret environment): its `Debug` and `Display` print
 /// `<redacted>`, so that logging a config, an error or a status never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
-    /// The value itself, for the one comparison that needs it.
+    /// Wraps a secret value.
+    pub(crate) fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    /// The value itself, for the one place that needs it (a comparison, a replica's
+    /// environment).
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -333,6 +333,8 @@ fn check_config_prints_every_effective_setting() {
   slow_start           = 2s
   max_body_bytes       = unlimited
   async                = max_backlog = 10000, concurrency = 25, max_attempts = 5, retry wait 1s doubling to 60s, max body 67108864 bytes
+  when_paused          = refuse
+  auth                 = none
   autoscaler           = type = concurrency, target_ongoing_requests = 2, replicas 0..=5, rate_seconds = 30s, polling_interval = 1s, cooldown_period = 300s
 
 [functions.legacy]
@@ -347,6 +349,8 @@ fn check_config_prints_every_effective_setting() {
   slow_start           = 2s
   max_body_bytes       = unlimited
   async                = max_backlog = 10000, concurrency = 5, max_attempts = 5, retry wait 1s doubling to 60s, max body 67108864 bytes
+  when_paused          = refuse
+  auth                 = none
   autoscaler           = type = none, replicas 1..=1, rate_seconds = 30s, polling_interval = 1s, cooldown_period = 300s
 "#;
     assert_eq!(cfg.describe(), expected);
@@ -364,12 +368,13 @@ fn an_unknown_key_is_reported_at_its_line_with_the_keys_in_file_order() {
     );
     assert!(
         err.ends_with(
-            "unknown field `timeot`, expected one of `provider`, `command`, `env`, `working_dir`, \
+            "unknown field `timeot`, expected one of `provider`, `command`, `env`, `env_from_file`, \
+             `env_from_env`, `working_dir`, \
              `readiness_path`, `startup_timeout`, `termination_grace`, `upstreams`, `deployment`, \
              `service`, `namespace`, `port`, `max_ongoing_requests`, `max_queued_requests`, `timeout`, `response_idle_timeout`, \
              `cold_start_timeout`, `queue_timeout`, `slow_start`, `max_body_bytes`, `async_max_backlog`, \
              `async_concurrency`, `async_max_attempts`, `async_initial_retry_wait`, \
-             `async_max_retry_wait`, `autoscaler`"
+             `async_max_retry_wait`, `when_paused`, `auth`, `token_query_param`, `autoscaler`"
         ),
         "{err}"
     );
@@ -654,4 +659,119 @@ fn cooldown_period_takes_a_duration_or_adaptive_with_its_bounds() {
     assert!(err("cooldown_period = \"adaptive\"\nadaptive_min_keep_alive = \"2h\"\nadaptive_max_keep_alive = \"1h\"")
         .contains("is less than adaptive_min_keep_alive"));
     assert!(err("cooldown_period = \"often\"").contains("or \"adaptive\""));
+}
+
+#[test]
+fn secret_environment_is_read_at_load_and_shown_only_by_its_source() {
+    let dir =
+        std::env::temp_dir().join(format!("sluicegate-config-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("api_key");
+    std::fs::write(&file, "s3cr3t-value\r\n").unwrap();
+    let text = |key_file: &str| {
+        format!(
+            "[functions.fx]\nprovider = \"process\"\ncommand = [\"x\"]\n\
+             env_from_file = {{ API_KEY = \"{key_file}\" }}\n\
+             env_from_env = {{ PATH_COPY = \"PATH\" }}\n"
+        )
+    };
+    let cfg = parse(&text(&file.display().to_string())).unwrap();
+    let ProviderConfig::Process(p) = &cfg.functions["fx"].provider else {
+        panic!("a process function");
+    };
+    let env: Vec<(&str, &str)> = p.environment().collect();
+    let path = std::env::var("PATH").unwrap_or_default();
+    assert_eq!(
+        env,
+        [("API_KEY", "s3cr3t-value"), ("PATH_COPY", path.as_str())]
+    );
+    let described = cfg.describe();
+    assert!(
+        described.contains(&format!(
+            "{{\"API_KEY\": <secret from {}>}}",
+            file.display()
+        )),
+        "{described}"
+    );
+    assert!(
+        described.contains("{\"PATH_COPY\": <secret from $PATH>}"),
+        "{described}"
+    );
+    assert!(!described.contains("s3cr3t"));
+    assert!(!format!("{cfg:?}").contains("s3cr3t"), "Debug redacts too");
+
+    // A changed file is a changed function (a reload replaces it).
+    let before = cfg.functions["fx"].clone();
+    std::fs::write(&file, "rotated").unwrap();
+    let after = parse(&text(&file.display().to_string())).unwrap();
+    assert_ne!(before, after.functions["fx"]);
+
+    // A missing file: one line naming the function, the key and the path.
+    let missing = dir.join("absent");
+    let err = parse(&text(&missing.display().to_string()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "config/test.toml: functions.fx.env_from_file: API_KEY: cannot read {}: ",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1);
+    let err = parse(
+        "[functions.fx]\nprovider = \"process\"\ncommand = [\"x\"]\n\
+         env_from_env = { DB = \"SLUICEGATE_TEST_SURELY_UNSET_VARIABLE\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("functions.fx.env_from_env: DB: the gateway's environment variable SLUICEGATE_TEST_SURELY_UNSET_VARIABLE"),
+        "{err}"
+    );
+    // Secrets are the process provider's; a key set twice is refused.
+    let err = parse(
+        "[functions.fx]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\n\
+         env_from_env = { DB = \"PATH\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("only provider \"process\" takes env_from_env"),
+        "{err}"
+    );
+    let err = parse(
+        "[functions.fx]\nprovider = \"process\"\ncommand = [\"x\"]\nenv = { DB = \"x\" }\n\
+         env_from_env = { DB = \"PATH\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("DB is also set in env"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn pause_and_auth_keys_are_checked() {
+    let base = "[functions.fx]\nprovider = \"static\"\nupstreams = [\"http://a:1\"]\n";
+    let cfg = parse(&format!(
+        "{base}when_paused = \"hold\"\nauth = \"token\"\ntoken_query_param = \"access_token\"\n"
+    ))
+    .unwrap();
+    let f = &cfg.functions["fx"];
+    assert_eq!(f.when_paused, WhenPaused::Hold);
+    assert_eq!(f.auth, Auth::Token);
+    assert_eq!(f.token_query_param.as_deref(), Some("access_token"));
+    let defaults = &parse(base).unwrap().functions["fx"];
+    assert_eq!(
+        (defaults.when_paused, defaults.auth),
+        (WhenPaused::Refuse, Auth::None)
+    );
+    for (bad, key) in [
+        ("when_paused = \"wait\"", "when_paused"),
+        ("auth = \"basic\"", "auth"),
+        ("token_query_param = \"a b\"", "token_query_param"),
+    ] {
+        let err = parse(&format!("{base}{bad}\n")).unwrap_err().to_string();
+        assert!(err.contains(&format!("functions.fx.{key}: ")), "{err}");
+    }
 }

@@ -13,9 +13,11 @@
 //! Slots are [`Permit`]s: dropping one frees the replica slot, decrements the gauge and hands the
 //! slot to the head of the queue. Nothing is ever decremented by hand.
 
+mod pause;
 mod registry;
 pub mod window;
 
+pub use pause::PAUSED_RETRY_AFTER;
 pub use registry::{Fnv, Functions, NameHasher};
 
 use std::cell::Cell;
@@ -60,6 +62,12 @@ pub enum Rejection {
         /// Suggested `Retry-After`.
         retry_after: u64,
     },
+    /// The function is paused (`when_paused = "refuse"`), or was still paused when a request
+    /// held for it (`when_paused = "hold"`) ran out of time.
+    Paused {
+        /// Suggested `Retry-After`.
+        retry_after: u64,
+    },
 }
 
 impl Rejection {
@@ -70,6 +78,7 @@ impl Rejection {
             Rejection::QueueTimeout { .. } => RejectReason::QueueTimeout,
             Rejection::ColdStartTimeout { .. } => RejectReason::ColdStartTimeout,
             Rejection::StartFailed { .. } => RejectReason::StartFailed,
+            Rejection::Paused { .. } => RejectReason::Paused,
         }
     }
 }
@@ -193,6 +202,10 @@ pub struct Function {
     wake: Notify,
     /// Starts the autoscaler's task, when it was not started because the function was at rest.
     parked: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Set while the function is paused (admin API): read on the request path.
+    paused: AtomicBool,
+    /// `true` while paused, for what waits for the resume (the autoscaler, the async dispatcher).
+    pause_switch: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the other gateways of a cluster add to this one's view of a function.
@@ -295,6 +308,8 @@ impl Function {
             dormant: AtomicBool::new(false),
             wake: Notify::new(),
             parked: Mutex::new(None),
+            paused: AtomicBool::new(false),
+            pause_switch: tokio::sync::watch::Sender::new(false),
             config,
         })
     }
@@ -490,7 +505,7 @@ impl Function {
     /// [`Rejection`]. Dropping the returned future (the client went away) leaves the queue at once.
     /// `arrived` is when the request arrived (the service time counts from there when no wait).
     pub async fn admit(self: &Arc<Self>, arrived: Instant) -> Result<Permit, Rejection> {
-        if self.metrics.queued.get() == 0 {
+        if self.metrics.queued.get() == 0 && !self.is_paused() {
             if let Some(replica) = self.try_take_slot() {
                 return Ok(self.permit(replica, Waited::No, arrived));
             }
@@ -503,14 +518,21 @@ impl Function {
     async fn enqueue(self: &Arc<Self>, arrived: Instant) -> Result<Permit, Rejection> {
         let (rx, id, cold) = {
             let mut queue = self.waiters.lock().unwrap();
-            if queue.is_empty() {
+            let paused = self.is_paused();
+            if paused && !self.config.when_paused.holds() {
+                return Err(Rejection::Paused {
+                    retry_after: PAUSED_RETRY_AFTER,
+                });
+            }
+            if queue.is_empty() && !paused {
                 if let Some(replica) = self.try_take_slot() {
                     return Ok(self.permit(replica, Waited::No, arrived));
                 }
             }
             let endpoints = self.endpoints.load();
-            let cold = endpoints.replicas.is_empty();
-            if cold {
+            // Paused with `when_paused = "hold"`: held as for a cold start, but none is started.
+            let cold = endpoints.replicas.is_empty() || paused;
+            if cold && !paused {
                 if let Some(failure) = &endpoints.failure {
                     return Err(Rejection::StartFailed {
                         reason: failure.reason.clone(),
@@ -570,6 +592,9 @@ impl Function {
             }
             Ok(Ok(Err(rejection))) => Err(rejection),
             // The sender is only dropped after sending; treat a lost sender like a timeout.
+            Ok(Err(_)) | Err(_) if self.is_paused() => Err(Rejection::Paused {
+                retry_after: PAUSED_RETRY_AFTER,
+            }),
             Ok(Err(_)) | Err(_) => {
                 let retry_after = self.retry_after(Instant::now());
                 Err(if cold && self.ready() == 0 {
@@ -581,8 +606,12 @@ impl Function {
         }
     }
 
-    /// Gives free slots to the head of the queue, in order, until either runs out.
+    /// Gives free slots to the head of the queue, in order, until either runs out (none while
+    /// the function is paused: held requests wait for the resume).
     fn dispatch(self: &Arc<Self>) {
+        if self.is_paused() {
+            return;
+        }
         let mut spare: Option<Permit> = None;
         {
             let mut queue = self.waiters.lock().unwrap();
@@ -636,6 +665,9 @@ impl Function {
         let Some(backend) = self.backend.get() else {
             return;
         };
+        if self.is_paused() {
+            return;
+        }
         if !backend.scalable() {
             return;
         }

@@ -363,3 +363,71 @@ async fn a_held_request_keeps_its_cold_start_timeout_during_slow_start() {
     }
     assert_eq!((admitted, timed_out), (4, 6));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_refuses_new_and_waiting_requests_and_the_resume_restores_the_count() {
+    let (f, fake) = function("max_ongoing_requests = 1\ncold_start_timeout = \"10s\"");
+    let r1 = replica(1);
+    fake.set_replicas(2);
+    publish(&f, std::slice::from_ref(&r1));
+    let busy = f.admit(Instant::now()).await.expect("a free slot");
+    let waiting = {
+        let f = f.clone();
+        tokio::spawn(async move { f.admit(Instant::now()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(f.metrics.queued.get(), 1);
+
+    assert_eq!(f.pause(), Some(2), "the count asked for before");
+    assert_eq!(f.pause(), None, "paused once");
+    assert_eq!(fake.replicas(), 0);
+    let paused = Rejection::Paused {
+        retry_after: PAUSED_RETRY_AFTER,
+    };
+    assert_eq!(waiting.await.unwrap().unwrap_err(), paused);
+    // Even with a free slot on a replica not yet gone, nothing is admitted.
+    drop(busy);
+    assert_eq!(f.admit(Instant::now()).await.unwrap_err(), paused);
+    assert_eq!(fake.wakes.load(Ordering::SeqCst), 0, "no cold start");
+    assert!(f.metrics.paused());
+
+    assert!(f.resume(2));
+    assert!(!f.resume(2), "resumed once");
+    assert_eq!(fake.replicas(), 2);
+    assert_eq!(f.take_manual(), Some(2), "handed to the autoscaler");
+    assert!(f.admit(Instant::now()).await.is_ok());
+    assert!(!f.metrics.paused());
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_hold_a_paused_function_holds_requests_until_the_resume_or_their_timeout() {
+    let (f, fake) = function("when_paused = \"hold\"\ncold_start_timeout = \"10s\"");
+    f.pause();
+    let start = Instant::now();
+    let timed_out = {
+        let f = f.clone();
+        tokio::spawn(async move { f.admit(Instant::now()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let released = {
+        let f = f.clone();
+        tokio::spawn(async move { f.admit(Instant::now()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The first waited its cold_start_timeout out, with no replica asked for.
+    assert_eq!(
+        timed_out.await.unwrap().unwrap_err(),
+        Rejection::Paused {
+            retry_after: PAUSED_RETRY_AFTER
+        }
+    );
+    assert_eq!(Instant::now() - start, Duration::from_secs(11));
+    assert_eq!(fake.replicas(), 0);
+    assert_eq!(f.metrics.queued.get(), 1);
+    // The resume (to zero, as before the pause) wakes the function for the one held.
+    f.resume(0);
+    assert_eq!(fake.wakes.load(Ordering::SeqCst), 1);
+    publish(&f, &[replica(1)]);
+    let permit = released.await.unwrap().expect("released by the resume");
+    assert!(matches!(permit.waited(), Waited::ColdStart(_)));
+}

@@ -2,7 +2,8 @@
 //!
 //! A supervisor task per function keeps as many children running as it is asked for:
 //!
-//! * a replica is started from `command` with env `PORT=<free port>` (plus the function's `env`),
+//! * a replica is started from `command` with env `PORT=<free port>` (plus the function's `env`
+//!   and its secrets, `env_from_file` and `env_from_env`),
 //!   in its own process group, with a parent-death signal so it cannot outlive the gateway;
 //! * it is *ready* once `GET readiness_path` answers 2xx, probed every [`PROBE_INTERVAL`] (10 ms);
 //!   readiness is published at once, so held requests reach it within milliseconds;
@@ -550,7 +551,7 @@ impl ReplicaRun {
         let program = resolve_program(&self.config.command[0])?;
         let mut cmd = Command::new(program);
         cmd.args(&self.config.command[1..])
-            .envs(&self.config.env)
+            .envs(self.config.environment())
             .env("PORT", port.to_string())
             .current_dir(&self.config.working_dir)
             .stdin(Stdio::null())

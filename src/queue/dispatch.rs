@@ -69,6 +69,17 @@ impl Dispatcher {
                 _ = stopped(&mut retire) => { retired = true; break }
             };
 
+            // 1b. Nothing is delivered while the function is paused: its invocations wait stored.
+            if function.is_paused() {
+                drop(slot);
+                tokio::select! {
+                    _ = function.until_resumed() => {}
+                    _ = stopped(&mut stop) => break,
+                    _ = stopped(&mut retire) => { retired = true; break }
+                }
+                continue;
+            }
+
             // 2. The invocation held back, else the next one the store says is due.
             let pending = match held.take() {
                 Some(pending) => pending,
@@ -117,6 +128,13 @@ impl Dispatcher {
                 admitted = function.admit(arrived) => admitted,
                 _ = stopped(&mut stop) => break,
             };
+            if let Err(Rejection::Paused { .. }) = admitted {
+                // Paused since it was taken: not an attempt; it waits for the resume (1b).
+                debug!(function = %function.name, "async dispatch waits: function paused");
+                held = Some(pending);
+                drop(slot);
+                continue;
+            }
             if let Err(Rejection::QueueFull { retry_after }) = admitted {
                 // The function's queue is full of sync requests: not an attempt; wait.
                 debug!(function = %function.name, retry_after, "async dispatch paused: function queue full");

@@ -359,8 +359,16 @@ impl AsyncQueue {
         // 5. The request as the function will receive it: the sync path's header rules.
         let forwarded_host = forwarding::forwarded_host(&parts);
         let path_and_query = forwarding::replica_path_and_query(&parts.uri, name_end);
+        let token_name = parts.extensions.remove::<forwarding::TokenName>();
         let headers = &mut parts.headers;
-        forwarding::rewrite_request_headers(headers, peer, forwarded_host, call_id, false);
+        forwarding::rewrite_request_headers(
+            headers,
+            peer,
+            forwarded_host,
+            call_id,
+            false,
+            token_name,
+        );
         headers.remove(CONTENT_LENGTH);
         headers.remove(EXPECT);
         let invocation = Invocation {

@@ -14,6 +14,7 @@ use super::store::{AsyncRecord, DeadLetter, DEFAULT_LISTED_DEAD_LETTERS};
 use super::AsyncQueue;
 use crate::body::ResponseBody;
 use crate::error::GatewayError;
+pub use crate::state::rfc3339;
 
 /// Most dead letters one `GET /system/async-dead-letters` lists (`limit`).
 pub const MAX_LISTED_DEAD_LETTERS: usize = 1000;
@@ -278,30 +279,6 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-/// Unix milliseconds as an RFC 3339 UTC time with milliseconds (`2025-01-31T12:00:00.250Z`).
-pub fn rfc3339(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        unix_ms % 1000
-    )
 }
 
 #[cfg(test)]

@@ -133,9 +133,11 @@ pub(super) fn resolve(
     } = raw;
     // A key of another provider is a mistake worth naming, not something to ignore.
     let foreign = |kind: &str| -> Result<(), ConfigError> {
-        let written: [(&str, &str, bool); 7] = [
+        let written: [(&str, &str, bool); 9] = [
             ("command", "process", process.command.is_some()),
             ("env", "process", process.env.is_some()),
+            ("env_from_file", "process", process.env_from_file.is_some()),
+            ("env_from_env", "process", process.env_from_env.is_some()),
             (
                 "readiness_path",
                 "process",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::config::duration::Dur;
 use crate::config::line;
 use crate::config::table::{given, positive, table};
+use crate::config::Secret;
 
 /// Path probed on a process replica until it answers 2xx.
 pub const DEFAULT_READINESS_PATH: &str = "/";
@@ -33,6 +34,19 @@ table! {
             /// Extra environment for every replica (`PORT` is always set by the gateway).
             pub env: BTreeMap<String, String> = given(env, BTreeMap::new()),
         },
+        env_from_file: BTreeMap<String, String> => {
+            /// Secret environment read from files (`KEY = "/run/secrets/key"`, relative paths
+            /// from the config file's directory), read at every load and reload: a changed
+            /// content changes the function. One trailing newline is dropped.
+            pub env_from_file: BTreeMap<String, SecretValue> =
+                from_files(env_from_file, base_dir, &env),
+        },
+        env_from_env: BTreeMap<String, String> => {
+            /// Secret environment copied from the gateway's own environment
+            /// (`KEY = "GATEWAY_VARIABLE"`), read at every load and reload.
+            pub env_from_env: BTreeMap<String, SecretValue> =
+                from_gateway_env(env_from_env, &env, &env_from_file),
+        },
         working_dir: String => {
             /// Working directory: `working_dir` if set (relative to the config file), else the
             /// config file's directory.
@@ -55,12 +69,31 @@ table! {
 }
 
 impl ProcessConfig {
+    /// Every replica's environment besides `PORT`: `env`, then the secrets (`env_from_file`,
+    /// `env_from_env`), whose values only the replica sees.
+    pub fn environment(&self) -> impl Iterator<Item = (&str, &str)> {
+        let plain = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let secrets = self
+            .env_from_file
+            .iter()
+            .chain(&self.env_from_env)
+            .map(|(k, v)| (k.as_str(), v.value.expose()));
+        plain.chain(secrets)
+    }
+
     /// Appends the `check-config` lines of the process provider's keys.
     pub(super) fn describe(&self, out: &mut String) {
         line(out, "command", format!("{:?}", self.command));
         line(out, "working_dir", self.working_dir.display());
         if !self.env.is_empty() {
             line(out, "env", format!("{:?}", self.env));
+        }
+        // Secrets by where they come from, never by value.
+        if !self.env_from_file.is_empty() {
+            line(out, "env_from_file", format!("{:?}", self.env_from_file));
+        }
+        if !self.env_from_env.is_empty() {
+            line(out, "env_from_env", format!("{:?}", self.env_from_env));
         }
         line(out, "readiness_path", &self.readiness_path);
         line(
@@ -74,6 +107,105 @@ impl ProcessConfig {
             format!("{:?}", self.termination_grace),
         );
     }
+}
+
+/// A secret environment value and where it came from. `Debug` and `Display` name the source
+/// (`<secret from /run/secrets/api_key>`), never the value, so that `check-config`, a logged
+/// config or an error never shows it; two are equal when both source and value are (a file whose
+/// content changed makes a different config, so a reload replaces the function).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue {
+    /// A file's path, or `$VARIABLE` for the gateway's environment.
+    pub source: String,
+    /// The value.
+    pub value: Secret,
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<secret from {}>", self.source)
+    }
+}
+
+impl std::fmt::Display for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// An environment variable name the replica can be given: not empty, no `=` or NUL, not `PORT`
+/// (the gateway's), not set twice.
+/// `set_in` lists the other tables with whether each sets `key` already.
+fn env_name(key: &str, set_in: &[(&str, bool)]) -> Result<(), String> {
+    if key.is_empty() || key.contains(['=', '\0']) {
+        return Err(format!("`{key}` is not an environment variable name"));
+    }
+    if key == "PORT" {
+        return Err("PORT is set by the gateway".into());
+    }
+    if let Some((table, _)) = set_in.iter().find(|(_, set)| *set) {
+        return Err(format!("{key} is also set in {table}"));
+    }
+    Ok(())
+}
+
+fn from_files(
+    written: Option<BTreeMap<String, String>>,
+    base_dir: &Path,
+    env: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, SecretValue>, String> {
+    let mut secrets = BTreeMap::new();
+    for (key, file) in written.unwrap_or_default() {
+        env_name(&key, &[("env", env.contains_key(&key))])?;
+        let path = base_dir.join(&file);
+        let mut value = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+        if value.ends_with('\n') {
+            value.pop();
+            if value.ends_with('\r') {
+                value.pop();
+            }
+        }
+        if value.contains('\0') {
+            return Err(format!("{key}: {} holds a NUL byte", path.display()));
+        }
+        let source = path.display().to_string();
+        secrets.insert(
+            key,
+            SecretValue {
+                source,
+                value: Secret::new(value),
+            },
+        );
+    }
+    Ok(secrets)
+}
+
+fn from_gateway_env(
+    written: Option<BTreeMap<String, String>>,
+    env: &BTreeMap<String, String>,
+    files: &BTreeMap<String, SecretValue>,
+) -> Result<BTreeMap<String, SecretValue>, String> {
+    let mut secrets = BTreeMap::new();
+    for (key, variable) in written.unwrap_or_default() {
+        env_name(
+            &key,
+            &[
+                ("env", env.contains_key(&key)),
+                ("env_from_file", files.contains_key(&key)),
+            ],
+        )?;
+        let value = std::env::var(&variable)
+            .map_err(|e| format!("{key}: the gateway's environment variable {variable}: {e}"))?;
+        secrets.insert(
+            key,
+            SecretValue {
+                source: format!("${variable}"),
+                value: Secret::new(value),
+            },
+        );
+    }
+    Ok(secrets)
 }
 
 fn program(command: Option<Vec<String>>) -> Result<Vec<String>, String> {
