@@ -664,7 +664,7 @@ def run(ctx, port, gw):
         t0 = time.monotonic()
         deadline = t0 + seconds
         cpu0, rss0 = cpu_seconds(gw.pid), proc_status(gw.pid, "VmRSS")
-        peak = rss0
+        peak, timeline, next_sample = rss0, [], t0
         attacker_proc = recv = None
         if attack:
             recv, send_end = ctx.Pipe(duplex=False)
@@ -674,7 +674,11 @@ def run(ctx, port, gw):
             attacker_proc.start()
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            peak = max(peak, proc_status(gw.pid, "VmRSS"))
+            rss = proc_status(gw.pid, "VmRSS")
+            peak = max(peak, rss)
+            if time.monotonic() >= next_sample:  # every second: RSS, open descriptors
+                next_sample += 1
+                timeline.append((round(time.monotonic() - t0, 1), rss, len(os.listdir(f"/proc/{gw.pid}/fd"))))
         t1 = time.monotonic()
         cpu1, rss1 = cpu_seconds(gw.pid), proc_status(gw.pid, "VmRSS")
         records, attacker_cpu = [], None
@@ -694,6 +698,7 @@ def run(ctx, port, gw):
             "rss_kib_start": rss0, "rss_kib_peak": peak, "rss_kib_end": rss1,
             "gateway_cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0)),
             "gateway_threads": proc_status(gw.pid, "Threads"),
+            "timeline_s_rsskib_fds": timeline,
             "target_requests": None if None in (before_invocations, after_invocations)
             else after_invocations - before_invocations,
         }
@@ -781,6 +786,7 @@ def report(results):
                       f"{a['statuses_received'] or 'none'}\n")
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "commit": commit(), "args": vars(args),
+                   "loadavg_at_end": os.getloadavg(), "cpus": os.cpu_count(),
                    "phases": results}, f, indent=1)
     out.write(f"\nJSON: {args.json}\n")
 
