@@ -39,10 +39,99 @@ use crate::gateway::Gateway;
 use crate::incoming::Incoming;
 
 /// A socket whose first bytes were already read (by the HTTP/1 side, which found HTTP/2's
-/// preface in them): they are read again first.
+/// preface in them): they are read again first. Everything read passes through its
+/// [`FrameMeter`], which ends the connection when the client's frames that earn nothing outgrow
+/// what its requests earned.
 struct Prefixed {
     read: Bytes,
     inner: TcpStream,
+    meter: FrameMeter,
+}
+
+/// What one HTTP/2 connection may send that reaches no request: header blocks the codec refused
+/// (oversized or malformed, answered `431`/reset without the gateway ever seeing a request),
+/// PINGs, SETTINGS, PRIORITY, RST_STREAM, unknown frame types. The h2 codec bounds rapid
+/// resets, CONTINUATION floods and refused streams itself, but not these: a client could make
+/// the gateway parse refused header blocks, or answer PINGs, for as long as it likes.
+///
+/// Every request that reaches the gateway earns `max_header_bytes` + 1 KiB; on top of that the
+/// connection has [`H2_FREE_CONTROL_BYTES`]. DATA (bounded by flow control) and WINDOW_UPDATE
+/// (a large download's) are not counted. Past the allowance the read fails and the connection
+/// ends (the client sees the socket close).
+struct FrameMeter {
+    /// The client preface's bytes still to pass (not frames).
+    preface_left: u8,
+    /// A frame header being read, and how much of it has arrived.
+    header: [u8; 9],
+    header_len: u8,
+    /// Payload bytes of the current frame still to pass, and whether they count.
+    payload_left: u32,
+    counting: bool,
+    /// Bytes counted so far.
+    spent: u64,
+    /// Incremented by every request the connection hands to the gateway.
+    requests: Arc<AtomicU64>,
+    /// What one request earns.
+    per_request: u64,
+}
+
+/// Bytes of frames that reach no request an HTTP/2 connection may send before any request
+/// earned more (about twelve refused 80 KiB header blocks, or 60,000 PINGs).
+pub const H2_FREE_CONTROL_BYTES: u64 = 1024 * 1024;
+
+impl FrameMeter {
+    fn new(requests: Arc<AtomicU64>, max_header_bytes: usize) -> FrameMeter {
+        FrameMeter {
+            preface_left: 24,
+            header: [0; 9],
+            header_len: 0,
+            payload_left: 0,
+            counting: false,
+            spent: 0,
+            requests,
+            per_request: max_header_bytes as u64 + 1024,
+        }
+    }
+
+    /// Accounts for `data`, the next bytes read; `false` once the allowance is spent.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.preface_left > 0 {
+                let n = data.len().min(self.preface_left as usize);
+                self.preface_left -= n as u8;
+                data = &data[n..];
+            } else if self.payload_left > 0 {
+                let n = data.len().min(self.payload_left as usize);
+                self.payload_left -= n as u32;
+                if self.counting {
+                    self.spent += n as u64;
+                }
+                data = &data[n..];
+            } else {
+                let have = self.header_len as usize;
+                let n = data.len().min(9 - have);
+                self.header[have..have + n].copy_from_slice(&data[..n]);
+                self.header_len += n as u8;
+                data = &data[n..];
+                if self.header_len == 9 {
+                    self.header_len = 0;
+                    let h = &self.header;
+                    self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+                    // DATA (0) and WINDOW_UPDATE (8) are free.
+                    self.counting = !matches!(h[3], 0 | 8);
+                    if self.counting {
+                        self.spent += 9;
+                    }
+                }
+            }
+        }
+        self.spent <= self.allowance()
+    }
+
+    fn allowance(&self) -> u64 {
+        let earned = self.requests.load(Ordering::Relaxed);
+        H2_FREE_CONTROL_BYTES.saturating_add(earned.saturating_mul(self.per_request))
+    }
 }
 
 impl AsyncRead for Prefixed {
@@ -51,13 +140,23 @@ impl AsyncRead for Prefixed {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.read.is_empty() {
-            let n = self.read.len().min(buf.remaining());
-            buf.put_slice(&self.read[..n]);
-            self.read.advance(n);
-            return Poll::Ready(Ok(()));
+        let this = &mut *self;
+        let before = buf.filled().len();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+        } else if Pin::new(&mut this.inner).poll_read(cx, buf)?.is_pending() {
+            return Poll::Pending;
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if this.meter.feed(&buf.filled()[before..]) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "HTTP/2 client sent more frames that reach no request than its requests earned",
+            )))
+        }
     }
 }
 
@@ -97,6 +196,8 @@ struct ConnService {
     gateway: Arc<Gateway>,
     state: Arc<ConnState>,
     peer: Arc<Peer>,
+    /// Requests handed to the gateway (the connection's [`FrameMeter`] reads it).
+    requests: Arc<AtomicU64>,
 }
 
 impl hyper::service::Service<Request<hyper::body::Incoming>> for ConnService {
@@ -106,6 +207,7 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for ConnService {
 
     fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
         let guard = RequestGuard::new(self.state.clone());
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.gateway
             .serve(req.map(Incoming::Hyper), &self.peer, guard)
     }
@@ -340,14 +442,17 @@ async fn serve_connection(
         Some(crate::http1::Ended::Http2(stream, read)) => (stream, read),
         Some(crate::http1::Ended::Closed) | None => return,
     };
+    let requests = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(Prefixed {
         read,
         inner: stream,
+        meter: FrameMeter::new(requests.clone(), gateway.config.max_header_bytes),
     });
     let service = ConnService {
         gateway,
         state: state.clone(),
         peer,
+        requests,
     };
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
@@ -387,4 +492,78 @@ async fn with_signals<F: Future + Unpin>(
         Pin::new(&mut fut).poll(cx).map(Some)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.resize(9 + len, 0xab);
+        f
+    }
+
+    fn meter() -> (FrameMeter, Arc<AtomicU64>) {
+        let requests = Arc::new(AtomicU64::new(0));
+        (FrameMeter::new(requests.clone(), 64 * 1024), requests)
+    }
+
+    #[test]
+    fn data_and_window_updates_are_free_and_the_preface_is_not_a_frame() {
+        let (mut m, _) = meter();
+        assert!(m.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        for _ in 0..1000 {
+            assert!(m.feed(&frame(0, 16 * 1024)));
+            assert!(m.feed(&frame(8, 4)));
+        }
+        assert_eq!(m.spent, 0);
+        assert!(m.feed(&frame(4, 0))); // SETTINGS
+        assert_eq!(m.spent, 9);
+    }
+
+    #[test]
+    fn frames_split_anywhere_count_the_same() {
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for kind in [1u8, 9, 0, 6, 8, 3] {
+            stream.extend(frame(kind, 100));
+        }
+        let (mut whole, _) = meter();
+        whole.feed(&stream);
+        let (mut bytewise, _) = meter();
+        for b in &stream {
+            bytewise.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(whole.spent, 4 * 109);
+        assert_eq!(bytewise.spent, whole.spent);
+    }
+
+    #[test]
+    fn refused_header_blocks_run_out_and_requests_earn_more() {
+        let (mut m, requests) = meter();
+        m.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let block = frame(1, 16 * 1024);
+        let mut fed = 0;
+        while m.feed(&block) {
+            fed += 1;
+            assert!(fed < 1000, "never ran out");
+        }
+        assert_eq!(fed, (H2_FREE_CONTROL_BYTES / (16 * 1024 + 9)) as usize);
+        // A request reaching the gateway pays for its own header block (and then some).
+        requests.fetch_add(1, Ordering::Relaxed);
+        assert!(m.feed(&[]));
+        for _ in 0..3 {
+            assert!(m.feed(&block));
+        }
+    }
 }

@@ -319,3 +319,110 @@ async fn an_oversized_header_block_is_refused_and_the_connection_goes_on() {
     drop(write);
     gw.shutdown().await;
 }
+
+/// An oversized header block, `n` times on streams 1, 3, 5, …, in 16 KiB frames.
+fn oversized_blocks(n: u32) -> Vec<u8> {
+    let mut block = get_block("/function/f/");
+    while block.len() < 80 * 1024 {
+        literal(&mut block, b"x-big", &[b'a'; 1000]);
+    }
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut pieces = block.chunks(16 * 1024).peekable();
+        let mut kind = HEADERS;
+        while let Some(piece) = pieces.next() {
+            let last = pieces.peek().is_none();
+            let flags = if last { END_HEADERS | END_STREAM } else { 0 };
+            out.extend(frame(kind, flags, 1 + 2 * i, piece));
+            kind = CONTINUATION;
+        }
+    }
+    out
+}
+
+/// Writes `batch` until the connection ends, `times` at most; how many went out.
+async fn until_closed(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    seen: &Seen,
+    batch: &[u8],
+    times: usize,
+) -> usize {
+    let mut sent = 0;
+    while sent < times && !seen.ended() {
+        if write.write_all(batch).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    sent
+}
+
+#[tokio::test]
+async fn endless_oversized_header_blocks_get_the_connection_closed() {
+    let _serial = SERIAL.lock().await;
+    let backend = Backend::ok().await;
+    let gw = gateway(&backend, "").await;
+    let (mut write, seen) = connect(gw.addr).await;
+    // Each refused by the codec (431 or a reset) before the gateway sees a request: the
+    // connection's free allowance (1 MiB) runs out after about a dozen.
+    let batch = oversized_blocks(10);
+    let sent = until_closed(&mut write, &seen, &batch, 100).await;
+    assert!(
+        eventually(|| seen.ended()).await,
+        "still open after {} oversized header blocks",
+        sent * 10
+    );
+    println!(
+        "oversized header blocks: connection closed after {} blocks written (~{} KiB), {} answered or reset, GOAWAY {:?}",
+        sent * 10,
+        sent * batch.len() / 1024,
+        seen.heads.lock().unwrap().len() + seen.resets.lock().unwrap().len(),
+        seen.goaway.lock().unwrap()
+    );
+    assert!(
+        sent < 100,
+        "1,000 refused header blocks (80 MiB) were all read"
+    );
+    assert_eq!(backend.stats.requests.load(Ordering::SeqCst), 0);
+    others_are_served(&gw).await;
+    drop(write);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ping_flood_from_a_client_that_reads_gets_the_connection_closed() {
+    let _serial = SERIAL.lock().await;
+    let backend = Backend::ok().await;
+    let gw = gateway(&backend, "").await;
+    let (mut write, seen) = connect(gw.addr).await;
+    // A well-behaved use first: requests on the connection earn it more allowance, not less.
+    let mut ok = Vec::new();
+    for i in 0..10u32 {
+        ok.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1 + 2 * i,
+            &get_block("/function/f/"),
+        ));
+    }
+    write.write_all(&ok).await.unwrap();
+    assert!(eventually(|| seen.ended_streams.lock().unwrap().len() >= 10).await);
+    assert!(!seen.ended());
+    // Then PINGs, 1,000 to a write, up to 4,000,000 (68 MiB), read and answered as they come.
+    let batch = frame(PING, 0, 0, b"abcdefgh").repeat(1000);
+    let sent = until_closed(&mut write, &seen, &batch, 4000).await;
+    assert!(
+        eventually(|| seen.ended()).await,
+        "still open after {} PINGs",
+        sent * 1000
+    );
+    println!(
+        "PING flood from a reading client: closed after {} PINGs written, {} bytes of answers read",
+        sent * 1000,
+        seen.bytes.load(Ordering::SeqCst)
+    );
+    assert!(sent < 4000, "4,000,000 PINGs were all answered");
+    others_are_served(&gw).await;
+    drop(write);
+    gw.shutdown().await;
+}
