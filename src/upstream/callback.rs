@@ -50,7 +50,9 @@ pub fn parse_callback_url(text: &str) -> Result<Uri, Refused> {
         None => return Err(Refused(format!("`{text}` is not an absolute http:// URL"))),
     }
     // `http://[]:80/` parses with the host `[]`: no host either.
-    let bare = uri.host().map(|h| h.trim_start_matches('[').trim_end_matches(']'));
+    let bare = uri
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'));
     if bare.is_none_or(str::is_empty) {
         return Err(Refused(format!("`{text}` has no host")));
     }
