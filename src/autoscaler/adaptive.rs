@@ -13,14 +13,16 @@
 //! * **Histogram**: 240 bins of `adaptive_bin_width` (1 minute: 4 hours), plus a count of idle
 //!   times beyond; 16-bit weights, decayed by 1/32 at each observation so that it follows
 //!   changes (491 bytes persisted).
-//! * **Windows** once there are [`MIN_OBSERVATIONS`], fewer than half of them beyond the range,
-//!   and the bin weights are not flat (coefficient of variation at least [`CV_THRESHOLD`]):
-//!   keep-alive = the upper edge of the bin holding the 99th percentile, plus 10%; pre-warm = one
-//!   bin before the bin holding the 5th percentile. With a pre-warm, the replica goes after one
-//!   bin of idleness, one is started again at the pre-warm time and kept until the keep-alive;
-//!   without, the replica stays for the keep-alive. Otherwise (too few, beyond the range — where
-//!   the paper forecasts with ARIMA —, or flat) a fixed [`FALLBACK_KEEP_ALIVE`] and no pre-warm.
-//!   `adaptive_min_keep_alive` and `adaptive_max_keep_alive` bound everything.
+//! * **Windows** once there are [`MIN_OBSERVATIONS`] and fewer than half of them beyond the
+//!   range: where the paper takes the 5th and 99th percentiles, the windows here are the one
+//!   stretch of idle time whose arrivals are worth more than the replica time spent waiting for
+//!   them, a cold start being worth `adaptive_cold_start_cost` of replica time (see [`windows`]).
+//!   The keep-alive is the end of that stretch plus 10%; when it starts two bins or more after
+//!   the function goes idle, the replica goes after one bin of idleness and one is started again
+//!   one bin before the stretch (the pre-warm), kept until the keep-alive. Idle times with no
+//!   pattern (the paper's flat histogram) then get no stretch: one bin. Otherwise (too few, or
+//!   beyond the range — where the paper forecasts with ARIMA) a fixed [`FALLBACK_KEEP_ALIVE`] and
+//!   no pre-warm. `adaptive_min_keep_alive` and `adaptive_max_keep_alive` bound everything.
 
 use std::time::Duration;
 
@@ -30,14 +32,11 @@ use crate::config::AdaptiveConfig;
 pub const BINS: usize = 240;
 /// Observations needed before the histogram is trusted.
 pub const MIN_OBSERVATIONS: u32 = 10;
-/// Below this coefficient of variation of the bin weights the histogram is flat: no pattern.
-pub const CV_THRESHOLD: f64 = 2.0;
 /// At or above this share of idle times beyond the range, the histogram is not representative.
 pub const BEYOND_THRESHOLD: f64 = 0.5;
-/// The percentile whose bin sets the pre-warm.
-pub const HEAD: f64 = 0.05;
-/// The percentile whose bin sets the keep-alive.
-pub const TAIL: f64 = 0.99;
+/// The least share of the idle times a stretch covered by a replica must catch (the paper's
+/// 5th percentile for the pre-warm).
+pub const MIN_STRETCH_SHARE: f64 = 0.05;
 /// Added to the keep-alive.
 pub const KEEP_ALIVE_MARGIN: f64 = 0.10;
 /// The fixed keep-alive while the histogram is not trusted.
@@ -137,8 +136,6 @@ pub enum Basis {
     TooFew,
     /// Too many idle times beyond the histogram's range: the fixed window.
     BeyondRange,
-    /// The bin weights are flat (no pattern): the fixed window.
-    Flat,
 }
 
 impl Basis {
@@ -148,7 +145,6 @@ impl Basis {
             Basis::Histogram => "histogram",
             Basis::TooFew => "too_few",
             Basis::BeyondRange => "beyond_range",
-            Basis::Flat => "flat",
         }
     }
 }
@@ -175,6 +171,17 @@ pub struct Prewarm {
 }
 
 /// The windows a histogram gives under `config`'s bounds.
+///
+/// Bin `j` holds the idle times in `[j, j+1)` bin widths. Keeping a replica up during bin `j`
+/// catches the arrivals that end an idle time there (weight `w[j]`) and costs one bin width for
+/// every idle period that lasts that long (weight `S[j]`, the idle times at or beyond bin `j`).
+/// With a cold start worth `c` bins of replica time, the bin is worth `c·w[j] − S[j]`. Bin 0 is
+/// always covered (one idle time is recorded per bin width, so several requests within a bin are
+/// one sample: the replica must stay for them). Beyond it the replica covers the one stretch of
+/// bins `a..=k` of greatest total worth, if positive; a stretch that does not start at bin 1 is
+/// reached by a pre-warm one bin before it, whose bin is paid for (`S[a−1]`). The best stretch is
+/// found in one pass (maximum-sum run), and kept only if it catches at least
+/// [`MIN_STRETCH_SHARE`] of the idle times.
 pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
     let bin = h.bin_width;
     let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
@@ -192,35 +199,50 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
     if inside == 0 || beyond as f64 >= BEYOND_THRESHOLD * (inside + beyond) as f64 {
         return fixed(Basis::BeyondRange);
     }
-    let mean = inside as f64 / BINS as f64;
-    let variance = h
-        .bins
-        .iter()
-        .map(|w| (*w as f64 - mean).powi(2))
-        .sum::<f64>()
-        / BINS as f64;
-    if variance.sqrt() / mean < CV_THRESHOLD {
-        return fixed(Basis::Flat);
+    // S[j]: weight of the idle times at or beyond bin j.
+    let mut survival = [0u64; BINS + 1];
+    survival[BINS] = beyond;
+    for j in (0..BINS).rev() {
+        survival[j] = survival[j + 1] + h.bins[j] as u64;
     }
-    let percentile_bin = |q: f64| {
-        let goal = q * inside as f64;
-        let mut sum = 0u64;
-        h.bins
-            .iter()
-            .position(|w| {
-                sum += *w as u64;
-                sum as f64 >= goal
-            })
-            .unwrap_or(BINS - 1)
+    let cost = config.cold_start_cost.as_secs_f64() / bin.as_secs_f64();
+    let worth = |j: usize| cost * h.bins[j] as f64 - survival[j] as f64;
+    // The run ending at the current bin of greatest worth: (first bin, worth).
+    let mut run: Option<(usize, f64)> = None;
+    let mut best: Option<(usize, usize, f64)> = None;
+    for j in 1..BINS {
+        let w = worth(j);
+        let lead = if j == 1 { 0.0 } else { survival[j - 1] as f64 };
+        let fresh = (j, w - lead);
+        run = Some(match run {
+            Some((a, v)) if v + w >= fresh.1 => (a, v + w),
+            _ => fresh,
+        });
+        let (a, v) = run.expect("set above");
+        if v > best.map_or(0.0, |b| b.2) {
+            best = Some((a, j, v));
+        }
+    }
+    // A stretch must catch a share of the idle times: one recent sample far out, with few
+    // others that long, would otherwise look worth waiting for.
+    let best = best.filter(|&(first, last, _)| {
+        let caught: u64 = h.bins[first..=last].iter().map(|w| *w as u64).sum();
+        caught as f64 >= MIN_STRETCH_SHARE * survival[0] as f64
+    });
+    let Some((first, last, _)) = best else {
+        return Windows {
+            prewarm: None,
+            keep_alive: bin.mul_f64(1.0 + KEEP_ALIVE_MARGIN).clamp(min, max),
+            basis: Basis::Histogram,
+        };
     };
-    let (head, tail) = (percentile_bin(HEAD), percentile_bin(TAIL));
     let keep_alive = bin
-        .saturating_mul(tail as u32 + 1)
+        .saturating_mul(last as u32 + 1)
         .mul_f64(1.0 + KEEP_ALIVE_MARGIN)
         .clamp(min, max);
     // Unloading is worth it only when the replica would be gone for at least a bin.
     let unload_after = bin.max(min);
-    let at = bin.saturating_mul(head.saturating_sub(1) as u32);
+    let at = bin.saturating_mul(first as u32 - 1);
     let prewarm =
         (at >= unload_after + bin && at < keep_alive).then_some(Prewarm { unload_after, at });
     Windows {
@@ -400,6 +422,7 @@ mod tests {
             bin_width: Duration::from_secs(60),
             min_keep_alive: None,
             max_keep_alive: None,
+            cold_start_cost: Duration::from_secs(600),
         }
     }
 
@@ -476,15 +499,82 @@ mod tests {
     }
 
     #[test]
-    fn idle_times_beyond_the_range_or_flat_fall_back() {
+    fn idle_times_beyond_the_range_fall_back_and_patternless_ones_keep_one_bin() {
         let mut a = Adaptive::new(config());
         drive(&mut a, m(0.0), &[m(300.0); 12]);
         assert_eq!(a.windows().basis, Basis::BeyondRange);
-        // One idle time in each of many bins: no pattern.
+        // One idle time in each of many bins: no stretch catches enough to pay for itself.
         let mut a = Adaptive::new(config());
-        let spread: Vec<Duration> = (0..400).map(|i| m((i % 200) as f64 + 1.5)).collect();
+        let spread: Vec<Duration> = (0..400).map(|i| m((i * 37 % 200) as f64 + 1.5)).collect();
         drive(&mut a, m(0.0), &spread);
-        assert_eq!(a.windows().basis, Basis::Flat);
+        let w = a.windows();
+        assert_eq!(
+            (w.basis, w.prewarm, w.keep_alive),
+            (Basis::Histogram, None, m(1.1))
+        );
+    }
+
+    #[test]
+    fn bursts_with_long_random_gaps_keep_one_bin_not_the_longest_gap() {
+        // Bursts (idle times under a minute) every 30 to 180 minutes: the paper's 99th percentile
+        // would keep the replica for hours after every burst; nothing between the burst and the
+        // gaps catches enough requests to be worth it.
+        let mut a = Adaptive::new(config());
+        let mut idles = Vec::new();
+        for i in 0..40 {
+            idles.extend([Duration::from_secs(70); 3]);
+            idles.push(m(30.0 + (i * 37 % 150) as f64 + 0.5));
+        }
+        drive(&mut a, m(0.0), &idles);
+        let w = a.windows();
+        assert_eq!((w.basis, w.prewarm), (Basis::Histogram, None));
+        assert_eq!(w.keep_alive, m(2.0 * 1.1), "bins 0 and 1 (the bursts)");
+    }
+
+    #[test]
+    fn a_timer_with_a_few_short_idle_times_is_still_prewarmed() {
+        // Every 30 minutes, and now and then two calls a minute apart: the short idle times are
+        // caught by the first bin, they do not keep the replica up for the whole period.
+        let mut a = Adaptive::new(config());
+        let mut idles = Vec::new();
+        for i in 0..30 {
+            if i % 6 == 0 {
+                idles.push(Duration::from_secs(61));
+            }
+            idles.push(period(30.0));
+        }
+        drive(&mut a, m(0.0), &idles);
+        let w = a.windows();
+        assert_eq!(
+            w.prewarm,
+            Some(Prewarm {
+                unload_after: m(1.0),
+                at: m(28.0)
+            }),
+            "{w:?}"
+        );
+        assert_eq!(w.keep_alive, m(33.0));
+    }
+
+    #[test]
+    fn the_cold_start_cost_sets_how_much_waiting_a_stretch_may_cost() {
+        // Idle times spread evenly over 1 to 40 minutes. Each minute of waiting early on catches
+        // one arrival in 40 or so; near the end, one in a few. Worth 10 minutes a cold start,
+        // only the last stretch pays (pre-warmed); worth an hour, the whole wait does.
+        let idles: Vec<Duration> = (0..120).map(|i| m((i * 7 % 40) as f64 + 1.5)).collect();
+        let mut cheap = Adaptive::new(config());
+        drive(&mut cheap, m(0.0), &idles);
+        let w = cheap.windows();
+        assert!(w.prewarm.is_some_and(|p| p.at >= m(25.0)), "{w:?}");
+        assert!(w.keep_alive >= m(41.0), "{w:?}");
+        let mut dear = Adaptive::new(AdaptiveConfig {
+            cold_start_cost: m(60.0),
+            ..config()
+        });
+        drive(&mut dear, m(0.0), &idles);
+        let w = dear.windows();
+        assert_eq!(w.prewarm, None, "{w:?}");
+        assert!(w.keep_alive >= m(41.0), "{w:?}");
     }
 
     #[test]
@@ -519,24 +609,24 @@ mod tests {
     fn a_changed_pattern_is_followed_within_a_bounded_number_of_calls() {
         let mut a = Adaptive::new(config());
         let t = drive(&mut a, m(0.0), &[period(60.0); 40]);
-        // Now every 20 minutes: the pre-warm comes earlier at once (the new idle times are
-        // more than 5% of the weight after two calls), the keep-alive shrinks once the old
-        // weight is under 1% (1/32 decay: 146 calls).
+        // Now every 20 minutes. The windows cover one stretch: they move to the new period once
+        // its arrivals are worth more than the old one's (1/32 decay per call: about 40% of the
+        // weight), not at the first new idle time.
         let mut calls = 0;
         let mut t = t;
         while a.windows().prewarm.map(|p| p.at) != Some(m(18.0)) {
             t = drive(&mut a, t, &[period(20.0)]);
             calls += 1;
-            assert!(calls <= 3, "{:?}", a.windows());
+            assert!(calls <= 25, "{:?}", a.windows());
         }
-        while a.windows().keep_alive != m(22.0) {
-            t = drive(&mut a, t, &[period(20.0)]);
+        assert_eq!(a.windows().keep_alive, m(22.0));
+        // And back to hourly: faster (the pre-warmed stretch at an hour costs less waiting).
+        let mut calls = 0;
+        while a.windows().prewarm.map(|p| p.at) != Some(m(58.0)) {
+            t = drive(&mut a, t, &[period(60.0)]);
             calls += 1;
-            assert!(calls <= 150, "{:?}", a.windows());
+            assert!(calls <= 5, "{:?}", a.windows());
         }
-        // And back to hourly: the keep-alive covers the longer idle time after one call (the
-        // second arrival records the first hour).
-        drive(&mut a, t, &[period(60.0), period(60.0)]);
         assert_eq!(a.windows().keep_alive, m(66.0));
     }
 

@@ -612,26 +612,25 @@ async fn adaptive_a_changed_pattern_is_followed_within_a_bounded_number_of_calls
         Some(minutes(8)),
         "every 10 minutes"
     );
-    // Now every 25 minutes: at most the first call after the change is cold (the keep-alive
-    // covers the longer idle time once one is seen), and the pre-warm moves to the new period
-    // within 100 calls (the old idle times' weight decays by 1/32 per call).
+    // Now every 25 minutes. The learned stretch (8 to 11 minutes) covers one mode of the idle
+    // times: the calls are cold until the new period's arrivals are worth more than the old
+    // one's (the old idle times' weight decays by 1/32 per call), then pre-warmed.
     let mut colds = 0;
     let mut calls = 0;
     while f.metrics.adaptive_windows().unwrap().1 != Some(minutes(23)) {
         colds += call_at(&f, at).await as u32;
         at += minutes(25);
         calls += 1;
-        assert!(calls <= 100, "{:?}", f.metrics.adaptive_windows());
+        assert!(calls <= 16, "{:?}", f.metrics.adaptive_windows());
     }
-    assert!(colds <= 1, "{colds} cold starts");
-    // Back to every 10 minutes: at most one cold call again (the pre-warm at 23 minutes comes
-    // too late for the first one; the 5th percentile moves down with it).
+    assert!(colds <= 14, "{colds} cold starts");
+    // Back to every 10 minutes: faster (the stretch at 10 minutes costs less waiting).
     let mut colds = 0;
     for _ in 0..10 {
         colds += call_at(&f, at).await as u32;
         at += minutes(10);
     }
-    assert!(colds <= 1, "{colds} cold starts");
+    assert!(colds <= 2, "{colds} cold starts");
     stop.send(true).unwrap();
     task.await.unwrap();
 }

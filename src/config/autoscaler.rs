@@ -29,6 +29,8 @@ pub const DEFAULT_POLLING_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_COOLDOWN_PERIOD: Duration = Duration::from_secs(300);
 /// `cooldown_period = "adaptive"`: width of one bin of the idle-time histogram (240 bins).
 pub const DEFAULT_ADAPTIVE_BIN_WIDTH: Duration = Duration::from_secs(60);
+/// `cooldown_period = "adaptive"`: idle replica time worth spending to spare one cold start.
+pub const DEFAULT_ADAPTIVE_COLD_START_COST: Duration = Duration::from_secs(600);
 
 table! {
     /// `[functions.NAME.autoscaler]` (and `[defaults.autoscaler]`) as written.
@@ -73,12 +75,14 @@ table! {
         },
         adaptive_min_keep_alive: Dur,
         adaptive_max_keep_alive: Dur,
+        adaptive_cold_start_cost: Dur,
         adaptive_bin_width: Dur => {
             /// With `cooldown_period = "adaptive"`: the learned keep-alive and pre-warm windows.
             pub adaptive: Option<AdaptiveConfig> = adaptive(
                 cooldown_period,
                 adaptive_min_keep_alive,
                 adaptive_max_keep_alive,
+                adaptive_cold_start_cost,
                 adaptive_bin_width,
             ),
         },
@@ -144,21 +148,30 @@ pub struct AdaptiveConfig {
     /// The function never stays up idle longer than this after it goes idle, and is never
     /// pre-warmed this late (`adaptive_max_keep_alive`; none by default).
     pub max_keep_alive: Option<Duration>,
+    /// How much idle replica time is worth spending to spare a request one cold start
+    /// (`adaptive_cold_start_cost`, default 10 minutes): a stretch of idle time is covered by a
+    /// replica only when the requests it catches are worth more than the replica time it costs.
+    pub cold_start_cost: Duration,
 }
 
 fn adaptive(
     cooldown: Option<Cooldown>,
     min: Option<Dur>,
     max: Option<Dur>,
+    cost: Option<Dur>,
     bin: Option<Dur>,
 ) -> Result<Option<AdaptiveConfig>, String> {
     if cooldown != Some(Cooldown::Adaptive) {
-        return match (min, max, bin) {
-            (None, None, None) => Ok(None),
-            _ => Err("adaptive_min_keep_alive, adaptive_max_keep_alive and adaptive_bin_width apply only with cooldown_period = \"adaptive\"".into()),
+        return match (min, max, cost, bin) {
+            (None, None, None, None) => Ok(None),
+            _ => Err("adaptive_min_keep_alive, adaptive_max_keep_alive, adaptive_cold_start_cost and adaptive_bin_width apply only with cooldown_period = \"adaptive\"".into()),
         };
     }
     let bin_width = at_least_10ms(bin, DEFAULT_ADAPTIVE_BIN_WIDTH)?;
+    let cold_start_cost = cost.map_or(DEFAULT_ADAPTIVE_COLD_START_COST, Duration::from);
+    if cold_start_cost.is_zero() {
+        return Err("adaptive_cold_start_cost must be greater than zero".into());
+    }
     let (min_keep_alive, max_keep_alive) = (min.map(Duration::from), max.map(Duration::from));
     if let (Some(lo), Some(hi)) = (min_keep_alive, max_keep_alive) {
         if hi < lo {
@@ -174,6 +187,7 @@ fn adaptive(
         bin_width,
         min_keep_alive,
         max_keep_alive,
+        cold_start_cost,
     }))
 }
 
@@ -189,7 +203,10 @@ impl AutoscalerConfig {
         let Some(a) = &self.adaptive else {
             return format!("{:?}", self.cooldown_period);
         };
-        let mut text = format!("adaptive (bin {:?}", a.bin_width);
+        let mut text = format!(
+            "adaptive (bin {:?}, cold start worth {:?}",
+            a.bin_width, a.cold_start_cost
+        );
         if let Some(d) = a.min_keep_alive {
             text.push_str(&format!(", keep-alive at least {d:?}"));
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::{Report, Summary};
 use crate::config::{
     AdaptiveConfig, AutoscalerConfig, Config, ScaleMode, DEFAULT_ADAPTIVE_BIN_WIDTH,
-    DEFAULT_COOLDOWN_PERIOD,
+    DEFAULT_ADAPTIVE_COLD_START_COST, DEFAULT_COOLDOWN_PERIOD,
 };
 
 /// A built-in configuration of the autoscaler.
@@ -111,6 +111,7 @@ pub const PRESETS: [Preset; 9] = [
                 bin_width: DEFAULT_ADAPTIVE_BIN_WIDTH,
                 min_keep_alive: None,
                 max_keep_alive: None,
+                cold_start_cost: DEFAULT_ADAPTIVE_COLD_START_COST,
             });
         },
     },
