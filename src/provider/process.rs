@@ -111,7 +111,12 @@ impl Seed {
             failures: 0,
             retry_at: None,
             failure: None,
-            probe: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            // No pooled connections: every replica has its own port, so an idle connection
+            // kept after its readiness probe would be kept per replica that ever started (the
+            // pool has no timer to reap them), ~9 KB each.
+            probe: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(HttpConnector::new()),
         };
         State::Running {
             desired,
