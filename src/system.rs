@@ -253,20 +253,8 @@ pub async fn scale(
     name: &str,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     authorize(admin, &req)?;
-    let f = admin
-        .functions
-        .get(name)
-        .ok_or_else(|| GatewayError::UnknownFunction(name.to_owned()))?;
-    let body = Limited::new(req.into_body(), MAX_ADMIN_BODY)
-        .collect()
-        .await
-        .map_err(|e| GatewayError::BadRequest(format!("cannot read body: {e}")))?
-        .to_bytes();
-    let request: ScaleRequest = serde_json::from_slice(&body).map_err(|e| {
-        GatewayError::BadRequest(format!(
-            "expected a JSON body like {{\"replicas\": 2}}: {e}"
-        ))
-    })?;
+    let f = function(admin, name)?;
+    let request: ScaleRequest = json_body(req, r#"{"replicas": 2}"#).await?;
     if f.is_paused() {
         return Err(GatewayError::FunctionPaused(name.to_owned()));
     }
@@ -288,6 +276,20 @@ pub async fn scale(
 }
 
 /// The function named, or `404`.
+/// An admin request's JSON body (at most `MAX_ADMIN_BODY`); a `400` naming `example` otherwise.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    example: &str,
+) -> Result<T, GatewayError> {
+    let body = Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|e| GatewayError::BadRequest(format!("cannot read body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| GatewayError::BadRequest(format!("expected a JSON body like {example}: {e}")))
+}
+
 fn function(admin: Admin<'_>, name: &str) -> Result<Arc<Function>, GatewayError> {
     admin
         .functions
@@ -347,16 +349,7 @@ pub async fn create_token(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     authorize(admin, &req)?;
     let f = function(admin, name)?;
-    let body = Limited::new(req.into_body(), MAX_ADMIN_BODY)
-        .collect()
-        .await
-        .map_err(|e| GatewayError::BadRequest(format!("cannot read body: {e}")))?
-        .to_bytes();
-    let request: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
-        GatewayError::BadRequest(format!(
-            "expected a JSON body like {{\"name\": \"ci\", \"expires_in\": \"24h\"}}: {e}"
-        ))
-    })?;
+    let request: TokenRequest = json_body(req, r#"{"name": "ci", "expires_in": "24h"}"#).await?;
     let lifetime = match request.expires_in {
         None => DEFAULT_TOKEN_LIFETIME,
         Some(Lifetime::Seconds(s)) => std::time::Duration::from_secs(s),

@@ -201,9 +201,8 @@ def request(method, path, body=None, headers=None, timeout=60.0, conn=None):
 
 # --- processes --------------------------------------------------------------------------------
 
-def children(pid):
-    """(pid, pgid) of the live direct children of `pid`."""
-    out = []
+def processes():
+    """(pid, ppid, pgid) of every live (not zombie) process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -213,26 +212,18 @@ def children(pid):
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            out.append((int(entry), int(fields[2])))
-    return out
+        if fields[0] != "Z":
+            yield int(entry), int(fields[1]), int(fields[2])
+
+
+def children(pid):
+    """(pid, pgid) of the live direct children of `pid`."""
+    return [(p, g) for p, ppid, g in processes() if ppid == pid]
 
 
 def alive_in_groups(pgids):
     """Live (not zombie) processes whose process group is one of `pgids`."""
-    left = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) in pgids:
-            left.append(int(entry))
-    return left
+    return [p for p, _, g in processes() if g in pgids]
 
 
 def rss_kib(pid):
