@@ -48,7 +48,7 @@ def diurnal(mean):
 
 
 def heavy(rng):
-    mean = rng.uniform(0.3, 1.4)
+    mean = rng.uniform(0.35, 1.5)
     return "http", poisson_times(rng, diurnal(mean), 1.8 * mean)
 
 

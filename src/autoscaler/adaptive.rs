@@ -20,9 +20,18 @@
 //!   The keep-alive is the end of that stretch plus 10%; when it starts two bins or more after
 //!   the function goes idle, the replica goes after one bin of idleness and one is started again
 //!   one bin before the stretch (the pre-warm), kept until the keep-alive. Idle times with no
-//!   pattern (the paper's flat histogram) then get no stretch: one bin. Otherwise (too few, or
-//!   beyond the range — where the paper forecasts with ARIMA) a fixed [`FALLBACK_KEEP_ALIVE`] and
-//!   no pre-warm. `adaptive_min_keep_alive` and `adaptive_max_keep_alive` bound everything.
+//!   pattern (the paper's flat histogram) then get no stretch: one bin, or the cold start's worth
+//!   when they average less than that and none is seen beyond (a busy function's rare longer
+//!   idle time, which its histogram is too short-lived to show).
+//! * **Forecast** while the histogram is not trusted (too few idle times, or most beyond the
+//!   range, where the paper forecasts with ARIMA): when the last idle times agree (two of them at
+//!   first, then the last [`RECENT`]), the next is forecast to agree too and pre-warmed (see
+//!   [`forecast`]); otherwise the replica is kept as long as a cold start is worth, or one bin
+//!   when every recent idle time was longer than that.
+//! * **The timer's clock**: an arrival outside the pre-warm window (a random call between a
+//!   timer's ticks) starts its own idle period, but the window is also kept counted from the
+//!   idle period after the last arrival inside it, when the next tick is due.
+//! * `adaptive_min_keep_alive` and `adaptive_max_keep_alive` bound everything.
 
 use std::time::Duration;
 
@@ -39,13 +48,24 @@ pub const BEYOND_THRESHOLD: f64 = 0.5;
 pub const MIN_STRETCH_SHARE: f64 = 0.05;
 /// Added to the keep-alive.
 pub const KEEP_ALIVE_MARGIN: f64 = 0.10;
-/// The fixed keep-alive while the histogram is not trusted.
-pub const FALLBACK_KEEP_ALIVE: Duration = Duration::from_secs(600);
+/// The last idle times agree for the forecast when within this many bins of each other...
+pub const FORECAST_TOLERANCE_BINS: u32 = 3;
+/// ...or this share of the shortest.
+pub const FORECAST_TOLERANCE: f64 = 0.10;
+/// Idle times that must agree before the forecast is used.
+pub const FORECAST_AFTER: usize = 2;
 /// The weight of one new observation; every weight is decayed by `1/2^DECAY_SHIFT` first.
 const ONE: u32 = 1024;
 const DECAY_SHIFT: u32 = 5;
 /// Version byte of the persisted form.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
+/// Length of the persisted form, and of the first version's (no recent idle times).
+const ENCODED_LEN: usize = 11 + 2 * BINS + 4 * RECENT;
+const V1_LEN: usize = 11 + 2 * BINS;
+/// Idle times kept in order for the forecast.
+pub const RECENT: usize = 3;
+/// A slot of `recent` with no idle time yet.
+const NO_IDLE: u32 = u32::MAX;
 
 /// Idle times of one function, decayed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +74,9 @@ pub struct IdleHistogram {
     bins: [u16; BINS],
     beyond: u16,
     observations: u32,
+    /// The last [`RECENT`] idle times recorded, oldest first, in milliseconds (saturated);
+    /// [`NO_IDLE`] where there is none yet.
+    recent: [u32; RECENT],
 }
 
 impl IdleHistogram {
@@ -64,6 +87,7 @@ impl IdleHistogram {
             bins: [0; BINS],
             beyond: 0,
             observations: 0,
+            recent: [NO_IDLE; RECENT],
         }
     }
 
@@ -88,11 +112,22 @@ impl IdleHistogram {
         let slot = self.bins.get_mut(bin).unwrap_or(&mut self.beyond);
         *slot = (*slot as u32 + ONE).min(u16::MAX as u32) as u16;
         self.observations = self.observations.saturating_add(1);
+        self.recent.rotate_left(1);
+        self.recent[RECENT - 1] = idle.as_millis().min(NO_IDLE as u128 - 1) as u32;
     }
 
-    /// The persisted form: version, bin width (ms), observations, weight beyond, the bins.
+    /// The last idle times recorded (up to [`RECENT`]), oldest first.
+    pub fn recent(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.recent
+            .iter()
+            .filter(|ms| **ms != NO_IDLE)
+            .map(|ms| Duration::from_millis(*ms as u64))
+    }
+
+    /// The persisted form: version, bin width (ms), observations, weight beyond, the bins, the
+    /// recent idle times (ms).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(11 + 2 * BINS);
+        let mut out = Vec::with_capacity(ENCODED_LEN);
         out.push(FORMAT);
         out.extend_from_slice(&(self.bin_width.as_millis() as u32).to_le_bytes());
         out.extend_from_slice(&self.observations.to_le_bytes());
@@ -100,15 +135,21 @@ impl IdleHistogram {
         for w in self.bins {
             out.extend_from_slice(&w.to_le_bytes());
         }
+        for ms in self.recent {
+            out.extend_from_slice(&ms.to_le_bytes());
+        }
         out
     }
 
-    /// Reads [`IdleHistogram::encode`]'s form; `None` when it is not that, or was recorded with
-    /// another bin width than `bin_width` (its bins would mean other times).
+    /// Reads [`IdleHistogram::encode`]'s form (or the first version's, without recent idle
+    /// times); `None` when it is not that, or was recorded with another bin width than
+    /// `bin_width` (its bins would mean other times).
     pub fn decode(bytes: &[u8], bin_width: Duration) -> Option<IdleHistogram> {
-        if bytes.len() != 11 + 2 * BINS || bytes[0] != FORMAT {
-            return None;
-        }
+        let recent_from = match (bytes.first(), bytes.len()) {
+            (Some(&FORMAT), ENCODED_LEN) => Some(11 + 2 * BINS),
+            (Some(1), V1_LEN) => None,
+            _ => return None,
+        };
         let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
         let u16_at = |i: usize| u16::from_le_bytes(bytes[i..i + 2].try_into().unwrap());
         if u32_at(1) as u128 != bin_width.as_millis() {
@@ -118,11 +159,18 @@ impl IdleHistogram {
         for (i, w) in bins.iter_mut().enumerate() {
             *w = u16_at(11 + 2 * i);
         }
+        let mut recent = [NO_IDLE; RECENT];
+        if let Some(from) = recent_from {
+            for (i, ms) in recent.iter_mut().enumerate() {
+                *ms = u32_at(from + 4 * i);
+            }
+        }
         Some(IdleHistogram {
             bin_width,
             bins,
             beyond: u16_at(9),
             observations: u32_at(5),
+            recent,
         })
     }
 }
@@ -136,6 +184,8 @@ pub enum Basis {
     TooFew,
     /// Too many idle times beyond the histogram's range: the fixed window.
     BeyondRange,
+    /// Either of the last two, with the last idle times agreeing: the forecast.
+    Forecast,
 }
 
 impl Basis {
@@ -145,6 +195,7 @@ impl Basis {
             Basis::Histogram => "histogram",
             Basis::TooFew => "too_few",
             Basis::BeyondRange => "beyond_range",
+            Basis::Forecast => "forecast",
         }
     }
 }
@@ -186,18 +237,14 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
     let bin = h.bin_width;
     let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
     let max = config.max_keep_alive.unwrap_or(Duration::MAX);
-    let fixed = |basis| Windows {
-        prewarm: None,
-        keep_alive: FALLBACK_KEEP_ALIVE.clamp(min, max),
-        basis,
-    };
+    let untrusted = |basis| forecast(h, config).unwrap_or_else(|| learning(h, config, basis));
     if h.observations < MIN_OBSERVATIONS {
-        return fixed(Basis::TooFew);
+        return untrusted(Basis::TooFew);
     }
     let inside: u64 = h.bins.iter().map(|w| *w as u64).sum();
     let beyond = h.beyond as u64;
     if inside == 0 || beyond as f64 >= BEYOND_THRESHOLD * (inside + beyond) as f64 {
-        return fixed(Basis::BeyondRange);
+        return untrusted(Basis::BeyondRange);
     }
     // S[j]: weight of the idle times at or beyond bin j.
     let mut survival = [0u64; BINS + 1];
@@ -229,26 +276,97 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
         let caught: u64 = h.bins[first..=last].iter().map(|w| *w as u64).sum();
         caught as f64 >= MIN_STRETCH_SHARE * survival[0] as f64
     });
-    let Some((first, last, _)) = best else {
-        return Windows {
-            prewarm: None,
-            keep_alive: bin.mul_f64(1.0 + KEEP_ALIVE_MARGIN).clamp(min, max),
-            basis: Basis::Histogram,
-        };
+    let (first, last) = best.map_or((1, 0), |(first, last, _)| (first, last));
+    let stretch_end = |end: Duration| {
+        end.max(bin)
+            .mul_f64(1.0 + KEEP_ALIVE_MARGIN)
+            .clamp(min, max)
     };
-    let keep_alive = bin
-        .saturating_mul(last as u32 + 1)
-        .mul_f64(1.0 + KEEP_ALIVE_MARGIN)
-        .clamp(min, max);
+    let keep_alive = stretch_end(bin.saturating_mul(last as u32 + 1));
     // Unloading is worth it only when the replica would be gone for at least a bin.
     let unload_after = bin.max(min);
     let at = bin.saturating_mul(first as u32 - 1);
     let prewarm =
         (at >= unload_after + bin && at < keep_alive).then_some(Prewarm { unload_after, at });
+    // The tail of a busy function's idle times is all but empty at one sample a bin width and
+    // 1/32 decay, yet an idle time there is as likely as ever (random arrivals have no memory):
+    // with idle times that average less than a cold start is worth, and not a sample's weight
+    // beyond the keep-alive (bursts with long gaps show theirs), keep at least that long.
+    let tail_unseen = survival[last + 1] < ONE as u64;
+    let mean = {
+        let weighted: f64 = (0..BINS).map(|j| h.bins[j] as f64 * (j as f64 + 0.5)).sum();
+        (weighted + beyond as f64 * BINS as f64) / survival[0] as f64
+    };
+    let keep_alive = match prewarm {
+        None if tail_unseen && mean < cost => keep_alive.max(stretch_end(config.cold_start_cost)),
+        _ => keep_alive,
+    };
     Windows {
         prewarm,
         keep_alive,
         basis: Basis::Histogram,
+    }
+}
+
+/// The windows from the last [`RECENT`] idle times when the histogram is not trusted yet (or
+/// most idle times are beyond its range), if they agree: within [`FORECAST_TOLERANCE_BINS`] bins
+/// or [`FORECAST_TOLERANCE`] of the shortest, the next one is forecast to agree too (a timer,
+/// learned in three calls rather than [`MIN_OBSERVATIONS`], and one called every few hours,
+/// beyond the histogram). The replica goes after a bin and is started again a bin and half the
+/// spread before the shortest, kept until a bin and half the spread after the longest; not when
+/// that window costs more than the cold start it saves.
+fn forecast(h: &IdleHistogram, config: &AdaptiveConfig) -> Option<Windows> {
+    let bin = h.bin_width;
+    let mut recent = h.recent();
+    let first = recent.next()?;
+    let (lo, hi, n) = recent.fold((first, first, 1), |(lo, hi, n), d| {
+        (lo.min(d), hi.max(d), n + 1)
+    });
+    let spread = hi - lo;
+    let tolerance = bin
+        .saturating_mul(FORECAST_TOLERANCE_BINS)
+        .max(lo.mul_f64(FORECAST_TOLERANCE));
+    if n < FORECAST_AFTER || spread > tolerance {
+        return None;
+    }
+    let slack = spread / 2 + bin;
+    let (start, end) = (lo.saturating_sub(slack), hi + slack);
+    if end - start > config.cold_start_cost {
+        return None;
+    }
+    let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
+    let max = config.max_keep_alive.unwrap_or(Duration::MAX);
+    let keep_alive = end.clamp(min, max);
+    let unload_after = bin.max(min);
+    let prewarm = (start >= unload_after + bin && start < keep_alive).then_some(Prewarm {
+        unload_after,
+        at: start,
+    });
+    Some(Windows {
+        prewarm,
+        keep_alive,
+        basis: Basis::Forecast,
+    })
+}
+
+/// The windows while too little is known and the last idle times do not agree: keep the
+/// replica as long as a cold start is worth (`adaptive_cold_start_cost`, the ski-rental rule:
+/// never more than twice the best choice in hindsight), or one bin when every recent idle time
+/// was longer than that (such a wait would have caught none of them).
+fn learning(h: &IdleHistogram, config: &AdaptiveConfig, basis: Basis) -> Windows {
+    let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
+    let max = config.max_keep_alive.unwrap_or(Duration::MAX);
+    let cost = config.cold_start_cost;
+    let mut recent = h.recent().peekable();
+    let keep_alive = if recent.peek().is_some() && recent.all(|d| d > cost) {
+        h.bin_width
+    } else {
+        cost
+    };
+    Windows {
+        prewarm: None,
+        keep_alive: keep_alive.clamp(min, max),
+        basis,
     }
 }
 
@@ -288,6 +406,13 @@ pub struct Adaptive {
     idle_since: Option<Duration>,
     /// When the last idle time was recorded.
     last_observation: Option<Duration>,
+    /// Where the timer's clock stands: the start of the idle period after the last arrival that
+    /// came inside the pre-warm window. An arrival outside it (a random call between a timer's
+    /// ticks) starts an idle period of its own, but the next tick is still due this long after
+    /// the anchor: the window is kept from here too.
+    anchor: Option<Duration>,
+    /// The arrival that ended the current busy stretch came inside the pre-warm window.
+    on_pattern: bool,
     /// A pre-warm was started in the current idle period.
     prewarmed: bool,
     /// The function was seen busy since the tracker started.
@@ -311,6 +436,8 @@ impl Adaptive {
             last_activity: None,
             idle_since: None,
             last_observation: None,
+            anchor: None,
+            on_pattern: false,
             prewarmed: false,
             seen: false,
             changed: false,
@@ -356,7 +483,14 @@ impl Adaptive {
         let mut outcome = None;
         if in_flight > 0 || moved {
             if let Some(since) = self.idle_since.take() {
-                self.record(activity, activity.saturating_sub(since));
+                let idle = activity.saturating_sub(since);
+                // On the timer's clock: in the window counted from this idle period's start,
+                // or from the anchor's (a random call came in between).
+                self.on_pattern = self.in_window(idle)
+                    || self
+                        .anchor
+                        .is_some_and(|a| self.in_window(activity.saturating_sub(a)));
+                self.record(activity, idle);
                 if std::mem::take(&mut self.prewarmed) {
                     outcome = Some(PrewarmEvent::Used);
                 }
@@ -365,8 +499,26 @@ impl Adaptive {
         self.seen |= moved || in_flight > 0;
         if in_flight == 0 && self.idle_since.is_none() && self.seen {
             self.idle_since = Some(activity);
+            if std::mem::take(&mut self.on_pattern) {
+                self.anchor = Some(activity);
+            }
         }
         outcome
+    }
+
+    /// Whether an idle time of `idle` falls in the pre-warm window (from the pre-warm to the
+    /// keep-alive).
+    fn in_window(&self, idle: Duration) -> bool {
+        self.windows
+            .prewarm
+            .is_some_and(|p| idle >= p.at && idle < self.windows.keep_alive)
+    }
+
+    /// The idle period since the anchor, when the current one began after it (a call off the
+    /// timer's clock came in between).
+    fn anchored(&self) -> Option<Duration> {
+        self.anchor
+            .filter(|a| self.idle_since.is_some_and(|s| s > *a))
     }
 
     fn record(&mut self, arrival: Duration, idle: Duration) {
@@ -387,19 +539,31 @@ impl Adaptive {
         };
         let idle = t.saturating_sub(since);
         let w = &self.windows;
-        match w.prewarm {
+        let phase = match w.prewarm {
             _ if idle >= w.keep_alive => Phase::Down,
             Some(p) if idle >= p.at => Phase::Prewarm,
             Some(p) if idle >= p.unload_after => Phase::Down,
             _ => Phase::Warm,
+        };
+        match self.anchored() {
+            Some(anchor) if phase == Phase::Down && self.in_window(t.saturating_sub(anchor)) => {
+                Phase::Prewarm
+            }
+            _ => phase,
         }
     }
 
-    /// When, after `t`, the function should next change phase by itself: the pre-warm time, if
-    /// it is still to come. A loop at rest sets a timer for it.
+    /// When, after `t`, the function should next change phase by itself: the pre-warm time
+    /// (counted from the current idle period or from the anchor), if still to come. A loop at
+    /// rest sets a timer for it.
     pub fn wake_at(&self, t: Duration) -> Option<Duration> {
-        let at = self.idle_since? + self.windows.prewarm?.at;
-        (at > t).then_some(at)
+        let at = self.windows.prewarm?.at;
+        [self.idle_since, self.anchored()]
+            .into_iter()
+            .flatten()
+            .map(|from| from + at)
+            .filter(|when| *when > t)
+            .min()
     }
 
     /// A replica was started by the pre-warm.
@@ -450,12 +614,57 @@ mod tests {
     }
 
     #[test]
-    fn too_few_observations_use_the_fixed_window() {
+    fn too_few_observations_keep_the_cold_start_cost_or_one_bin() {
+        // Nothing known: as long as a cold start is worth.
+        let a = Adaptive::new(config());
+        let w = a.windows();
+        assert_eq!(
+            (w.basis, w.keep_alive, w.prewarm),
+            (Basis::TooFew, m(10.0), None)
+        );
+        // Idle times that disagree, some shorter than the cost: the same.
         let mut a = Adaptive::new(config());
-        drive(&mut a, m(0.0), &[m(30.0); 9]);
+        drive(&mut a, m(0.0), &[m(2.0), m(7.0), m(4.5)]);
+        let w = a.windows();
+        assert_eq!(
+            (w.basis, w.keep_alive, w.prewarm),
+            (Basis::TooFew, m(10.0), None)
+        );
+        // Every recent one longer than the cost: such a wait would have caught none.
+        let mut a = Adaptive::new(config());
+        drive(&mut a, m(0.0), &[m(30.0), m(50.0), m(90.0)]);
+        let w = a.windows();
+        assert_eq!(
+            (w.basis, w.keep_alive, w.prewarm),
+            (Basis::TooFew, m(1.0), None)
+        );
+    }
+
+    #[test]
+    fn a_timer_is_forecast_once_two_idle_times_agree() {
+        let mut a = Adaptive::new(config());
+        // The timer's period twice (29 min 59 s, then 30 min 59 s): one idle time recorded,
+        // the second when the next call arrives.
+        let t = drive(&mut a, m(0.0), &[period(30.0), period(31.0)]);
         assert_eq!(a.windows().basis, Basis::TooFew);
-        assert_eq!(a.windows().keep_alive, FALLBACK_KEEP_ALIVE);
-        assert_eq!(a.windows().prewarm, None);
+        let t = drive(&mut a, t, &[m(12.0)]);
+        let w = a.windows();
+        assert_eq!(w.basis, Basis::Forecast);
+        // Spread 1 min: pre-warm a bin and half the spread before the shortest, keep until a
+        // bin and half the spread after the longest.
+        let shortest = period(30.0);
+        let slack = Duration::from_secs(30) + m(1.0);
+        assert_eq!(
+            w.prewarm,
+            Some(Prewarm {
+                unload_after: m(1.0),
+                at: shortest - slack
+            })
+        );
+        assert_eq!(w.keep_alive, period(31.0) + slack);
+        // A third idle time far off: no forecast any more.
+        drive(&mut a, t, &[m(1.0)]);
+        assert_eq!(a.windows().basis, Basis::TooFew);
     }
 
     #[test]
@@ -483,7 +692,7 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_function_records_one_zero_a_minute_and_keeps_its_replica() {
+    fn a_busy_function_records_one_zero_a_minute_and_keeps_its_replica_for_the_cost() {
         let mut a = Adaptive::new(config());
         // A request every 5 s for an hour: 60 idle times recorded, all in bin 0.
         let mut t = Duration::ZERO;
@@ -495,14 +704,35 @@ mod tests {
         assert_eq!(a.histogram().observations(), 60);
         let w = a.windows();
         assert_eq!((w.basis, w.prewarm), (Basis::Histogram, None));
-        assert_eq!(w.keep_alive, m(1.1));
+        // Every sample in the first bin, none beyond: the rare longer idle time is not in
+        // the histogram but is as likely as ever, and worth waiting for (mean far below the
+        // cost).
+        assert_eq!(w.keep_alive, m(11.0));
     }
 
     #[test]
-    fn idle_times_beyond_the_range_fall_back_and_patternless_ones_keep_one_bin() {
+    fn a_timer_beyond_the_range_is_forecast_and_patternless_idle_times_keep_one_bin() {
+        // Every 5 hours, beyond the histogram's 4: the forecast pre-warms it.
         let mut a = Adaptive::new(config());
         drive(&mut a, m(0.0), &[m(300.0); 12]);
-        assert_eq!(a.windows().basis, Basis::BeyondRange);
+        let w = a.windows();
+        assert_eq!(w.basis, Basis::Forecast);
+        assert_eq!(
+            (w.prewarm.map(|p| p.at), w.keep_alive),
+            (Some(m(299.0)), m(301.0))
+        );
+        // Beyond the range with no pattern: the learning rule (longer than the cost: one bin).
+        let mut a = Adaptive::new(config());
+        let t = drive(&mut a, m(0.0), &[m(300.0), m(420.0), m(260.0), m(500.0)]);
+        let w = a.windows();
+        assert_eq!((w.basis, w.keep_alive), (Basis::TooFew, m(1.0)));
+        let far: Vec<Duration> = (0..12).map(|i| m(250.0 + 40.0 * i as f64)).collect();
+        drive(&mut a, t, &far);
+        let w = a.windows();
+        assert_eq!(
+            (w.basis, w.keep_alive, w.prewarm),
+            (Basis::BeyondRange, m(1.0), None)
+        );
         // One idle time in each of many bins: no stretch catches enough to pay for itself.
         let mut a = Adaptive::new(config());
         let spread: Vec<Duration> = (0..400).map(|i| m((i * 37 % 200) as f64 + 1.5)).collect();
@@ -631,6 +861,31 @@ mod tests {
     }
 
     #[test]
+    fn a_random_call_between_ticks_does_not_lose_the_next_tick() {
+        let mut a = Adaptive::new(config());
+        let t = drive(&mut a, m(0.0), &[period(60.0); 12]);
+        // A tick at t (on the timer's clock: the anchor is where its request ends), then a
+        // random call 20 minutes later.
+        let anchor = t + Duration::from_secs(1);
+        let t = drive(&mut a, t, &[m(20.0)]);
+        let since = drive(&mut a, t, &[Duration::ZERO]);
+        // Counted from the random call the pre-warm would come at 20 + 1 + 58 min; the tick is
+        // due 60 min after the anchor, and the window counted from there holds.
+        assert_eq!(a.phase(since + m(30.0)), Phase::Down);
+        assert_eq!(a.wake_at(since + m(30.0)), Some(anchor + m(58.0)));
+        assert_eq!(a.phase(anchor + m(58.5)), Phase::Prewarm);
+        // The tick comes: it was on the clock; its idle period is the new anchor.
+        a.prewarm_started();
+        let tick = anchor + period(60.0) + Duration::from_secs(1);
+        assert_eq!(a.observe(tick, 1, Duration::ZERO), Some(PrewarmEvent::Used));
+        a.observe(tick + Duration::from_secs(1), 0, Duration::ZERO);
+        assert_eq!(
+            a.wake_at(tick + m(2.0)),
+            Some(tick + Duration::from_secs(1) + m(58.0))
+        );
+    }
+
+    #[test]
     fn pre_warm_outcomes_are_reported() {
         let mut a = Adaptive::new(config());
         let t = drive(&mut a, m(0.0), &[period(60.0); 12]);
@@ -647,11 +902,17 @@ mod tests {
         let mut a = Adaptive::new(config());
         drive(&mut a, m(0.0), &[m(7.0), m(300.0), m(0.2), m(7.0)]);
         let bytes = a.histogram().encode();
-        assert_eq!(bytes.len(), 491);
+        assert_eq!(bytes.len(), 503);
         let back = IdleHistogram::decode(&bytes, m(1.0)).unwrap();
         assert_eq!(&back, a.histogram());
         assert_eq!(IdleHistogram::decode(&bytes, m(2.0)), None);
         assert_eq!(IdleHistogram::decode(&bytes[1..], m(1.0)), None);
+        // The first version (no recent idle times) is still read.
+        let mut v1 = bytes[..491].to_vec();
+        v1[0] = 1;
+        let old = IdleHistogram::decode(&v1, m(1.0)).unwrap();
+        assert_eq!(old.recent().count(), 0);
+        assert_eq!(old.observations(), 2);
     }
 
     #[test]

@@ -566,17 +566,19 @@ fn minutes(m: u64) -> Duration {
 async fn adaptive_a_periodic_function_is_prewarmed_before_each_call_and_scaled_down_after() {
     let (f, backend, origin) = adaptive_function("");
     let (stop, task) = spawn_loop(Autoscaler::new(f.clone()).unwrap());
-    // A call every 20 minutes. The first eleven teach the histogram (ten idle times are needed).
+    // A call every 20 minutes.
     let mut colds = Vec::new();
     for i in 0..20 {
         colds.push(call_at(&f, origin + minutes(20) * i).await);
     }
-    // Learning: the fixed 10-minute window, so every call starts cold; then every one is warm.
-    assert!(colds[..11].iter().all(|c| *c), "{colds:?}");
-    assert!(colds[11..].iter().all(|c| !*c), "{colds:?}");
+    // Learning: the first call; the second after the cold start's worth (15 minutes) of
+    // keep-alive; the third after one bin (the idle time seen was longer than 15 minutes). Two
+    // idle times agree from then on: forecast, then (from ten) the histogram: every call warm.
+    assert!(colds[..3].iter().all(|c| *c), "{colds:?}");
+    assert!(colds[3..].iter().all(|c| !*c), "{colds:?}");
     let m = &f.metrics;
-    assert_eq!(m.prewarm_count(PrewarmResult::Started), 9);
-    assert_eq!(m.prewarm_count(PrewarmResult::Used), 9);
+    assert_eq!(m.prewarm_count(PrewarmResult::Started), 17);
+    assert_eq!(m.prewarm_count(PrewarmResult::Used), 17);
     assert_eq!(m.prewarm_count(PrewarmResult::Wasted), 0);
     // Idle 19:59 each time: bin 19, pre-warm one bin earlier (18 min), keep-alive 20 × 1.1 min.
     assert_eq!(m.adaptive_windows(), Some((minutes(22), Some(minutes(18)))));

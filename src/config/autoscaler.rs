@@ -30,7 +30,7 @@ pub const DEFAULT_COOLDOWN_PERIOD: Duration = Duration::from_secs(300);
 /// `cooldown_period = "adaptive"`: width of one bin of the idle-time histogram (240 bins).
 pub const DEFAULT_ADAPTIVE_BIN_WIDTH: Duration = Duration::from_secs(60);
 /// `cooldown_period = "adaptive"`: idle replica time worth spending to spare one cold start.
-pub const DEFAULT_ADAPTIVE_COLD_START_COST: Duration = Duration::from_secs(600);
+pub const DEFAULT_ADAPTIVE_COLD_START_COST: Duration = Duration::from_secs(900);
 
 table! {
     /// `[functions.NAME.autoscaler]` (and `[defaults.autoscaler]`) as written.
@@ -149,7 +149,7 @@ pub struct AdaptiveConfig {
     /// pre-warmed this late (`adaptive_max_keep_alive`; none by default).
     pub max_keep_alive: Option<Duration>,
     /// How much idle replica time is worth spending to spare a request one cold start
-    /// (`adaptive_cold_start_cost`, default 10 minutes): a stretch of idle time is covered by a
+    /// (`adaptive_cold_start_cost`, default 15 minutes): a stretch of idle time is covered by a
     /// replica only when the requests it catches are worth more than the replica time it costs.
     pub cold_start_cost: Duration,
 }

@@ -644,12 +644,12 @@ fn cooldown_period_takes_a_duration_or_adaptive_with_its_bounds() {
             bin_width: Duration::from_secs(60),
             min_keep_alive: Some(Duration::from_secs(30)),
             max_keep_alive: Some(Duration::from_secs(7200)),
-            cold_start_cost: Duration::from_secs(600),
+            cold_start_cost: Duration::from_secs(900),
         })
     );
     assert!(adaptive
         .describe()
-        .contains("cooldown_period = adaptive (bin 60s, cold start worth 600s, keep-alive at least 30s, at most 7200s"));
+        .contains("cooldown_period = adaptive (bin 60s, cold start worth 900s, keep-alive at least 30s, at most 7200s"));
     let err = |text: &str| f(text).unwrap_err().to_string();
     assert!(
         err("adaptive_max_keep_alive = \"1h\"")

@@ -22,7 +22,9 @@ pub struct Preset {
     pub name: &'static str,
     /// What it reproduces, in a few words.
     pub summary: &'static str,
-    apply: fn(&mut AutoscalerConfig),
+    /// Sets the autoscaler, given the function's `max_ongoing_requests` (what one replica takes
+    /// at once).
+    apply: fn(&mut AutoscalerConfig, u32),
 }
 
 fn secs(s: u64) -> Duration {
@@ -39,9 +41,11 @@ pub const PRESETS: [Preset; 9] = [
     Preset {
         name: "keda-http",
         summary: "KEDA HTTP add-on: 100 in flight per replica, HPA every 15 s, cooldownPeriod 300 s",
-        apply: |a| {
+        apply: |a, capacity| {
+            // targetPendingRequests 100, but never more than a replica here takes at once: a
+            // user of the add-on with such replicas must set it so.
             a.mode = ScaleMode::Concurrency {
-                target_ongoing_requests: 100.0,
+                target_ongoing_requests: 100.0_f64.min(capacity as f64),
             };
             a.window = secs(15);
             a.polling_interval = secs(15);
@@ -51,9 +55,11 @@ pub const PRESETS: [Preset; 9] = [
     Preset {
         name: "knative-kpa",
         summary: "Knative KPA: 70 in flight per pod over 60 s (panic 6 s), tick 2 s, zero 30 s after the window empties",
-        apply: |a| {
+        apply: |a, capacity| {
+            // Knative's target is 70% of containerConcurrency when that hard limit is set (as
+            // max_ongoing_requests is), of container-concurrency-target-default (100) otherwise.
             a.mode = ScaleMode::Concurrency {
-                target_ongoing_requests: 70.0,
+                target_ongoing_requests: 0.7 * 100.0_f64.min(capacity as f64),
             };
             a.window = secs(60);
             a.polling_interval = secs(2);
@@ -63,7 +69,7 @@ pub const PRESETS: [Preset; 9] = [
     Preset {
         name: "openfaas-ce-idler",
         summary: "OpenFaaS CE: 5 rps per replica over 10 s, alert every 30 s; idler: zero after 15 min",
-        apply: |a| {
+        apply: |a, _| {
             a.mode = ScaleMode::Rps { threshold: 50.0 };
             a.window = secs(10);
             a.polling_interval = secs(30);
@@ -73,9 +79,9 @@ pub const PRESETS: [Preset; 9] = [
     Preset {
         name: "ray-serve",
         summary: "Ray Serve: 2 ongoing per replica over a 30 s look-back, downscale delay 600 s (min_replicas 0)",
-        apply: |a| {
+        apply: |a, capacity| {
             a.mode = ScaleMode::Concurrency {
-                target_ongoing_requests: 2.0,
+                target_ongoing_requests: 2.0_f64.min(capacity as f64),
             };
             a.window = secs(30);
             a.polling_interval = secs(1);
@@ -85,27 +91,27 @@ pub const PRESETS: [Preset; 9] = [
     Preset {
         name: "fixed-1m",
         summary: "the config, with cooldown_period = 1 minute",
-        apply: |a| fixed(a, 60),
+        apply: |a, _| fixed(a, 60),
     },
     Preset {
         name: "fixed-5m",
         summary: "the config, with cooldown_period = 5 minutes",
-        apply: |a| fixed(a, 300),
+        apply: |a, _| fixed(a, 300),
     },
     Preset {
         name: "fixed-10m",
         summary: "the config, with cooldown_period = 10 minutes (AWS Lambda's keep-alive as the paper reports it)",
-        apply: |a| fixed(a, 600),
+        apply: |a, _| fixed(a, 600),
     },
     Preset {
         name: "fixed-20m",
         summary: "the config, with cooldown_period = 20 minutes (Azure Functions' keep-alive as the paper reports it)",
-        apply: |a| fixed(a, 1200),
+        apply: |a, _| fixed(a, 1200),
     },
     Preset {
         name: "adaptive",
         summary: "the config, with cooldown_period = \"adaptive\"",
-        apply: |a| {
+        apply: |a, _| {
             a.cooldown_period = DEFAULT_COOLDOWN_PERIOD;
             a.adaptive = Some(AdaptiveConfig {
                 bin_width: DEFAULT_ADAPTIVE_BIN_WIDTH,
@@ -132,7 +138,7 @@ impl Preset {
                 continue;
             }
             f.autoscaler.min_replicas = 0;
-            (self.apply)(&mut f.autoscaler);
+            (self.apply)(&mut f.autoscaler, f.max_ongoing_requests);
         }
         config
     }
@@ -406,11 +412,29 @@ mod tests {
             (a.min_replicas, a.max_replicas, a.cooldown_period, a.window),
             (0, 7, secs(30), secs(60))
         );
+        // 70% of what a replica takes at once (max_ongoing_requests, 5 by default), as Knative
+        // does with containerConcurrency set; KEDA's 100 and Ray Serve's 2 capped the same way.
         assert_eq!(
             a.mode,
             ScaleMode::Concurrency {
-                target_ongoing_requests: 70.0
+                target_ongoing_requests: 3.5
             }
+        );
+        let target = |name: &str| {
+            preset(name).unwrap().apply(&base).functions["f"]
+                .autoscaler
+                .mode
+        };
+        assert_eq!(
+            (target("keda-http"), target("ray-serve")),
+            (
+                ScaleMode::Concurrency {
+                    target_ongoing_requests: 5.0
+                },
+                ScaleMode::Concurrency {
+                    target_ongoing_requests: 2.0
+                }
+            )
         );
         assert_eq!(
             knative.functions["s"].autoscaler,
