@@ -6,6 +6,9 @@ A gateway on 127.0.0.1 runs one `process` function (the bundled demo function, w
 delay so that a cold start shows in the latency) with `cooldown_period = "adaptive"` and
 `adaptive_bin_width = "1s"`: the histogram's minutes become seconds, so a function called every
 PERIOD seconds is what a function called every PERIOD minutes is with the default bin width.
+Decisions are compressed too (`polling_interval = "100ms"`, where the default is 1 s against
+1-minute bins): at 1 s a pre-warm could start up to a whole bin late, which at this scale is
+longer than the lead the forecast gives (a bin and half the spread of the idle times).
 
 The script calls it every PERIOD seconds, CALLS times, and for each call prints its latency,
 whether the gateway held it for a cold start (`X-Sluicegate-Cold-Start`), the replica's pid, the
@@ -13,7 +16,7 @@ replicas the gateway had half-way through the gap before the call, and the gatew
 (cold starts, pre-warms started/used/wasted). Bounded in time: about CALLS x PERIOD seconds plus
 a few; loopback only.
 
-Usage: loadtests/adaptive/live.py [--period 14.5] [--calls 22] [--startup-delay 500ms]
+Usage: loadtests/adaptive/live.py [--period 14.5] [--calls 22] [--learn 3] [--startup-delay 500ms]
 """
 import argparse
 import json
@@ -58,7 +61,10 @@ def status():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--period", type=float, default=14.5, help="seconds between calls (default 14.5)")
-    ap.add_argument("--calls", type=int, default=22, help="calls (default 22: 11 to learn, 11 after)")
+    ap.add_argument("--calls", type=int, default=22, help="calls (default 22)")
+    ap.add_argument("--learn", type=int, default=3,
+                    help="calls before the windows must hold (default 3: the first two idle times "
+                         "agree when the third call arrives; the fourth is pre-warmed)")
     ap.add_argument("--startup-delay", default="500ms", help="demo function startup delay (default 500ms)")
     args = ap.parse_args()
     if not os.path.exists(BIN):
@@ -80,6 +86,7 @@ min_replicas = 0
 max_replicas = 1
 cooldown_period = "adaptive"
 adaptive_bin_width = "1s"
+polling_interval = "100ms"
 """)
     log_path = os.path.join(tmp, "gateway.log")
     log = open(log_path, "w")
@@ -125,12 +132,12 @@ adaptive_bin_width = "1s"
         gw.wait(timeout=30)
         log.close()
     prewarm_logs = sum(1 for line in open(log_path) if "pre-warm" in line)
-    learned = [r for r in rows[11:]]
+    learned = [r for r in rows[args.learn:]]
     warm = [r for r in learned if not r["held"]]
     stopped = [r for r in learned if r["mid"] == 0]
     pids = len({r["pid"] for r in rows})
     print()
-    print(f"after learning (calls 12..{len(rows)}): {len(warm)}/{len(learned)} served warm, "
+    print(f"after learning (calls {args.learn + 1}..{len(rows)}): {len(warm)}/{len(learned)} served warm, "
           f"{len(stopped)}/{len(learned)} with no replica half-way through the gap before them; "
           f"{pids} distinct replica processes over {len(rows)} calls; "
           f"{prewarm_logs} pre-warm log lines")
