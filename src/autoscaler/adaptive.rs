@@ -235,8 +235,6 @@ pub struct Prewarm {
 /// [`MIN_STRETCH_SHARE`] of the idle times.
 pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
     let bin = h.bin_width;
-    let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
-    let max = config.max_keep_alive.unwrap_or(Duration::MAX);
     let untrusted = |basis| forecast(h, config).unwrap_or_else(|| learning(h, config, basis));
     if h.observations < MIN_OBSERVATIONS {
         return untrusted(Basis::TooFew);
@@ -277,17 +275,15 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
         caught as f64 >= MIN_STRETCH_SHARE * survival[0] as f64
     });
     let (first, last) = best.map_or((1, 0), |(first, last, _)| (first, last));
-    let stretch_end = |end: Duration| {
-        end.max(bin)
-            .mul_f64(1.0 + KEEP_ALIVE_MARGIN)
-            .clamp(min, max)
-    };
+    let stretch_end =
+        |end: Duration| bounded(config, end.max(bin).mul_f64(1.0 + KEEP_ALIVE_MARGIN));
     let keep_alive = stretch_end(bin.saturating_mul(last as u32 + 1));
-    // Unloading is worth it only when the replica would be gone for at least a bin.
-    let unload_after = bin.max(min);
-    let at = bin.saturating_mul(first as u32 - 1);
-    let prewarm =
-        (at >= unload_after + bin && at < keep_alive).then_some(Prewarm { unload_after, at });
+    let prewarm = prewarm_at(
+        config,
+        bin,
+        bin.saturating_mul(first as u32 - 1),
+        keep_alive,
+    );
     // The tail of a busy function's idle times is all but empty at one sample a bin width and
     // 1/32 decay, yet an idle time there is as likely as ever (random arrivals have no memory):
     // with idle times that average less than a cold start is worth, and not a sample's weight
@@ -334,19 +330,32 @@ fn forecast(h: &IdleHistogram, config: &AdaptiveConfig) -> Option<Windows> {
     if end - start > config.cold_start_cost {
         return None;
     }
-    let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
-    let max = config.max_keep_alive.unwrap_or(Duration::MAX);
-    let keep_alive = end.clamp(min, max);
-    let unload_after = bin.max(min);
-    let prewarm = (start >= unload_after + bin && start < keep_alive).then_some(Prewarm {
-        unload_after,
-        at: start,
-    });
+    let keep_alive = bounded(config, end);
     Some(Windows {
-        prewarm,
+        prewarm: prewarm_at(config, bin, start, keep_alive),
         keep_alive,
         basis: Basis::Forecast,
     })
+}
+
+/// `d` within `adaptive_min_keep_alive` and `adaptive_max_keep_alive`.
+fn bounded(config: &AdaptiveConfig, d: Duration) -> Duration {
+    d.clamp(
+        config.min_keep_alive.unwrap_or(Duration::ZERO),
+        config.max_keep_alive.unwrap_or(Duration::MAX),
+    )
+}
+
+/// A pre-warm at `at` before the (bounded) `keep_alive`: the replica goes after a bin (or the
+/// least keep-alive), and only when it would then be gone for at least a bin.
+fn prewarm_at(
+    config: &AdaptiveConfig,
+    bin: Duration,
+    at: Duration,
+    keep_alive: Duration,
+) -> Option<Prewarm> {
+    let unload_after = bin.max(config.min_keep_alive.unwrap_or(Duration::ZERO));
+    (at >= unload_after + bin && at < keep_alive).then_some(Prewarm { unload_after, at })
 }
 
 /// The windows while too little is known and the last idle times do not agree: keep the
@@ -354,8 +363,6 @@ fn forecast(h: &IdleHistogram, config: &AdaptiveConfig) -> Option<Windows> {
 /// never more than twice the best choice in hindsight), or one bin when every recent idle time
 /// was longer than that (such a wait would have caught none of them).
 fn learning(h: &IdleHistogram, config: &AdaptiveConfig, basis: Basis) -> Windows {
-    let min = config.min_keep_alive.unwrap_or(Duration::ZERO);
-    let max = config.max_keep_alive.unwrap_or(Duration::MAX);
     let cost = config.cold_start_cost;
     let mut recent = h.recent().peekable();
     let keep_alive = if recent.peek().is_some() && recent.all(|d| d > cost) {
@@ -365,7 +372,7 @@ fn learning(h: &IdleHistogram, config: &AdaptiveConfig, basis: Basis) -> Windows
     };
     Windows {
         prewarm: None,
-        keep_alive: keep_alive.clamp(min, max),
+        keep_alive: bounded(config, keep_alive),
         basis,
     }
 }
