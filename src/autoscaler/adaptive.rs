@@ -622,29 +622,24 @@ mod tests {
 
     #[test]
     fn too_few_observations_keep_the_cold_start_cost_or_one_bin() {
-        // Nothing known: as long as a cold start is worth.
-        let a = Adaptive::new(config());
-        let w = a.windows();
-        assert_eq!(
-            (w.basis, w.keep_alive, w.prewarm),
-            (Basis::TooFew, m(10.0), None)
-        );
-        // Idle times that disagree, some shorter than the cost: the same.
-        let mut a = Adaptive::new(config());
-        drive(&mut a, m(0.0), &[m(2.0), m(7.0), m(4.5)]);
-        let w = a.windows();
-        assert_eq!(
-            (w.basis, w.keep_alive, w.prewarm),
-            (Basis::TooFew, m(10.0), None)
-        );
-        // Every recent one longer than the cost: such a wait would have caught none.
-        let mut a = Adaptive::new(config());
-        drive(&mut a, m(0.0), &[m(30.0), m(50.0), m(90.0)]);
-        let w = a.windows();
-        assert_eq!(
-            (w.basis, w.keep_alive, w.prewarm),
-            (Basis::TooFew, m(1.0), None)
-        );
+        let cases: [(&[Duration], Duration); 3] = [
+            // Nothing known: as long as a cold start is worth.
+            (&[], m(10.0)),
+            // Idle times that disagree, some shorter than the cost: the same.
+            (&[m(2.0), m(7.0), m(4.5)], m(10.0)),
+            // Every recent one longer than the cost: such a wait would have caught none.
+            (&[m(30.0), m(50.0), m(90.0)], m(1.0)),
+        ];
+        for (idles, keep_alive) in cases {
+            let mut a = Adaptive::new(config());
+            drive(&mut a, m(0.0), idles);
+            let w = a.windows();
+            assert_eq!(
+                (w.basis, w.keep_alive, w.prewarm),
+                (Basis::TooFew, keep_alive, None),
+                "{idles:?}"
+            );
+        }
     }
 
     #[test]
