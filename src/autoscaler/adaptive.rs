@@ -189,7 +189,7 @@ pub enum Basis {
 }
 
 impl Basis {
-    /// The name shown by `/system` and logs.
+    /// The name the pre-warm log line shows.
     pub fn name(self) -> &'static str {
         match self {
             Basis::Histogram => "histogram",

@@ -582,6 +582,7 @@ impl Autoscaler {
                     idle_s = step.inputs.idle_for.as_secs_f64(),
                     prewarm_s = w.and_then(|w| w.prewarm).map_or(0.0, |p| p.at.as_secs_f64()),
                     keep_alive_s = w.map_or(0.0, |w| w.keep_alive.as_secs_f64()),
+                    basis = w.map_or("", |w| w.basis.name()),
                     "pre-warm: starting one replica before the predicted next request"
                 );
             }
