@@ -180,9 +180,9 @@ impl IdleHistogram {
 pub enum Basis {
     /// The histogram.
     Histogram,
-    /// Fewer than [`MIN_OBSERVATIONS`] idle times: the fixed window.
+    /// Fewer than [`MIN_OBSERVATIONS`] idle times: the learning rule.
     TooFew,
-    /// Too many idle times beyond the histogram's range: the fixed window.
+    /// Too many idle times beyond the histogram's range: the learning rule.
     BeyondRange,
     /// Either of the last two, with the last idle times agreeing: the forecast.
     Forecast,
