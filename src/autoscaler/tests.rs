@@ -601,6 +601,33 @@ async fn adaptive_a_periodic_function_is_prewarmed_before_each_call_and_scaled_d
 }
 
 #[tokio::test(start_paused = true)]
+async fn adaptive_a_random_call_between_ticks_leaves_the_next_tick_prewarmed() {
+    let (f, backend, origin) = adaptive_function("");
+    let (stop, task) = spawn_loop(Autoscaler::new(f.clone()).unwrap());
+    // A timer every 20 minutes, learned (warm from the fourth call).
+    for i in 0..12 {
+        call_at(&f, origin + minutes(20) * i).await;
+    }
+    let tick = origin + minutes(20) * 12;
+    assert!(!call_at(&f, tick).await, "the 13th tick is pre-warmed");
+    // A random call 7 minutes after the tick: cold (the replica went a minute after the tick).
+    assert!(call_at(&f, tick + minutes(7)).await);
+    // Counted from the random call, the pre-warm would come 7 + 18 minutes after the tick; the
+    // timer's clock keeps the window counted from the tick, so the next tick is warm.
+    assert!(
+        !call_at(&f, tick + minutes(20)).await,
+        "{:?}",
+        backend.log()
+    );
+    assert_eq!(f.metrics.prewarm_count(PrewarmResult::Wasted), 0);
+    // The calls stop: every replica is gone an hour after the last one.
+    tokio::time::sleep(minutes(60)).await;
+    assert_eq!(backend.replicas(), 0);
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn adaptive_a_changed_pattern_is_followed_within_a_bounded_number_of_calls() {
     let (f, _backend, origin) = adaptive_function("");
     let (stop, task) = spawn_loop(Autoscaler::new(f.clone()).unwrap());
