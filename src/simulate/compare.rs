@@ -40,7 +40,7 @@ fn fixed(a: &mut AutoscalerConfig, keep: u64) {
 pub const PRESETS: [Preset; 9] = [
     Preset {
         name: "keda-http",
-        summary: "KEDA HTTP add-on: 100 in flight per replica, HPA every 15 s, cooldownPeriod 300 s",
+        summary: "KEDA HTTP add-on: 100 in flight per replica (at most max_ongoing_requests), HPA every 15 s, cooldownPeriod 300 s",
         apply: |a, capacity| {
             // targetPendingRequests 100, but never more than a replica here takes at once: a
             // user of the add-on with such replicas must set it so.
@@ -54,7 +54,7 @@ pub const PRESETS: [Preset; 9] = [
     },
     Preset {
         name: "knative-kpa",
-        summary: "Knative KPA: 70 in flight per pod over 60 s (panic 6 s), tick 2 s, zero 30 s after the window empties",
+        summary: "Knative KPA: 70% of min(100, max_ongoing_requests) in flight per pod over 60 s (panic 6 s), tick 2 s, zero 30 s after the window empties",
         apply: |a, capacity| {
             // Knative's target is 70% of containerConcurrency when that hard limit is set (as
             // max_ongoing_requests is), of container-concurrency-target-default (100) otherwise.
