@@ -19,7 +19,8 @@
 //!   them, a cold start being worth `adaptive_cold_start_cost` of replica time (see [`windows`]).
 //!   The keep-alive is the end of that stretch plus 10%; when it starts two bins or more after
 //!   the function goes idle, the replica goes after one bin of idleness and one is started again
-//!   one bin before the stretch (the pre-warm), kept until the keep-alive. Idle times with no
+//!   before the stretch (the pre-warm), kept until the keep-alive: one bin before it until a
+//!   replica start has been seen, then twice the time starts take (see [`Adaptive::lead`]). Idle times with no
 //!   pattern (the paper's flat histogram) then get no stretch: one bin, or the cold start's worth
 //!   when they average less than that and none is seen beyond (a busy function's rare longer
 //!   idle time, which its histogram is too short-lived to show).
@@ -36,6 +37,10 @@
 use std::time::Duration;
 
 use crate::config::AdaptiveConfig;
+
+/// The least time a pre-warm leads the stretch it is for (a start seen to take no time still
+/// waits for the decision that asks for it).
+pub const MIN_LEAD: Duration = Duration::from_secs(1);
 
 /// Bins of the histogram.
 pub const BINS: usize = 240;
@@ -230,10 +235,13 @@ pub struct Prewarm {
 /// always covered (one idle time is recorded per bin width, so several requests within a bin are
 /// one sample: the replica must stay for them). Beyond it the replica covers the one stretch of
 /// bins `a..=k` of greatest total worth, if positive; a stretch that does not start at bin 1 is
-/// reached by a pre-warm one bin before it, whose bin is paid for (`S[a−1]`). The best stretch is
+/// reached by a pre-warm up to one bin before it, whose bin is paid for (`S[a−1]`). The best stretch is
 /// found in one pass (maximum-sum run), and kept only if it catches at least
-/// [`MIN_STRETCH_SHARE`] of the idle times.
-pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
+/// [`MIN_STRETCH_SHARE`] of the idle times. The pre-warm starts `lead` (at most a bin) before
+/// the stretch; the stretches are weighed as if it led by a whole bin (a pre-warm judged no
+/// cheaper than that keeps the choice between stretches, and how soon a changed pattern is
+/// followed, independent of how fast replicas start).
+pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig, lead: Duration) -> Windows {
     let bin = h.bin_width;
     let untrusted = |basis| forecast(h, config).unwrap_or_else(|| learning(h, config, basis));
     if h.observations < MIN_OBSERVATIONS {
@@ -251,14 +259,15 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
         survival[j] = survival[j + 1] + h.bins[j] as u64;
     }
     let cost = config.cold_start_cost.as_secs_f64() / bin.as_secs_f64();
+    let lead = lead.min(bin);
     let worth = |j: usize| cost * h.bins[j] as f64 - survival[j] as f64;
     // The run ending at the current bin of greatest worth: (first bin, worth).
     let mut run: Option<(usize, f64)> = None;
     let mut best: Option<(usize, usize, f64)> = None;
     for j in 1..BINS {
         let w = worth(j);
-        let lead = if j == 1 { 0.0 } else { survival[j - 1] as f64 };
-        let fresh = (j, w - lead);
+        let paid = if j == 1 { 0.0 } else { survival[j - 1] as f64 };
+        let fresh = (j, w - paid);
         run = Some(match run {
             Some((a, v)) if v + w >= fresh.1 => (a, v + w),
             _ => fresh,
@@ -281,7 +290,7 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig) -> Windows {
     let prewarm = prewarm_at(
         config,
         bin,
-        bin.saturating_mul(first as u32 - 1),
+        bin.saturating_mul(first as u32).saturating_sub(lead),
         keep_alive,
     );
     // The tail of a busy function's idle times is all but empty at one sample a bin width and
@@ -426,6 +435,12 @@ pub struct Adaptive {
     seen: bool,
     /// The histogram changed since [`Adaptive::take_changed`].
     changed: bool,
+    /// Since when a replica has been asked for and none is ready (a start under way).
+    starting_since: Option<Duration>,
+    /// How long a replica takes to start, as seen here: the latest start, or less when it was
+    /// quicker than the ones before (it rises at once and falls by a quarter of the difference
+    /// a start). Not persisted: after a restart, pre-warms lead by a bin until a start is seen.
+    startup: Option<Duration>,
 }
 
 impl Adaptive {
@@ -437,13 +452,15 @@ impl Adaptive {
     /// A tracker starting from `histogram` (e.g. loaded at start).
     pub fn with_histogram(config: AdaptiveConfig, histogram: IdleHistogram) -> Adaptive {
         Adaptive {
-            windows: windows(&histogram, &config),
+            windows: windows(&histogram, &config, config.bin_width),
             config,
             histogram,
             last_activity: None,
             idle_since: None,
             last_observation: None,
             anchor: None,
+            starting_since: None,
+            startup: None,
             on_pattern: false,
             prewarmed: false,
             seen: false,
@@ -458,7 +475,7 @@ impl Adaptive {
 
     /// Replaces the histogram (one loaded from the state store) and recomputes the windows.
     pub fn load(&mut self, histogram: IdleHistogram) {
-        self.windows = windows(&histogram, &self.config);
+        self.windows = windows(&histogram, &self.config, self.lead());
         self.histogram = histogram;
     }
 
@@ -535,7 +552,7 @@ impl Adaptive {
         }
         self.last_observation = Some(arrival);
         self.histogram.record(idle);
-        self.windows = windows(&self.histogram, &self.config);
+        self.windows = windows(&self.histogram, &self.config, self.lead());
         self.changed = true;
     }
 
@@ -573,9 +590,37 @@ impl Adaptive {
             .min()
     }
 
-    /// A replica was started by the pre-warm.
-    pub fn prewarm_started(&mut self) {
+    /// A replica was started by the pre-warm at `t`.
+    pub fn prewarm_started(&mut self, t: Duration) {
         self.prewarmed = true;
+        self.starting_since.get_or_insert(t);
+    }
+
+    /// Every sample: replicas ready and asked for, to see how long a start takes.
+    pub fn replicas(&mut self, t: Duration, ready: u32, asked: u32) {
+        if asked == 0 {
+            self.starting_since = None;
+        } else if ready == 0 {
+            self.starting_since.get_or_insert(t);
+        } else if let Some(since) = self.starting_since.take() {
+            let took = t.saturating_sub(since);
+            self.startup = Some(match self.startup {
+                Some(before) if took < before => before - (before - took) / 4,
+                _ => took,
+            });
+            let windows = windows(&self.histogram, &self.config, self.lead());
+            // Published (and the histogram saved) as after a new idle time.
+            self.changed |= windows != self.windows;
+            self.windows = windows;
+        }
+    }
+
+    /// How long before a learned stretch of idle times a pre-warm starts: twice the time a
+    /// start takes (at least [`MIN_LEAD`]), at most one bin (also while no start has been seen).
+    pub fn lead(&self) -> Duration {
+        let bin = self.histogram.bin_width;
+        self.startup
+            .map_or(bin, |s| s.saturating_mul(2).max(MIN_LEAD).min(bin))
     }
 
     /// The function goes to zero: a pre-warm still unused was wasted.
@@ -691,6 +736,37 @@ mod tests {
         assert_eq!(a.wake_at(idle + m(1.0)), Some(idle + m(58.0)));
         assert_eq!(a.phase(idle + m(58.0)), Phase::Prewarm);
         assert_eq!(a.phase(idle + m(66.0)), Phase::Down);
+    }
+
+    #[test]
+    fn the_prewarm_leads_by_twice_the_start_time_seen_once_a_start_was_seen() {
+        let mut a = Adaptive::new(config());
+        let t = drive(&mut a, m(0.0), &[period(60.0); 12]);
+        let at = |a: &Adaptive| a.windows().prewarm.map(|p| p.at);
+        // No start seen yet: one bin before the stretch (bin 59).
+        assert_eq!((a.lead(), at(&a)), (m(1.0), Some(m(58.0))));
+        // A start given up before it was ready says nothing.
+        a.replicas(t, 0, 1);
+        a.replicas(t + Duration::from_secs(1), 0, 0);
+        assert_eq!(a.lead(), m(1.0));
+        // The pre-warm asks at t; the replica is ready 3 s later: lead 6 s.
+        let t = t + m(5.0);
+        a.prewarm_started(t);
+        a.replicas(t + Duration::from_secs(1), 0, 1);
+        a.replicas(t + Duration::from_secs(3), 1, 1);
+        assert_eq!(a.lead(), Duration::from_secs(6));
+        assert_eq!(at(&a), Some(m(59.0) - Duration::from_secs(6)));
+        assert!(a.take_changed(), "new windows are published");
+        // A quicker start (1 s) lowers it by a quarter of the difference: 2.5 s, lead 5 s.
+        let t = t + m(5.0);
+        a.replicas(t, 0, 1);
+        a.replicas(t + Duration::from_secs(1), 1, 1);
+        assert_eq!(a.lead(), Duration::from_secs(5));
+        // A slower one (40 s) counts at once, and the lead is never more than a bin.
+        let t = t + m(5.0);
+        a.replicas(t, 0, 1);
+        a.replicas(t + Duration::from_secs(40), 2, 2);
+        assert_eq!((a.lead(), at(&a)), (m(1.0), Some(m(58.0))));
     }
 
     #[test]
@@ -877,7 +953,7 @@ mod tests {
         assert_eq!(a.wake_at(since + m(30.0)), Some(anchor + m(58.0)));
         assert_eq!(a.phase(anchor + m(58.5)), Phase::Prewarm);
         // The tick comes: it was on the clock; its idle period is the new anchor.
-        a.prewarm_started();
+        a.prewarm_started(Duration::ZERO);
         let tick = anchor + period(60.0) + Duration::from_secs(1);
         assert_eq!(a.observe(tick, 1, Duration::ZERO), Some(PrewarmEvent::Used));
         a.observe(tick + Duration::from_secs(1), 0, Duration::ZERO);
@@ -891,11 +967,11 @@ mod tests {
     fn pre_warm_outcomes_are_reported() {
         let mut a = Adaptive::new(config());
         let t = drive(&mut a, m(0.0), &[period(60.0); 12]);
-        a.prewarm_started();
+        a.prewarm_started(Duration::ZERO);
         // The request comes as predicted: used.
         assert_eq!(a.observe(t, 1, Duration::ZERO), Some(PrewarmEvent::Used));
         assert_eq!(a.unloaded(), None);
-        a.prewarm_started();
+        a.prewarm_started(Duration::ZERO);
         assert_eq!(a.unloaded(), Some(PrewarmEvent::Wasted));
     }
 

@@ -12,7 +12,8 @@
 //!   whole `cooldown_period`;
 //! * with `cooldown_period = "adaptive"` (and `min_replicas = 0`), while nothing is in flight the
 //!   learned windows ([`super::adaptive`]) decide instead: keep the last replica, go to zero, or
-//!   pre-warm one; `cooldown_period` (300 s) then only governs scale-downs between non-zero counts;
+//!   pre-warm one; `cooldown_period` (`adaptive_scale_down_delay`, 300 s by default) then only
+//!   governs scale-downs between non-zero counts;
 //! * burst mode (Knative's panic window): when the burst window (a tenth of the window) shows at
 //!   least twice the current capacity, scale up at once to what the burst needs, and do not scale
 //!   down until the burst condition has been absent for a whole window.
@@ -98,9 +99,9 @@ impl Policy {
     /// Every sample: lets the adaptive keep-alive see arrivals and idle periods. Reports a
     /// pre-warm that an arrival used.
     pub fn observe(&mut self, t: Duration, inputs: &Inputs) -> Option<PrewarmEvent> {
-        self.adaptive
-            .as_mut()?
-            .observe(t, inputs.in_flight, inputs.idle_for)
+        let adaptive = self.adaptive.as_mut()?;
+        adaptive.replicas(t, inputs.ready, inputs.current);
+        adaptive.observe(t, inputs.in_flight, inputs.idle_for)
     }
 
     /// The learned windows' say at `t`, when they have one: adaptive, idle, no manual scale
@@ -261,7 +262,9 @@ impl Policy {
             Some(Phase::Prewarm) => {
                 desired = desired.min(inputs.current).max(1);
                 if inputs.current == 0 {
-                    self.adaptive.as_mut().map(Adaptive::prewarm_started);
+                    if let Some(a) = self.adaptive.as_mut() {
+                        a.prewarm_started(t);
+                    }
                     prewarm = Some(PrewarmEvent::Started);
                 }
             }

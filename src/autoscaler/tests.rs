@@ -562,6 +562,10 @@ fn minutes(m: u64) -> Duration {
     Duration::from_secs(60 * m)
 }
 
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
 #[tokio::test(start_paused = true)]
 async fn adaptive_a_periodic_function_is_prewarmed_before_each_call_and_scaled_down_after() {
     let (f, backend, origin) = adaptive_function("");
@@ -580,9 +584,10 @@ async fn adaptive_a_periodic_function_is_prewarmed_before_each_call_and_scaled_d
     assert_eq!(m.prewarm_count(PrewarmResult::Started), 17);
     assert_eq!(m.prewarm_count(PrewarmResult::Used), 17);
     assert_eq!(m.prewarm_count(PrewarmResult::Wasted), 0);
-    // Idle 19:59 each time: bin 19, pre-warm one bin earlier (18 min), keep-alive 20 × 1.1 min.
-    assert_eq!(m.adaptive_windows(), Some((minutes(22), Some(minutes(18)))));
-    // Between two warm calls: down a minute after the call ended, up again 18 minutes after.
+    // Idle 19:59 each time: bin 19, pre-warm twice the 2 s a start was seen to take before it
+    // (18:56), keep-alive 20 × 1.1 min.
+    assert_eq!(m.adaptive_windows(), Some((minutes(22), Some(secs(1136)))));
+    // Between two warm calls: down a minute after the call ended, up again 18:56 after.
     let log = backend.log();
     let last = minutes(20) * 19;
     let around: Vec<_> = log
@@ -590,7 +595,7 @@ async fn adaptive_a_periodic_function_is_prewarmed_before_each_call_and_scaled_d
         .filter(|(t, _, _)| *t > last - minutes(20) && *t <= last)
         .map(|(t, asked, _)| (t.as_secs() - (last - minutes(20)).as_secs(), *asked))
         .collect();
-    assert_eq!(around, [(61, 0), (1081, 1), (1083, 1)], "{log:?}");
+    assert_eq!(around, [(61, 0), (1137, 1), (1139, 1)], "{log:?}");
     // The calls stop: the last pre-warm goes unused, and the function is at zero after it.
     tokio::time::sleep(minutes(60)).await;
     assert_eq!(m.prewarm_count(PrewarmResult::Wasted), 1);
@@ -636,9 +641,10 @@ async fn adaptive_a_changed_pattern_is_followed_within_a_bounded_number_of_calls
         call_at(&f, at).await;
         at += minutes(10);
     }
+    // Bin 9, led by twice the 2 s start.
     assert_eq!(
         f.metrics.adaptive_windows().unwrap().1,
-        Some(minutes(8)),
+        Some(minutes(9) - secs(4)),
         "every 10 minutes"
     );
     // Now every 25 minutes. The learned stretch (8 to 11 minutes) covers one mode of the idle
@@ -646,7 +652,7 @@ async fn adaptive_a_changed_pattern_is_followed_within_a_bounded_number_of_calls
     // one's (the old idle times' weight decays by 1/32 per call), then pre-warmed.
     let mut colds = 0;
     let mut calls = 0;
-    while f.metrics.adaptive_windows().unwrap().1 != Some(minutes(23)) {
+    while f.metrics.adaptive_windows().unwrap().1 != Some(minutes(24) - secs(4)) {
         colds += call_at(&f, at).await as u32;
         at += minutes(25);
         calls += 1;
@@ -659,7 +665,9 @@ async fn adaptive_a_changed_pattern_is_followed_within_a_bounded_number_of_calls
         colds += call_at(&f, at).await as u32;
         at += minutes(10);
     }
-    assert!(colds <= 2, "{colds} cold starts");
+    // (Three: the first is cold, and so is one whose idle time falls just before the stretch
+    // then learned, which a pre-warm leading by a whole bin used to catch.)
+    assert!(colds <= 3, "{colds} cold starts");
     stop.send(true).unwrap();
     task.await.unwrap();
 }
@@ -677,7 +685,7 @@ async fn adaptive_the_histogram_survives_a_restart_in_the_state_store() {
         call_at(&f, origin + minutes(20) * i).await;
     }
     let learned = f.metrics.adaptive_windows();
-    assert_eq!(learned, Some((minutes(22), Some(minutes(18)))));
+    assert_eq!(learned, Some((minutes(22), Some(secs(1136)))));
     stop.send(true).unwrap();
     task.await.unwrap();
     let saved = state
@@ -692,7 +700,8 @@ async fn adaptive_the_histogram_survives_a_restart_in_the_state_store() {
         13
     );
 
-    // A new gateway: the same windows before a single call, and its first idle period is
+    // A new gateway: the same windows before a single call (the pre-warm leading by a bin until
+    // it sees a start: how long starts take is not kept), and its first idle period is
     // pre-warmed at once.
     let (g, _backend, origin) = adaptive_function("");
     let (stop, task) = spawn_loop(
@@ -701,7 +710,10 @@ async fn adaptive_the_histogram_survives_a_restart_in_the_state_store() {
             .with_state(state.clone()),
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(g.metrics.adaptive_windows(), learned);
+    assert_eq!(
+        g.metrics.adaptive_windows(),
+        Some((minutes(22), Some(minutes(18))))
+    );
     assert!(
         call_at(&g, origin + minutes(1)).await,
         "nothing ran yet: cold"

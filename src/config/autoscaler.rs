@@ -86,15 +86,14 @@ table! {
                 adaptive_bin_width,
             ),
         },
+        adaptive_scale_down_delay: Dur,
         cooldown_period: Cooldown => {
             /// A scale-down never goes below the highest desired count seen in this period. With
-            /// `cooldown_period = "adaptive"` this is [`DEFAULT_COOLDOWN_PERIOD`] (it then governs
-            /// only scale-downs between non-zero counts) and [`AutoscalerConfig::adaptive`] decides
-            /// when the last replica goes and when one is started again.
-            pub cooldown_period: Duration = Ok(match cooldown_period {
-                Some(Cooldown::Fixed(d)) => d.into(),
-                _ => DEFAULT_COOLDOWN_PERIOD,
-            }),
+            /// `cooldown_period = "adaptive"` this is `adaptive_scale_down_delay` (default
+            /// [`DEFAULT_COOLDOWN_PERIOD`]; it then governs only scale-downs between non-zero
+            /// counts) and [`AutoscalerConfig::adaptive`] decides when the last replica goes and
+            /// when one is started again.
+            pub cooldown_period: Duration = scale_down_delay(cooldown_period, adaptive_scale_down_delay),
         },
     }
 }
@@ -152,6 +151,15 @@ pub struct AdaptiveConfig {
     /// (`adaptive_cold_start_cost`, default 15 minutes): a stretch of idle time is covered by a
     /// replica only when the requests it catches are worth more than the replica time it costs.
     pub cold_start_cost: Duration,
+}
+
+fn scale_down_delay(cooldown: Option<Cooldown>, adaptive: Option<Dur>) -> Result<Duration, String> {
+    match (cooldown, adaptive) {
+        (Some(Cooldown::Fixed(d)), None) => Ok(d.into()),
+        (Some(Cooldown::Adaptive), Some(d)) => Ok(d.into()),
+        (_, None) => Ok(DEFAULT_COOLDOWN_PERIOD),
+        (_, Some(_)) => Err("adaptive_scale_down_delay applies only with cooldown_period = \"adaptive\" (a fixed cooldown_period is the scale-down delay itself)".into()),
+    }
 }
 
 fn adaptive(

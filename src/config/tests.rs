@@ -660,6 +660,21 @@ fn cooldown_period_takes_a_duration_or_adaptive_with_its_bounds() {
     assert!(err("cooldown_period = \"adaptive\"\nadaptive_min_keep_alive = \"2h\"\nadaptive_max_keep_alive = \"1h\"")
         .contains("is less than adaptive_min_keep_alive"));
     assert!(err("cooldown_period = \"often\"").contains("or \"adaptive\""));
+    // Between non-zero counts the adaptive mode waits adaptive_scale_down_delay (300 s unless
+    // set); with a fixed cooldown_period that key has no place.
+    let quick = f("cooldown_period = \"adaptive\"\nadaptive_scale_down_delay = \"60s\"").unwrap();
+    let a = &quick.functions["f"].autoscaler;
+    assert_eq!(
+        (a.cooldown_period, a.adaptive.is_some()),
+        (Duration::from_secs(60), true)
+    );
+    assert!(quick
+        .describe()
+        .contains("; scale-downs above zero after 60s)"));
+    assert!(
+        err("cooldown_period = \"5m\"\nadaptive_scale_down_delay = \"60s\"")
+            .contains("adaptive_scale_down_delay applies only with cooldown_period = \"adaptive\"")
+    );
 }
 
 #[test]
