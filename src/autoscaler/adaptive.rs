@@ -12,7 +12,7 @@
 //!   busy function records a 0 about once a minute, not once per request.
 //! * **Histogram**: 240 bins of `adaptive_bin_width` (1 minute: 4 hours), plus a count of idle
 //!   times beyond; 16-bit weights, decayed by 1/32 at each observation so that it follows
-//!   changes (491 bytes persisted).
+//!   changes (503 bytes persisted, with the last three idle times).
 //! * **Windows** once there are [`MIN_OBSERVATIONS`] and fewer than half of them beyond the
 //!   range: where the paper takes the 5th and 99th percentiles, the windows here are the one
 //!   stretch of idle time whose arrivals are worth more than the replica time spent waiting for
