@@ -17,6 +17,7 @@ replicas the gateway had half-way through the gap before the call, and the gatew
 a few; loopback only.
 
 Usage: loadtests/adaptive/live.py [--period 14.5] [--calls 22] [--learn 3] [--startup-delay 500ms]
+       [--bin-width 1]   (e.g. --bin-width 3 --period 43.5 --calls 14: the learned pre-warm lead)
 """
 import argparse
 import json
@@ -66,6 +67,10 @@ def main():
                     help="calls before the windows must hold (default 3: the first two idle times "
                          "agree when the third call arrives; the fourth is pre-warmed)")
     ap.add_argument("--startup-delay", default="500ms", help="demo function startup delay (default 500ms)")
+    ap.add_argument("--bin-width", type=float, default=1.0,
+                    help="adaptive_bin_width in seconds (default 1; with a wider bin than the replica's "
+                         "start, the histogram's pre-warm, from the eleventh call, leads by twice the "
+                         "start time seen instead of a whole bin)")
     args = ap.parse_args()
     if not os.path.exists(BIN):
         subprocess.run(["cargo", "build", "--release", "--bin", "sluicegate"], cwd=ROOT, check=True)
@@ -85,7 +90,7 @@ type = "rps"
 min_replicas = 0
 max_replicas = 1
 cooldown_period = "adaptive"
-adaptive_bin_width = "1s"
+adaptive_bin_width = "{args.bin_width}s"
 polling_interval = "100ms"
 """)
     log_path = os.path.join(tmp, "gateway.log")
@@ -98,7 +103,7 @@ polling_interval = "100ms"
             if time.time() > deadline:
                 raise RuntimeError("gateway did not start")
             time.sleep(0.05)
-        print(f"demo function --startup-delay {args.startup_delay}; adaptive_bin_width 1s; "
+        print(f"demo function --startup-delay {args.startup_delay}; adaptive_bin_width {args.bin_width}s; "
               f"a call every {args.period} s, {args.calls} calls")
         print("| call | t s | latency ms | held for cold start | replica pid | replicas mid-gap "
               "| cold starts | pre-warms started/used/wasted | keep-alive s | pre-warm s |")
