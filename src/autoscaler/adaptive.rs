@@ -20,10 +20,11 @@
 //!   The keep-alive is the end of that stretch plus 10%; when it starts two bins or more after
 //!   the function goes idle, the replica goes after one bin of idleness and one is started again
 //!   before the stretch (the pre-warm), kept until the keep-alive: one bin before it until a
-//!   replica start has been seen, then twice the time starts take (see [`Adaptive::lead`]). Idle times with no
-//!   pattern (the paper's flat histogram) then get no stretch: one bin, or the cold start's worth
-//!   when they average less than that and none is seen beyond (a busy function's rare longer
-//!   idle time, which its histogram is too short-lived to show).
+//!   replica start from zero has been seen, then twice the time such starts take (see
+//!   [`Adaptive::lead`]). Idle times with no pattern (the paper's flat histogram) then get no
+//!   stretch: one bin, or the cold start's worth when they average less than that and none is
+//!   seen beyond (a busy function's rare longer idle time, which its histogram is too
+//!   short-lived to show).
 //! * **Forecast** while the histogram is not trusted (too few idle times, or most beyond the
 //!   range, where the paper forecasts with ARIMA): when the last idle times agree (two of them at
 //!   first, then the last [`RECENT`]), the next is forecast to agree too and pre-warmed (see
@@ -235,8 +236,8 @@ pub struct Prewarm {
 /// always covered (one idle time is recorded per bin width, so several requests within a bin are
 /// one sample: the replica must stay for them). Beyond it the replica covers the one stretch of
 /// bins `a..=k` of greatest total worth, if positive; a stretch that does not start at bin 1 is
-/// reached by a pre-warm up to one bin before it, whose bin is paid for (`S[a−1]`). The best stretch is
-/// found in one pass (maximum-sum run), and kept only if it catches at least
+/// reached by a pre-warm up to one bin before it, whose bin is paid for (`S[a−1]`). The best
+/// stretch is found in one pass (maximum-sum run), and kept only if it catches at least
 /// [`MIN_STRETCH_SHARE`] of the idle times. The pre-warm starts `lead` (at most a bin) before
 /// the stretch; the stretches are weighed as if it led by a whole bin (a pre-warm judged no
 /// cheaper than that keeps the choice between stretches, and how soon a changed pattern is

@@ -93,7 +93,8 @@ table! {
             /// [`DEFAULT_COOLDOWN_PERIOD`]; it then governs only scale-downs between non-zero
             /// counts) and [`AutoscalerConfig::adaptive`] decides when the last replica goes and
             /// when one is started again.
-            pub cooldown_period: Duration = scale_down_delay(cooldown_period, adaptive_scale_down_delay),
+            pub cooldown_period: Duration =
+                scale_down_delay(cooldown_period, adaptive_scale_down_delay),
         },
     }
 }
@@ -153,6 +154,9 @@ pub struct AdaptiveConfig {
     pub cold_start_cost: Duration,
 }
 
+/// The wait before a scale-down: a fixed `cooldown_period`, or with `"adaptive"` the
+/// `adaptive_scale_down_delay` (between non-zero counts; the learned windows decide the last
+/// replica), [`DEFAULT_COOLDOWN_PERIOD`] when neither is written.
 fn scale_down_delay(cooldown: Option<Cooldown>, adaptive: Option<Dur>) -> Result<Duration, String> {
     match (cooldown, adaptive) {
         (Some(Cooldown::Fixed(d)), None) => Ok(d.into()),
