@@ -476,8 +476,13 @@ impl Adaptive {
 
     /// Replaces the histogram (one loaded from the state store) and recomputes the windows.
     pub fn load(&mut self, histogram: IdleHistogram) {
-        self.windows = windows(&histogram, &self.config, self.lead());
         self.histogram = histogram;
+        self.windows = self.learned();
+    }
+
+    /// The windows the histogram and the start time seen give now.
+    fn learned(&self) -> Windows {
+        windows(&self.histogram, &self.config, self.lead())
     }
 
     /// The windows in force.
@@ -553,7 +558,7 @@ impl Adaptive {
         }
         self.last_observation = Some(arrival);
         self.histogram.record(idle);
-        self.windows = windows(&self.histogram, &self.config, self.lead());
+        self.windows = self.learned();
         self.changed = true;
     }
 
@@ -605,14 +610,17 @@ impl Adaptive {
             self.starting_since.get_or_insert(t);
         } else if let Some(since) = self.starting_since.take() {
             let took = t.saturating_sub(since);
+            let lead = self.lead();
             self.startup = Some(match self.startup {
                 Some(before) if took < before => before - (before - took) / 4,
                 _ => took,
             });
-            let windows = windows(&self.histogram, &self.config, self.lead());
-            // Published (and the histogram saved) as after a new idle time.
-            self.changed |= windows != self.windows;
-            self.windows = windows;
+            if self.lead() != lead {
+                let windows = self.learned();
+                // Published (and the histogram saved) as after a new idle time.
+                self.changed |= windows != self.windows;
+                self.windows = windows;
+            }
         }
     }
 
