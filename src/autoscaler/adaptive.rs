@@ -12,19 +12,24 @@
 //!   busy function records a 0 about once a minute, not once per request.
 //! * **Histogram**: 240 bins of `adaptive_bin_width` (1 minute: 4 hours), plus a count of idle
 //!   times beyond; 16-bit weights, decayed by 1/32 at each observation so that it follows
-//!   changes (503 bytes persisted, with the last three idle times).
+//!   changes (507 bytes persisted, with the last three idle times and the follow-up share).
 //! * **Windows** once there are [`MIN_OBSERVATIONS`] and fewer than half of them beyond the
 //!   range: where the paper takes the 5th and 99th percentiles, the windows here are the one
 //!   stretch of idle time whose arrivals are worth more than the replica time spent waiting for
 //!   them, a cold start being worth `adaptive_cold_start_cost` of replica time (see [`windows`]).
 //!   The keep-alive is the end of that stretch plus 10%; when it starts two bins or more after
-//!   the function goes idle, the replica goes after one bin of idleness and one is started again
+//!   the function goes idle, the replica goes after the first bin's hold and one is started again
 //!   before the stretch (the pre-warm), kept until the keep-alive: one bin before it until a
 //!   replica start from zero has been seen, then twice the time such starts take (see
 //!   [`Adaptive::lead`]). Idle times with no pattern (the paper's flat histogram) then get no
-//!   stretch: one bin, or the cold start's worth when they average less than that and none is
-//!   seen beyond (a busy function's rare longer idle time, which its histogram is too
-//!   short-lived to show).
+//!   stretch: the first bin's hold, or the cold start's worth when they average less than that
+//!   and none is seen beyond (a busy function's rare longer idle time, which its histogram is
+//!   too short-lived to show).
+//! * **The first bin's hold**: the replica stays the first bin after the function goes idle
+//!   only when idle periods end within it often enough to pay for that (every idle period
+//!   counts, not one a bin width: a timer's second call of a tick, a burst's next call); a
+//!   timer with one call a tick, or a rare random function, loses its replica as soon as it is
+//!   idle (see [`first_hold`]).
 //! * **Forecast** while the histogram is not trusted (too few idle times, or most beyond the
 //!   range, where the paper forecasts with ARIMA): when the last idle times agree (two of them at
 //!   first, then the last [`RECENT`]), the next is forecast to agree too and pre-warmed (see
@@ -64,10 +69,16 @@ pub const FORECAST_AFTER: usize = 2;
 const ONE: u32 = 1024;
 const DECAY_SHIFT: u32 = 5;
 /// Version byte of the persisted form.
-const FORMAT: u8 = 2;
-/// Length of the persisted form, and of the first version's (no recent idle times).
-const ENCODED_LEN: usize = 11 + 2 * BINS + 4 * RECENT;
+const FORMAT: u8 = 3;
+/// Length of the persisted form, of the second version's (no follow-up share) and of the
+/// first's (no recent idle times either).
+const ENCODED_LEN: usize = V2_LEN + 4;
+const V2_LEN: usize = 11 + 2 * BINS + 4 * RECENT;
 const V1_LEN: usize = 11 + 2 * BINS;
+/// The follow-up share decays by `1/2^PERIOD_DECAY_SHIFT` at each idle period.
+const PERIOD_DECAY_SHIFT: u32 = 4;
+/// Idle periods' weight before the follow-up share is trusted (three periods).
+const PERIODS_KNOWN: u16 = 2 * ONE as u16 + ONE as u16 / 2;
 /// Idle times kept in order for the forecast.
 pub const RECENT: usize = 3;
 /// A slot of `recent` with no idle time yet.
@@ -83,6 +94,11 @@ pub struct IdleHistogram {
     /// The last [`RECENT`] idle times recorded, oldest first, in milliseconds (saturated);
     /// [`NO_IDLE`] where there is none yet.
     recent: [u32; RECENT],
+    /// Every idle period, recorded or not (the histogram takes one a bin width), decayed: the
+    /// weight of all of them, and of those that ended within the first bin (a call followed by
+    /// another, like a timer's second call of a tick, which the histogram does not see).
+    periods: u16,
+    follow_ups: u16,
 }
 
 impl IdleHistogram {
@@ -94,6 +110,8 @@ impl IdleHistogram {
             beyond: 0,
             observations: 0,
             recent: [NO_IDLE; RECENT],
+            periods: 0,
+            follow_ups: 0,
         }
     }
 
@@ -122,6 +140,24 @@ impl IdleHistogram {
         self.recent[RECENT - 1] = idle.as_millis().min(NO_IDLE as u128 - 1) as u32;
     }
 
+    /// Counts one idle period of `idle`, every one (not one a bin width as [`record`]).
+    ///
+    /// [`record`]: IdleHistogram::record
+    pub fn period(&mut self, idle: Duration) {
+        let decay = |w: &mut u16| *w -= *w >> PERIOD_DECAY_SHIFT;
+        decay(&mut self.periods);
+        decay(&mut self.follow_ups);
+        self.periods = self.periods.saturating_add(ONE as u16);
+        if idle < self.bin_width {
+            self.follow_ups = self.follow_ups.saturating_add(ONE as u16);
+        }
+    }
+
+    /// The share of idle periods that end within the first bin, once a few were seen.
+    pub fn follow_up_share(&self) -> Option<f64> {
+        (self.periods >= PERIODS_KNOWN).then(|| self.follow_ups as f64 / self.periods as f64)
+    }
+
     /// The last idle times recorded (up to [`RECENT`]), oldest first.
     pub fn recent(&self) -> impl Iterator<Item = Duration> + '_ {
         self.recent
@@ -144,16 +180,19 @@ impl IdleHistogram {
         for ms in self.recent {
             out.extend_from_slice(&ms.to_le_bytes());
         }
+        out.extend_from_slice(&self.periods.to_le_bytes());
+        out.extend_from_slice(&self.follow_ups.to_le_bytes());
         out
     }
 
-    /// Reads [`IdleHistogram::encode`]'s form (or the first version's, without recent idle
-    /// times); `None` when it is not that, or was recorded with another bin width than
-    /// `bin_width` (its bins would mean other times).
+    /// Reads [`IdleHistogram::encode`]'s form (or an earlier version's, without the follow-up
+    /// share, and the first without recent idle times either); `None` when it is not that, or
+    /// was recorded with another bin width than `bin_width` (its bins would mean other times).
     pub fn decode(bytes: &[u8], bin_width: Duration) -> Option<IdleHistogram> {
-        let recent_from = match (bytes.first(), bytes.len()) {
-            (Some(&FORMAT), ENCODED_LEN) => Some(11 + 2 * BINS),
-            (Some(1), V1_LEN) => None,
+        let (recent_from, periods_from) = match (bytes.first(), bytes.len()) {
+            (Some(&FORMAT), ENCODED_LEN) => (Some(11 + 2 * BINS), Some(V2_LEN)),
+            (Some(2), V2_LEN) => (Some(11 + 2 * BINS), None),
+            (Some(1), V1_LEN) => (None, None),
             _ => return None,
         };
         let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
@@ -171,12 +210,15 @@ impl IdleHistogram {
                 *ms = u32_at(from + 4 * i);
             }
         }
+        let (periods, follow_ups) = periods_from.map_or((0, 0), |i| (u16_at(i), u16_at(i + 2)));
         Some(IdleHistogram {
             bin_width,
             bins,
             beyond: u16_at(9),
             observations: u32_at(5),
             recent,
+            periods,
+            follow_ups,
         })
     }
 }
@@ -261,13 +303,20 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig, lead: Duration) -> Wi
     }
     let cost = config.cold_start_cost.as_secs_f64() / bin.as_secs_f64();
     let lead = lead.min(bin);
+    let hold = first_hold(h, config);
     let worth = |j: usize| cost * h.bins[j] as f64 - survival[j] as f64;
     // The run ending at the current bin of greatest worth: (first bin, worth).
     let mut run: Option<(usize, f64)> = None;
     let mut best: Option<(usize, usize, f64)> = None;
     for j in 1..BINS {
         let w = worth(j);
-        let paid = if j == 1 { 0.0 } else { survival[j - 1] as f64 };
+        // Bin 0 is kept anyway, or costs what it does not catch; a later stretch is reached by
+        // a pre-warm, paid for as a whole bin.
+        let paid = match j {
+            1 if hold.is_zero() => -worth(0),
+            1 => 0.0,
+            _ => survival[j - 1] as f64,
+        };
         let fresh = (j, w - paid);
         run = Some(match run {
             Some((a, v)) if v + w >= fresh.1 => (a, v + w),
@@ -287,10 +336,14 @@ pub fn windows(h: &IdleHistogram, config: &AdaptiveConfig, lead: Duration) -> Wi
     let (first, last) = best.map_or((1, 0), |(first, last, _)| (first, last));
     let stretch_end =
         |end: Duration| bounded(config, end.max(bin).mul_f64(1.0 + KEEP_ALIVE_MARGIN));
-    let keep_alive = stretch_end(bin.saturating_mul(last as u32 + 1));
+    let keep_alive = match best {
+        None if hold.is_zero() => bounded(config, hold),
+        _ => stretch_end(bin.saturating_mul(last as u32 + 1)),
+    };
     let prewarm = prewarm_at(
         config,
         bin,
+        hold,
         bin.saturating_mul(first as u32).saturating_sub(lead),
         keep_alive,
     );
@@ -342,7 +395,7 @@ fn forecast(h: &IdleHistogram, config: &AdaptiveConfig) -> Option<Windows> {
     }
     let keep_alive = bounded(config, end);
     Some(Windows {
-        prewarm: prewarm_at(config, bin, start, keep_alive),
+        prewarm: prewarm_at(config, bin, first_hold(h, config), start, keep_alive),
         keep_alive,
         basis: Basis::Forecast,
     })
@@ -356,27 +409,42 @@ fn bounded(config: &AdaptiveConfig, d: Duration) -> Duration {
     )
 }
 
-/// A pre-warm at `at` before the (bounded) `keep_alive`: the replica goes after a bin (or the
+/// How long the last replica stays once the function goes idle, whatever comes later: the
+/// first bin, unless an idle period is seldom over within it (a call seldom followed by
+/// another soon, as a timer's single call or a rare random one): then not at all. Keeping the
+/// first bin costs up to a bin an idle period (about half of one for those that end in it) and
+/// spares a cold start for each of those: worth it when the share `q` that do is above
+/// `(1 − q/2) / c`, a cold start being worth `c` bins. A bin until a few idle periods were seen.
+fn first_hold(h: &IdleHistogram, config: &AdaptiveConfig) -> Duration {
+    let cost = config.cold_start_cost.as_secs_f64() / h.bin_width.as_secs_f64();
+    match h.follow_up_share() {
+        Some(q) if cost * q <= 1.0 - q / 2.0 => Duration::ZERO,
+        _ => h.bin_width,
+    }
+}
+
+/// A pre-warm at `at` before the (bounded) `keep_alive`: the replica goes after `hold` (or the
 /// least keep-alive), and only when it would then be gone for at least a bin.
 fn prewarm_at(
     config: &AdaptiveConfig,
     bin: Duration,
+    hold: Duration,
     at: Duration,
     keep_alive: Duration,
 ) -> Option<Prewarm> {
-    let unload_after = bin.max(config.min_keep_alive.unwrap_or(Duration::ZERO));
+    let unload_after = hold.max(config.min_keep_alive.unwrap_or(Duration::ZERO));
     (at >= unload_after + bin && at < keep_alive).then_some(Prewarm { unload_after, at })
 }
 
 /// The windows while too little is known and the last idle times do not agree: keep the
 /// replica as long as a cold start is worth (`adaptive_cold_start_cost`, the ski-rental rule:
-/// never more than twice the best choice in hindsight), or one bin when every recent idle time
-/// was longer than that (such a wait would have caught none of them).
+/// never more than twice the best choice in hindsight), or only the first bin's hold when every
+/// recent idle time was longer than that (such a wait would have caught none of them).
 fn learning(h: &IdleHistogram, config: &AdaptiveConfig, basis: Basis) -> Windows {
     let cost = config.cold_start_cost;
     let mut recent = h.recent().peekable();
     let keep_alive = if recent.peek().is_some() && recent.all(|d| d > cost) {
-        h.bin_width
+        first_hold(h, config)
     } else {
         cost
     };
@@ -520,7 +588,13 @@ impl Adaptive {
                     || self
                         .anchor
                         .is_some_and(|a| self.in_window(activity.saturating_sub(a)));
-                self.record(activity, idle);
+                let hold = first_hold(&self.histogram, &self.config);
+                self.histogram.period(idle);
+                let recorded = self.record(activity, idle);
+                if !recorded && first_hold(&self.histogram, &self.config) != hold {
+                    self.windows = self.learned();
+                    self.changed = true;
+                }
                 if std::mem::take(&mut self.prewarmed) {
                     outcome = Some(PrewarmEvent::Used);
                 }
@@ -551,15 +625,18 @@ impl Adaptive {
             .filter(|a| self.idle_since.is_some_and(|s| s > *a))
     }
 
-    fn record(&mut self, arrival: Duration, idle: Duration) {
+    /// Records `idle` in the histogram (and recomputes the windows) unless one was recorded
+    /// less than a bin width before `arrival`; says whether it was.
+    fn record(&mut self, arrival: Duration, idle: Duration) -> bool {
         let bin = self.histogram.bin_width;
         if self.last_observation.is_some_and(|o| arrival < o + bin) {
-            return;
+            return false;
         }
         self.last_observation = Some(arrival);
         self.histogram.record(idle);
         self.windows = self.learned();
         self.changed = true;
+        true
     }
 
     /// Where the function stands at `t` (see [`Adaptive::observe`] for what it saw).
@@ -729,18 +806,19 @@ mod tests {
         let t = drive(&mut a, m(0.0), &[period(60.0); 12]);
         let w = a.windows();
         assert_eq!(w.basis, Basis::Histogram);
-        // Idle 59 min 59 s: bin 59. Pre-warm one bin before: 58 min; keep-alive (60 + 10%).
+        // Idle 59 min 59 s: bin 59. Pre-warm one bin before: 58 min; keep-alive (60 + 10%). No
+        // call was followed by another within a bin: the replica goes at once.
         assert_eq!(
             w.prewarm,
             Some(Prewarm {
-                unload_after: m(1.0),
+                unload_after: Duration::ZERO,
                 at: m(58.0)
             })
         );
         assert_eq!(w.keep_alive, m(66.0));
         // The last idle period began when the last request finished.
         let idle = t - period(60.0);
-        assert_eq!(a.phase(idle + m(0.5)), Phase::Warm);
+        assert_eq!(a.phase(idle), Phase::Down);
         assert_eq!(a.phase(idle + m(1.0)), Phase::Down);
         assert_eq!(a.wake_at(idle + m(1.0)), Some(idle + m(58.0)));
         assert_eq!(a.phase(idle + m(58.0)), Phase::Prewarm);
@@ -798,7 +876,7 @@ mod tests {
     }
 
     #[test]
-    fn a_timer_beyond_the_range_is_forecast_and_patternless_idle_times_keep_one_bin() {
+    fn a_timer_beyond_the_range_is_forecast_and_patternless_idle_times_are_not_waited_for() {
         // Every 5 hours, beyond the histogram's 4: the forecast pre-warms it.
         let mut a = Adaptive::new(config());
         drive(&mut a, m(0.0), &[m(300.0); 12]);
@@ -808,18 +886,23 @@ mod tests {
             (w.prewarm.map(|p| p.at), w.keep_alive),
             (Some(m(299.0)), m(301.0))
         );
-        // Beyond the range with no pattern: the learning rule (longer than the cost: one bin).
+        // Beyond the range with no pattern: the learning rule (longer than the cost, and never
+        // a call within a bin of the last: gone at once).
         let mut a = Adaptive::new(config());
         let t = drive(&mut a, m(0.0), &[m(300.0), m(420.0), m(260.0), m(500.0)]);
         let w = a.windows();
-        assert_eq!((w.basis, w.keep_alive), (Basis::TooFew, m(1.0)));
+        assert_eq!((w.basis, w.keep_alive), (Basis::TooFew, Duration::ZERO));
         let far: Vec<Duration> = (0..12).map(|i| m(250.0 + 40.0 * i as f64)).collect();
         drive(&mut a, t, &far);
         let w = a.windows();
         assert_eq!(
             (w.basis, w.keep_alive, w.prewarm),
-            (Basis::BeyondRange, m(1.0), None)
+            (Basis::BeyondRange, Duration::ZERO, None)
         );
+        // Until three idle periods were seen, the first bin is kept.
+        let mut a = Adaptive::new(config());
+        drive(&mut a, m(0.0), &[m(300.0), m(420.0)]);
+        assert_eq!(a.windows().keep_alive, m(1.0));
         // One idle time in each of many bins: no stretch catches enough to pay for itself.
         let mut a = Adaptive::new(config());
         let spread: Vec<Duration> = (0..400).map(|i| m((i * 37 % 200) as f64 + 1.5)).collect();
@@ -827,8 +910,46 @@ mod tests {
         let w = a.windows();
         assert_eq!(
             (w.basis, w.prewarm, w.keep_alive),
-            (Basis::Histogram, None, m(1.1))
+            (Basis::Histogram, None, Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn the_first_bin_is_kept_when_calls_are_often_followed_by_another_within_it() {
+        // A timer every 30 minutes with one call a tick: the replica goes right after it.
+        let mut single = Adaptive::new(config());
+        drive(&mut single, m(0.0), &[period(30.0); 12]);
+        assert_eq!(single.histogram().follow_up_share(), Some(0.0));
+        assert!(single
+            .windows()
+            .prewarm
+            .is_some_and(|p| p.unload_after.is_zero()));
+        // Two calls a tick, 20 s apart: the histogram records one idle time a bin (the second
+        // call's is not), but every idle period counts for the share: half end within a bin,
+        // and the replica stays a bin after each call.
+        let mut double = Adaptive::new(config());
+        let mut idles = Vec::new();
+        for _ in 0..12 {
+            idles.extend([Duration::from_secs(20), m(30.0) - Duration::from_secs(22)]);
+        }
+        drive(&mut double, m(0.0), &idles);
+        assert_eq!(double.histogram().observations(), 12);
+        let share = double.histogram().follow_up_share().unwrap();
+        assert!((0.45..0.55).contains(&share), "{share}");
+        let w = double.windows();
+        assert_eq!(w.prewarm.map(|p| p.unload_after), Some(m(1.0)), "{w:?}");
+        // Rare follow-ups, fewer than the cold start's worth pays a bin for (one in 16, worth
+        // 10 bins): not kept.
+        let mut rare = Adaptive::new(config());
+        let mut idles = vec![period(30.0); 15];
+        idles.push(Duration::from_secs(20));
+        let idles: Vec<Duration> = idles.iter().cycle().take(48).copied().collect();
+        drive(&mut rare, m(0.0), &idles);
+        assert!(rare.histogram().follow_up_share().unwrap() < 0.09);
+        assert!(rare
+            .windows()
+            .prewarm
+            .is_some_and(|p| p.unload_after.is_zero()));
     }
 
     #[test]
@@ -850,13 +971,13 @@ mod tests {
 
     #[test]
     fn a_timer_with_a_few_short_idle_times_is_still_prewarmed() {
-        // Every 30 minutes, and now and then two calls a minute apart: the short idle times are
+        // Every 30 minutes, and now and then two calls 30 s apart: the short idle times are
         // caught by the first bin, they do not keep the replica up for the whole period.
         let mut a = Adaptive::new(config());
         let mut idles = Vec::new();
         for i in 0..30 {
             if i % 6 == 0 {
-                idles.push(Duration::from_secs(61));
+                idles.push(Duration::from_secs(30));
             }
             idles.push(period(30.0));
         }
@@ -877,7 +998,8 @@ mod tests {
     fn the_cold_start_cost_sets_how_much_waiting_a_stretch_may_cost() {
         // Idle times spread evenly over 1 to 40 minutes. Each minute of waiting early on catches
         // one arrival in 40 or so; near the end, one in a few. Worth 10 minutes a cold start,
-        // only the last stretch pays (pre-warmed); worth an hour, the whole wait does.
+        // only the last stretch pays (pre-warmed); worth an hour, the whole wait does (from
+        // the end of the first minute, in which no idle time ended: a pre-warm then, if any).
         let idles: Vec<Duration> = (0..120).map(|i| m((i * 7 % 40) as f64 + 1.5)).collect();
         let mut cheap = Adaptive::new(config());
         drive(&mut cheap, m(0.0), &idles);
@@ -890,7 +1012,7 @@ mod tests {
         });
         drive(&mut dear, m(0.0), &idles);
         let w = dear.windows();
-        assert_eq!(w.prewarm, None, "{w:?}");
+        assert!(w.prewarm.is_none_or(|p| p.at <= m(1.0)), "{w:?}");
         assert!(w.keep_alive >= m(41.0), "{w:?}");
     }
 
@@ -989,12 +1111,22 @@ mod tests {
         let mut a = Adaptive::new(config());
         drive(&mut a, m(0.0), &[m(7.0), m(300.0), m(0.2), m(7.0)]);
         let bytes = a.histogram().encode();
-        assert_eq!(bytes.len(), 503);
+        assert_eq!(bytes.len(), 507);
         let back = IdleHistogram::decode(&bytes, m(1.0)).unwrap();
         assert_eq!(&back, a.histogram());
         assert_eq!(IdleHistogram::decode(&bytes, m(2.0)), None);
         assert_eq!(IdleHistogram::decode(&bytes[1..], m(1.0)), None);
-        // The first version (no recent idle times) is still read.
+        assert_eq!(back.follow_up_share(), a.histogram().follow_up_share());
+        // The second version (no follow-up share) and the first (no recent idle times either)
+        // are still read.
+        let mut v2 = bytes[..503].to_vec();
+        v2[0] = 2;
+        let old = IdleHistogram::decode(&v2, m(1.0)).unwrap();
+        assert_eq!(
+            old.recent().collect::<Vec<_>>(),
+            a.histogram().recent().collect::<Vec<_>>()
+        );
+        assert_eq!(old.follow_up_share(), None);
         let mut v1 = bytes[..491].to_vec();
         v1[0] = 1;
         let old = IdleHistogram::decode(&v1, m(1.0)).unwrap();
