@@ -591,7 +591,7 @@ impl Adaptive {
                 let hold = first_hold(&self.histogram, &self.config);
                 self.histogram.period(idle);
                 let recorded = self.record(activity, idle);
-                if !recorded && first_hold(&self.histogram, &self.config) != hold {
+                if recorded || first_hold(&self.histogram, &self.config) != hold {
                     self.windows = self.learned();
                     self.changed = true;
                 }
@@ -625,8 +625,8 @@ impl Adaptive {
             .filter(|a| self.idle_since.is_some_and(|s| s > *a))
     }
 
-    /// Records `idle` in the histogram (and recomputes the windows) unless one was recorded
-    /// less than a bin width before `arrival`; says whether it was.
+    /// Records `idle` in the histogram unless one was recorded less than a bin width before
+    /// `arrival`; says whether it was.
     fn record(&mut self, arrival: Duration, idle: Duration) -> bool {
         let bin = self.histogram.bin_width;
         if self.last_observation.is_some_and(|o| arrival < o + bin) {
@@ -634,8 +634,6 @@ impl Adaptive {
         }
         self.last_observation = Some(arrival);
         self.histogram.record(idle);
-        self.windows = self.learned();
-        self.changed = true;
         true
     }
 
